@@ -1,0 +1,154 @@
+"""AsyncEngine: the engine for servers. `add_request` returns an async iterator of outputs.
+
+The EngineCore runs in one dedicated thread; torch releases the GIL inside its kernels, so the
+event loop keeps answering (health checks, new requests, cancellations) during a long prefill.
+Requests and aborts cross into the engine thread through a locked inbox; outputs come back to the
+loop with `call_soon_threadsafe` into a per-request asyncio.Queue. A consumer that stops iterating
+(client gone, deadline, task cancelled) aborts its request, so its KV blocks are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+from .engine_config import EngineConfig
+from .engine_core import EngineCore, RequestOutput
+from .sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread crashed; the request cannot complete."""
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig):
+        self.core = EngineCore(config)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._inbox: list[tuple] = []  # ("add", args) | ("abort", request_id)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopping = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    # ---- the loop side --------------------------------------------------------------------------
+
+    async def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Queue a request and return its stream. Validation errors raise here, before anything is queued."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine thread died: {self.error!r}")
+        self._validate(request_id, prompt_token_ids, params)
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+            self._inbox.append(("add", (request_id, prompt_token_ids, params, cache_salt)))
+        self._wake.set()
+        return self._stream(request_id, queue)
+
+    def _validate(self, request_id, prompt_token_ids, params) -> None:
+        # the same checks add_request runs in the engine thread, done here so the caller gets the
+        # ValueError synchronously instead of a broken stream
+        core = self.core
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty (got 0 tokens)")
+        vocab = core.model_config.vocab_size
+        bad = next((i for i, t in enumerate(prompt_token_ids) if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids[{bad}] = {prompt_token_ids[bad]!r} is outside the vocabulary [0, {vocab})")
+        if len(prompt_token_ids) >= core.max_model_len:
+            raise ValueError(
+                f"prompt is {len(prompt_token_ids)} tokens but the model's context (max_model_len) is "
+                f"{core.max_model_len}; it must be at most {core.max_model_len - 1} tokens"
+            )
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+            with self._lock:
+                self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request from any thread; its final output (finish_reason 'abort') is dropped if nobody listens."""
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+
+    # ---- the engine thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        core = self.core
+        try:
+            while not self._stopping:
+                if not core.has_work():
+                    self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                self._drain_inbox()
+                if core.has_work():
+                    self._publish(core.step())
+        except BaseException as e:  # noqa: BLE001 - every stream must learn the engine is gone
+            self.error = e
+            with self._lock:
+                streams = list(self._streams.values())
+            for loop, queue in streams:
+                loop.call_soon_threadsafe(queue.put_nowait, EngineDeadError(f"engine thread died: {e!r}"))
+            raise
+        finally:
+            for rid in list(core.requests):
+                core.abort(rid)
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for kind, arg in inbox:
+            if kind == "add":
+                try:
+                    self.core.add_request(*arg)
+                except ValueError as e:
+                    self._deliver(arg[0], e)
+            else:
+                self.core.abort(arg)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            loop, queue = target
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    def check_integrity(self) -> None:
+        self.core.check_integrity()

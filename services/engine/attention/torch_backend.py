@@ -1,0 +1,118 @@
+"""Paged attention in plain torch: the CPU path every test exercises.
+
+Cache layout per layer (see kv_cache.py): k_cache, v_cache = [num_kv_heads, num_blocks, block_size, head_dim].
+Putting the KV head outermost makes the gather of a batch's blocks, `k_cache[:, block_table]`,
+come out as [kv_heads, batch, context, head_dim] — already the layout a batched matmul wants, so
+the gathered keys are never copied a second time.
+
+Decodes (one query each) run as one padded batch: queries grouped per KV head (GQA without
+repeating K/V), scores masked beyond each sequence's context. Each prefill chunk runs on its own
+with a causal mask offset by the tokens already cached, through torch's SDPA kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .backend import AttentionBackend, SequenceSlice
+
+
+@dataclass
+class PrefillChunk:
+    query_start: int
+    query_len: int
+    context_len: int
+    block_table: torch.Tensor  # [num_blocks] long
+    causal_mask: torch.Tensor | None  # [query_len, padded_context] bool, None when is_causal suffices
+
+
+@dataclass
+class TorchAttentionMetadata:
+    slot_blocks: torch.Tensor  # [T] block id of each new token's KV slot
+    slot_offsets: torch.Tensor  # [T] offset inside that block
+    num_decodes: int
+    decode_block_table: torch.Tensor | None  # [num_decodes, max_blocks] long (padded with block 0)
+    decode_mask: torch.Tensor | None  # [1, num_decodes, 1, max_blocks*block_size] bool, True = attend
+    prefills: list[PrefillChunk]
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def build_metadata(self, slices: list[SequenceSlice], num_tokens: int, block_size: int) -> TorchAttentionMetadata:
+        slot_blocks = torch.empty(num_tokens, dtype=torch.long)
+        slot_offsets = torch.empty(num_tokens, dtype=torch.long)
+        decodes: list[SequenceSlice] = []
+        prefills: list[PrefillChunk] = []
+        for s in slices:
+            first_pos = s.context_len - s.query_len
+            positions = torch.arange(first_pos, s.context_len)
+            table = torch.tensor(s.block_table, dtype=torch.long)
+            slot_blocks[s.query_start : s.query_start + s.query_len] = table[positions // block_size]
+            slot_offsets[s.query_start : s.query_start + s.query_len] = positions % block_size
+            if s.query_len == 1 and not prefills:
+                decodes.append(s)
+                continue
+            if s.query_len == 1 and prefills:
+                raise AssertionError("decode sequences must precede prefill chunks in the batch")
+            num_blocks = -(-s.context_len // block_size)
+            padded = num_blocks * block_size
+            mask = None
+            if first_pos > 0 or padded != s.context_len:
+                key_pos = torch.arange(padded)
+                mask = key_pos[None, :] <= positions[:, None]
+            prefills.append(PrefillChunk(s.query_start, s.query_len, s.context_len, table[:num_blocks], mask))
+
+        decode_table = decode_mask = None
+        if decodes:
+            max_blocks = max(-(-s.context_len // block_size) for s in decodes)
+            decode_table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
+            lens = torch.tensor([s.context_len for s in decodes])
+            for i, s in enumerate(decodes):
+                nb = -(-s.context_len // block_size)
+                decode_table[i, :nb] = torch.tensor(s.block_table[:nb])
+            key_pos = torch.arange(max_blocks * block_size)
+            decode_mask = (key_pos[None, :] < lens[:, None]).view(1, len(decodes), 1, -1)
+        return TorchAttentionMetadata(slot_blocks, slot_offsets, len(decodes), decode_table, decode_mask, prefills)
+
+    def forward(self, q, k, v, k_cache, v_cache, metadata: TorchAttentionMetadata, scale: float):
+        m = metadata
+        # write this step's keys/values into their slots: cache[:, block, offset] = k[t]
+        k_cache[:, m.slot_blocks, m.slot_offsets] = k.transpose(0, 1)
+        v_cache[:, m.slot_blocks, m.slot_offsets] = v.transpose(0, 1)
+
+        num_tokens, num_heads, head_dim = q.shape
+        num_kv_heads = k_cache.shape[0]
+        group = num_heads // num_kv_heads
+        out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype)
+
+        if m.num_decodes:
+            b = m.num_decodes
+            keys = k_cache[:, m.decode_block_table].flatten(2, 3)  # [kvh, B, L, d]
+            values = v_cache[:, m.decode_block_table].flatten(2, 3)
+            queries = q[:b].view(b, num_kv_heads, group, head_dim).transpose(0, 1)  # [kvh, B, g, d]
+            scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scale)  # [kvh, B, g, L]
+            scores.masked_fill_(~m.decode_mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            attn = torch.matmul(probs, values)  # [kvh, B, g, d]
+            out[:b] = attn.transpose(0, 1).reshape(b, num_heads * head_dim)
+
+        for p in m.prefills:
+            sl = slice(p.query_start, p.query_start + p.query_len)
+            keys = k_cache[:, p.block_table].flatten(1, 2).unsqueeze(0)  # [1, kvh, L, d]
+            values = v_cache[:, p.block_table].flatten(1, 2).unsqueeze(0)
+            queries = q[sl].transpose(0, 1).unsqueeze(0)  # [1, H, Tq, d]
+            attn = F.scaled_dot_product_attention(
+                queries,
+                keys,
+                values,
+                attn_mask=p.causal_mask,
+                is_causal=p.causal_mask is None,
+                scale=scale,
+                enable_gqa=True,
+            )
+            out[sl] = attn[0].transpose(0, 1).reshape(p.query_len, num_heads * head_dim)
+        return out

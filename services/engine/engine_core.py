@@ -1,0 +1,185 @@
+"""EngineCore: the synchronous heart shared by the offline LLM and the async engine.
+
+add_request validates and queues; step() schedules, runs the model, samples, checks stops, frees
+what finished and returns what changed. Nothing here is thread-safe: the async engine drives it
+from one thread.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .model_dir import resolve_model_dir
+from .engine_config import EngineConfig
+from .kv_cache import KVCache
+from .kv_cache_manager import KVCacheManager
+from .model_config import ModelConfig, parse_dtype
+from .model_runner import ModelRunner
+from .request import Logprob, Request
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .stop_checker import TextState, check_stop
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # every generated token so far
+    new_token_ids: list[int]  # generated since the previous output for this request
+    text: str  # generated text so far (stop string removed unless include_stop_str_in_output)
+    delta_text: str
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    logprobs: list[Logprob] = field(default_factory=list)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        model_dir = resolve_model_dir(config.model)
+        self.model_dir = model_dir
+        self.model_config = ModelConfig.from_dir(model_dir)
+        dtype = self.model_config.dtype if config.dtype == "auto" else parse_dtype(config.dtype)
+        if dtype == torch.float16 and config.device == "cpu":
+            dtype = torch.bfloat16  # fp16 matmuls are slow and overflow-prone on CPU; bf16 keeps the range
+        self.dtype = dtype
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, self.model_config.max_position_embeddings)
+        num_blocks = config.num_kv_blocks or KVCache.blocks_for_memory(
+            self.model_config, config.block_size, dtype, config.kv_cache_memory_gb * 2**30
+        )
+        self.tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        self.runner = ModelRunner(str(model_dir), self.model_config, dtype, num_blocks, config.block_size, config.device)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.model_id or config.model, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
+        self.requests: dict[str, Request] = {}
+        self._text: dict[str, TextState] = {}
+        self._pending_outputs: list[RequestOutput] = []
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+        detokenize: bool = True,
+    ) -> Request:
+        """Validate and queue a request. Raises ValueError (naming the field) and allocates nothing on bad input."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty (got 0 tokens)")
+        vocab = self.model_config.vocab_size
+        for i, t in enumerate(prompt_token_ids):
+            if not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt_token_ids[{i}] = {t!r} is outside the vocabulary [0, {vocab})")
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {n} tokens but the model's context (max_model_len) is {self.max_model_len}; "
+                f"it must be at most {self.max_model_len - 1} tokens to leave room for one output token"
+            )
+        worst_case = min(n + params.max_tokens, self.max_model_len)
+        blocks = -(-worst_case // self.config.block_size)
+        if blocks > self.kv.pool.num_blocks:
+            raise ValueError(
+                f"prompt + max_tokens ({worst_case} tokens) needs {blocks} KV blocks but the cache has "
+                f"{self.kv.pool.num_blocks}; lower max_tokens or give the KV cache more memory"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model directory has no tokenizer.json")
+        req = Request(request_id, list(prompt_token_ids), params, time.monotonic(), self.eos_token_ids, cache_salt)
+        self.requests[request_id] = req
+        if self.tokenizer is not None and (detokenize or params.stop):
+            detok = self.tokenizer.decode_stream(req.prompt_token_ids, params.skip_special_tokens)
+            self._text[request_id] = TextState(detok, params.stop, params.include_stop_str_in_output)
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is; its blocks are freed and a final 'abort' output is queued."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        req.finish_reason = "abort"
+        self._finish(req)
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self._pending_outputs)
+
+    # ---- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        if not self.scheduler.has_work():
+            return outputs
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return outputs
+        result = self.runner.execute(sched.scheduled)
+        now = time.monotonic()
+        for s in sched.scheduled:
+            self.kv.cache_computed_blocks(s.request)
+        for req, token, logprob in result.sampled:
+            req.output_token_ids.append(token)
+            if logprob is not None:
+                req.output_logprobs.append(logprob)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            text = self._text.get(req.request_id)
+            check_stop(req, token, text, self.max_model_len)
+            if req.finish_reason is not None:
+                outputs.append(self._finish(req, queue=False))
+            else:
+                outputs.append(self._output(req, [token]))
+        return outputs
+
+    def _output(self, req: Request, new_tokens: list[int]) -> RequestOutput:
+        text = self._text.get(req.request_id)
+        finished = req.finish_reason is not None
+        delta = text.take_delta(finished) if text else ""
+        new_logprobs = req.output_logprobs[-len(new_tokens):] if (new_tokens and req.params.logprobs is not None) else []
+        return RequestOutput(
+            req.request_id,
+            req.prompt_token_ids,
+            list(req.output_token_ids),
+            new_tokens,
+            text.text if text else "",
+            delta,
+            finished,
+            req.finish_reason,
+            req.stop_reason,
+            max(req.num_cached_tokens, 0),
+            new_logprobs,
+        )
+
+    def _finish(self, req: Request, queue: bool = True) -> RequestOutput:
+        self.scheduler.finish(req)
+        new = [req.output_token_ids[-1]] if (req.output_token_ids and req.finish_reason != "abort") else []
+        out = self._output(req, new)
+        del self.requests[req.request_id]
+        self._text.pop(req.request_id, None)
+        if queue:
+            self._pending_outputs.append(out)
+        return out
+
+    def check_integrity(self) -> None:
+        """The pool is consistent, and with no request alive every block is free."""
+        self.kv.check_integrity()
+        if not self.requests:
+            assert self.kv.pool.num_used_blocks == 0, f"{self.kv.pool.num_used_blocks} KV blocks still held with no request alive"

@@ -1,0 +1,59 @@
+"""Turns next-token logits into tokens: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+
+Greedy rows are taken together with one argmax. Random rows are sampled one by one because each
+may carry its own torch.Generator (a request with `seed` must draw the same tokens whatever else
+shares its batch). Logprobs are those of the model's distribution before temperature and
+truncation (as vLLM reports them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .request import Logprob, Request
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) every token outside the top-k and outside the smallest top-p nucleus. 1-D logits."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # keep a token if the mass before it is below top_p (the first token is always kept)
+        remove_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        remove = torch.zeros_like(remove_sorted).scatter(0, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[Logprob | None]]:
+    """One token per row of `logits` ([N, vocab] float32) for the matching request."""
+    n = logits.shape[0]
+    tokens = [0] * n
+    greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy]
+    if greedy_rows:
+        argmax = logits[greedy_rows].argmax(dim=-1).tolist()
+        for row, tok in zip(greedy_rows, argmax):
+            tokens[row] = tok
+    for i, req in enumerate(requests):
+        p = req.params
+        if p.greedy:
+            continue
+        row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
+        probs = torch.softmax(row, dim=-1)
+        tokens[i] = int(torch.multinomial(probs, 1, generator=req.generator).item())
+
+    logprobs: list[Logprob | None] = [None] * n
+    want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    if want:
+        lp = torch.log_softmax(logits[want], dim=-1)
+        for j, i in enumerate(want):
+            k = requests[i].params.logprobs
+            top = []
+            if k:
+                vals, ids = torch.topk(lp[j], k)
+                top = list(zip(ids.tolist(), vals.tolist()))
+            logprobs[i] = Logprob(tokens[i], float(lp[j, tokens[i]]), top)
+    return tokens, logprobs
