@@ -37,7 +37,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    logprobs: list[Logprob] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)  # one per generated token so far, when asked
 
 
 class EngineCore:
@@ -153,7 +153,6 @@ class EngineCore:
         text = self._text.get(req.request_id)
         finished = req.finish_reason is not None
         delta = text.take_delta(finished) if text else ""
-        new_logprobs = req.output_logprobs[-len(new_tokens):] if (new_tokens and req.params.logprobs is not None) else []
         return RequestOutput(
             req.request_id,
             req.prompt_token_ids,
@@ -165,7 +164,7 @@ class EngineCore:
             req.finish_reason,
             req.stop_reason,
             max(req.num_cached_tokens, 0),
-            new_logprobs,
+            list(req.output_logprobs),
         )
 
     def _finish(self, req: Request, queue: bool = True) -> RequestOutput:
