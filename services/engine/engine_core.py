@@ -16,6 +16,7 @@ from .model_dir import resolve_model_dir
 from .engine_config import EngineConfig
 from .kv_cache import KVCache
 from .kv_cache_manager import KVCacheManager
+from .malloc_tuning import tune_malloc
 from .model_config import ModelConfig, parse_dtype
 from .model_runner import ModelRunner
 from .request import Logprob, Request
@@ -43,6 +44,8 @@ class RequestOutput:
 class EngineCore:
     def __init__(self, config: EngineConfig):
         self.config = config
+        if config.device == "cpu":
+            tune_malloc()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         model_dir = resolve_model_dir(config.model)
