@@ -63,11 +63,6 @@ DIGIT_AFTER_SPACE_TEXTS = ["a  1", "x\n\n2", "  12 apples", "total:\n 3", "ä¸‰ Â
 
 
 @pytest.fixture(scope="session")
-def gguf_path() -> pathlib.Path:
-    return default_gguf_path()
-
-
-@pytest.fixture(scope="session")
 def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, float]:
     """The converted directory and how long the conversion took."""
     start = time.perf_counter()
@@ -78,16 +73,6 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, f
 @pytest.fixture(scope="session")
 def converted_dir(converted: tuple[pathlib.Path, float]) -> pathlib.Path:
     return converted[0]
-
-
-@pytest.fixture(scope="session")
-def oracle_model(gguf_path: pathlib.Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="session")
-def oracle_tokenizer(gguf_path: pathlib.Path):
-    return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
 
 
 @pytest.fixture(scope="session")
