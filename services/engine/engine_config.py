@@ -12,7 +12,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block; also the prefix-cache granularity
     kv_cache_memory_gb: float = 2.0  # memory for the paged KV cache
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb (tests use tiny pools)
-    max_num_batched_tokens: int = 512  # token budget per step (decodes + prefill chunks)
+    max_num_batched_tokens: int = 2048  # token budget per step (decodes + prefill chunks)
     max_num_seqs: int = 128  # running sequences at once
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     enable_prefix_caching: bool = True
