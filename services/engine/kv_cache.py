@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .malloc_tuning import advise_huge_pages
 from .model_config import ModelConfig
 
 
@@ -38,9 +39,11 @@ class KVCache:
         self.num_blocks = num_blocks
         # zeros, not empty: padded decode rows read block 0 under a -inf mask, and NaN garbage there
         # would still poison the softmax's weighted sum (0 × NaN = NaN)
-        self.storage = torch.zeros(
+        self.storage = torch.empty(
             cfg.num_layers, 2, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim, dtype=dtype, device=device
         )
+        self.huge_pages = advise_huge_pages(self.storage)  # before the first touch
+        self.storage.zero_()
         self.layers = [(self.storage[i, 0], self.storage[i, 1]) for i in range(cfg.num_layers)]
 
     @staticmethod

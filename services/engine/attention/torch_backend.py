@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import AttentionBackend, SequenceSlice
+from .cpu_kernels import load_paged_decode_attention
 
 
 @dataclass
@@ -37,10 +38,15 @@ class TorchAttentionMetadata:
     decode_block_table: torch.Tensor | None  # [num_decodes, max_blocks] long (padded with block 0)
     decode_mask: torch.Tensor | None  # [1, num_decodes, 1, max_blocks*block_size] bool, True = attend
     prefills: list[PrefillChunk]
+    decode_context_lens: torch.Tensor | None = None  # [num_decodes] long, for the fused CPU decode kernel
 
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+
+    def __init__(self) -> None:
+        # fused C++ decode kernel (reads KV blocks in place); None when it cannot be built
+        self.decode_kernel = load_paged_decode_attention()
 
     def build_metadata(self, slices: list[SequenceSlice], num_tokens: int, block_size: int) -> TorchAttentionMetadata:
         slot_blocks = torch.empty(num_tokens, dtype=torch.long)
@@ -66,7 +72,7 @@ class TorchAttentionBackend(AttentionBackend):
                 mask = key_pos[None, :] <= positions[:, None]
             prefills.append(PrefillChunk(s.query_start, s.query_len, s.context_len, table[:num_blocks], mask))
 
-        decode_table = decode_mask = None
+        decode_table = decode_mask = lens = None
         if decodes:
             max_blocks = max(-(-s.context_len // block_size) for s in decodes)
             decode_table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
@@ -76,7 +82,9 @@ class TorchAttentionBackend(AttentionBackend):
                 decode_table[i, :nb] = torch.tensor(s.block_table[:nb])
             key_pos = torch.arange(max_blocks * block_size)
             decode_mask = (key_pos[None, :] < lens[:, None]).view(1, len(decodes), 1, -1)
-        return TorchAttentionMetadata(slot_blocks, slot_offsets, len(decodes), decode_table, decode_mask, prefills)
+        return TorchAttentionMetadata(
+            slot_blocks, slot_offsets, len(decodes), decode_table, decode_mask, prefills, decode_context_lens=lens
+        )
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: TorchAttentionMetadata, scale: float):
         m = metadata
@@ -89,7 +97,11 @@ class TorchAttentionBackend(AttentionBackend):
         group = num_heads // num_kv_heads
         out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype)
 
-        if m.num_decodes:
+        if m.num_decodes and self._use_decode_kernel(q, k_cache, m):
+            b = m.num_decodes
+            attn = self.decode_kernel(q[:b], k_cache, v_cache, m.decode_block_table, m.decode_context_lens, scale)
+            out[:b] = attn.view(b, num_heads * head_dim)
+        elif m.num_decodes:
             b = m.num_decodes
             keys = k_cache[:, m.decode_block_table].flatten(2, 3)  # [kvh, B, L, d]
             values = v_cache[:, m.decode_block_table].flatten(2, 3)
@@ -116,3 +128,13 @@ class TorchAttentionBackend(AttentionBackend):
             )
             out[sl] = attn[0].transpose(0, 1).reshape(p.query_len, num_heads * head_dim)
         return out
+
+    def _use_decode_kernel(self, q: torch.Tensor, k_cache: torch.Tensor, m: TorchAttentionMetadata) -> bool:
+        return (
+            self.decode_kernel is not None
+            and m.decode_context_lens is not None
+            and q.device.type == "cpu"
+            and k_cache.device.type == "cpu"
+            and q.dtype in (torch.float32, torch.bfloat16)
+            and k_cache.dtype == q.dtype
+        )

@@ -1,0 +1,164 @@
+"""CPU C++ kernels compiled at run time, with a None fallback when they cannot be built.
+
+`load_paged_decode_attention()` compiles csrc/paged_decode_attention.cpp once per process (through
+`torch.utils.cpp_extension.load`, which needs a C++ compiler and ninja) and returns its
+`paged_decode_attention(q, k_cache, v_cache, block_table, context_lens, scale)` function, or None —
+with one logged warning saying why — when it cannot; callers then keep their plain-torch path.
+
+Builds are cached under ``$TANDEM_CACHE_DIR/kernels/<hash>`` (TANDEM_CACHE_DIR defaults to
+~/.cache/tandem). The hash covers the source, the compiler flags, torch's version, the Python ABI and
+the CPU's feature flags: the code is built with -march=native, so a cache copied to a machine with a
+different CPU gets its own build instead of an illegal instruction. Concurrent processes serialise on
+an flock next to the build directory; it dies with its holder, unlike torch's own `lock` file, which a
+process killed mid-build leaves behind and which makes every later `load` wait forever (a stale one is
+removed while the flock is held).
+
+``TANDEM_DISABLE_CPU_KERNELS=1`` turns every kernel off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_CSRC = Path(__file__).resolve().parent / "csrc"
+# -fopenmp: at::parallel_for is OpenMP code inlined from torch's headers; without it the kernel runs on
+# one thread. The OpenMP runtime itself is the libgomp torch already loaded (nothing extra is linked).
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
+
+
+def kernels_disabled() -> bool:
+    return os.environ.get("TANDEM_DISABLE_CPU_KERNELS", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def kernel_cache_root() -> Path:
+    root = os.environ.get("TANDEM_CACHE_DIR") or os.path.join("~", ".cache", "tandem")
+    return Path(root).expanduser() / "kernels"
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (first 'flags' line of /proc/cpuinfo); the machine name where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):  # x86 / arm
+                    return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return platform.machine() + " " + platform.processor()
+
+
+def build_hash(source: Path, cflags: list[str] = _CFLAGS) -> str:
+    h = hashlib.sha256()
+    for part in (
+        source.read_bytes(),
+        " ".join(cflags).encode(),
+        torch.__version__.encode(),
+        sys.implementation.cache_tag.encode(),  # python ABI, e.g. cpython-311
+        platform.machine().encode(),
+        _cpu_flags().encode(),
+        os.environ.get("CXX", "").encode(),
+    ):
+        h.update(part)
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def _build_lock(lock_path: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: rely on torch's own file baton
+        yield
+        return
+    with open(lock_path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _compile(name: str, source: Path):
+    """Build (or reuse) the extension for this source/torch/CPU and import it."""
+    from torch.utils import cpp_extension
+
+    build_dir = kernel_cache_root() / build_hash(source)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _build_lock(build_dir.parent / f"{build_dir.name}.lock"):
+        # every Tandem process builds under the flock above, so a torch baton found here is stale
+        # (left by a process killed mid-build) and would make load() spin forever
+        with contextlib.suppress(FileNotFoundError):
+            (build_dir / "lock").unlink()
+        return cpp_extension.load(
+            name=name,
+            sources=[str(source)],
+            extra_cflags=list(_CFLAGS),
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+
+
+def _reference_decode(q, k_cache, v_cache, block_table, context_lens, scale):
+    """Plain torch decode attention (float32), for the post-build self-check."""
+    kvh, _, bs, d = k_cache.shape
+    outs = []
+    for b in range(q.shape[0]):
+        n = int(context_lens[b])
+        blocks = block_table[b, : -(-n // bs)]
+        keys = k_cache[:, blocks].reshape(kvh, -1, d)[:, :n].float()
+        values = v_cache[:, blocks].reshape(kvh, -1, d)[:, :n].float()
+        group = q.shape[1] // kvh
+        keys = keys.repeat_interleave(group, 0)
+        values = values.repeat_interleave(group, 0)
+        probs = torch.softmax(torch.einsum("hd,hld->hl", q[b].float(), keys) * scale, dim=-1)
+        outs.append(torch.einsum("hl,hld->hd", probs, values))
+    return torch.stack(outs)
+
+
+def _self_check(fn: Callable) -> None:
+    """Run the freshly loaded kernel on a small ragged GQA batch (on several threads) and compare."""
+    gen = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(2, 9, 4, 8, generator=gen)
+    v_cache = torch.randn(2, 9, 4, 8, generator=gen)
+    q = torch.randn(3, 4, 8, generator=gen)
+    table = torch.tensor([[3, 1, 7], [0, 8, 0], [5, 2, 6]])
+    lens = torch.tensor([9, 5, 12])
+    got = fn(q, k_cache, v_cache, table, lens, 0.35)
+    want = _reference_decode(q, k_cache, v_cache, table, lens, 0.35)
+    if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+        raise RuntimeError(f"self-check mismatch (max abs diff {(got - want).abs().max().item():.3g})")
+
+
+@functools.cache
+def load_paged_decode_attention() -> Callable | None:
+    """The compiled paged decode attention function, or None (logged once) when unavailable."""
+    if kernels_disabled():
+        logger.info("CPU kernels disabled by TANDEM_DISABLE_CPU_KERNELS; using the torch decode attention")
+        return None
+    try:
+        module = _compile("tandem_paged_decode_attention", _CSRC / "paged_decode_attention.cpp")
+        fn = module.paged_decode_attention
+        _self_check(fn)
+        return fn
+    except Exception as e:  # no compiler, no ninja, compile error, unwritable cache, failed self-check, ...
+        reason = " ".join(str(e).split())
+        if len(reason) > 600:
+            reason = reason[:600] + " ..."
+        logger.warning(
+            "paged decode attention CPU kernel unavailable, using the torch fallback (%s: %s)",
+            type(e).__name__,
+            reason,
+        )
+        return None

@@ -1,0 +1,249 @@
+"""The fused CPU paged decode attention kernel against a plain torch reference.
+
+Skipped when the kernel cannot be built here (no compiler / ninja, or TANDEM_DISABLE_CPU_KERNELS=1).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from services.engine.attention import cpu_kernels
+from services.engine.attention.cpu_kernels import load_paged_decode_attention
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    fn = load_paged_decode_attention()
+    if fn is None:
+        pytest.skip("paged decode attention CPU kernel could not be built (see the logged warning)")
+    return fn
+
+
+def reference(q, k_cache, v_cache, block_table, context_lens, scale):
+    """Gather each sequence's blocks, repeat kv heads over their query group, softmax, matmul (float32)."""
+    kvh, _, bs, d = k_cache.shape
+    group = q.shape[1] // kvh
+    outs = []
+    for b in range(q.shape[0]):
+        n = int(context_lens[b])
+        blocks = block_table[b, : -(-n // bs)]
+        keys = k_cache[:, blocks].reshape(kvh, -1, d)[:, :n].float().repeat_interleave(group, dim=0)  # [H, n, d]
+        values = v_cache[:, blocks].reshape(kvh, -1, d)[:, :n].float().repeat_interleave(group, dim=0)
+        scores = torch.matmul(q[b].float().unsqueeze(1), keys.transpose(1, 2)).squeeze(1) * scale  # [H, n]
+        outs.append(torch.matmul(torch.softmax(scores, dim=-1).unsqueeze(1), values).squeeze(1))
+    return torch.stack(outs)
+
+
+def make_case(
+    *, lens, kv_heads, group, head_dim, block_size=16, dtype=torch.float32, num_layers=3, seed=0, head_strided=False
+):
+    """Caches laid out like kv_cache.py (views `storage[layer, 0]` of one [L, 2, KVH, NB, BS, D] storage), a
+    shuffled block table padded with entries beyond each context, and NaN/inf wherever no context reaches.
+
+    head_strided: views of a [2, KVH, L, NB, BS, D] storage instead, so the kv-head stride is not NB*BS*D
+    (the kernel must use the real strides, not assume a contiguous layer)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(lens)
+    blocks_per_seq = [-(-n // block_size) for n in lens]
+    max_blocks = max(blocks_per_seq) + 2  # wider than any context: trailing entries must be ignored
+    num_blocks = sum(blocks_per_seq) + 7
+    storage = torch.randn(num_layers, 2, kv_heads, num_blocks, block_size, head_dim, generator=gen).to(dtype)
+    if head_strided:
+        storage = storage.permute(1, 2, 0, 3, 4, 5).contiguous().permute(2, 0, 1, 3, 4, 5)
+    perm = torch.randperm(num_blocks, generator=gen)
+    table = torch.empty(batch, max_blocks, dtype=torch.long)
+    used = torch.zeros(num_blocks, dtype=torch.bool)
+    nxt = 0
+    for b, nb in enumerate(blocks_per_seq):
+        table[b, :nb] = perm[nxt : nxt + nb]
+        used[perm[nxt : nxt + nb]] = True
+        nxt += nb
+        # padding entries point at blocks no context uses (garbage) or at block ids valid for others
+        table[b, nb:] = perm[nxt:][torch.randint(0, num_blocks - nxt, (max_blocks - nb,), generator=gen)]
+    layer = 1
+    k_cache, v_cache = storage[layer, 0], storage[layer, 1]
+    # garbage in unused blocks and in the unused tail of each sequence's last block
+    k_cache[:, ~used] = float("nan")
+    v_cache[:, ~used] = float("inf")
+    for b, n in enumerate(lens):
+        if n % block_size:
+            last = table[b, blocks_per_seq[b] - 1]
+            k_cache[:, last, n % block_size :] = float("inf")
+            v_cache[:, last, n % block_size :] = float("nan")
+    q = torch.randn(batch, kv_heads * group, head_dim, generator=gen).to(dtype)
+    return q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.long)
+
+
+def check(kernel, case, dtype, scale):
+    q, k_cache, v_cache, table, lens = case
+    assert k_cache.storage_offset() > 0 and v_cache.untyped_storage().data_ptr() == k_cache.untyped_storage().data_ptr()
+    out = kernel(q, k_cache, v_cache, table, lens, scale)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    want = reference(q, k_cache, v_cache, table, lens, scale)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+    else:
+        # float32 accumulation of the bf16 inputs, one rounding at the end: each element within bf16
+        # rounding (half an ulp = 2**-9 relative) of the fp32 result on the same inputs
+        err = (out.float() - want).abs()
+        assert (err <= want.abs() * 2**-8 + 1e-5).all(), err.max()
+
+
+LENGTHS = {
+    "block_multiples": [16, 64, 320, 32],
+    "one_token": [1, 1, 1],
+    "ragged": [1, 17, 15, 320, 333, 48, 2, 100],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lens", LENGTHS.values(), ids=LENGTHS.keys())
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("head_dim", [64, 16])
+def test_matches_reference(kernel, dtype, lens, group, head_dim):
+    case = make_case(lens=lens, kv_heads=3 if group != 4 else 2, group=group, head_dim=head_dim, dtype=dtype)
+    check(kernel, case, dtype, scale=head_dim**-0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_non_contiguous_kv_head_stride(kernel, dtype):
+    case = make_case(lens=LENGTHS["ragged"], kv_heads=3, group=3, head_dim=64, dtype=dtype, head_strided=True)
+    k_cache = case[1]
+    assert not k_cache.is_contiguous() and k_cache.stride(0) != k_cache[0].numel()
+    check(kernel, case, dtype, scale=0.125)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts_agree(kernel, threads):
+    case = make_case(lens=LENGTHS["ragged"], kv_heads=3, group=3, head_dim=64, seed=5)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        check(kernel, case, torch.float32, scale=0.125)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("head_dim", "block_size"),
+    [(128, 16), (72, 16), (64, 32), (80, 5), (64, 1)],
+    ids=["d128", "d72-tail", "bs32", "d80-bs5", "bs1"],
+)
+def test_other_shapes(kernel, dtype, head_dim, block_size):
+    """The other compiled head_dim (128), a head_dim with a remainder past the vector lanes, block sizes
+    other than 16 (more rows than one 16-row score chunk, odd sizes, one token per block)."""
+    case = make_case(lens=[1, 31, 64, 100, 7], kv_heads=2, group=4, head_dim=head_dim, block_size=block_size,
+                     dtype=dtype, seed=7)
+    check(kernel, case, dtype, scale=head_dim**-0.5)
+
+
+def test_large_scores(kernel):
+    """Scores large enough that an unstabilised softmax would overflow, and a nearly one-hot softmax."""
+    q, k_cache, v_cache, table, lens = make_case(lens=[5, 1, 9, 40], kv_heads=2, group=2, head_dim=16)
+    check(kernel, (q * 30, k_cache, v_cache, table, lens), torch.float32, scale=1.0)
+
+
+def test_empty_batch(kernel):
+    q, k_cache, v_cache, _, _ = make_case(lens=[4], kv_heads=1, group=1, head_dim=16)
+    out = kernel(q[:0], k_cache, v_cache, torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, dtype=torch.long), 1.0)
+    assert out.shape == (0, 1, 16)
+
+
+def test_bad_input_raises(kernel):
+    q, k_cache, v_cache, table, lens = make_case(lens=[20, 5], kv_heads=3, group=3, head_dim=16)
+    bad_calls = {
+        "int32 block_table": (q, k_cache, v_cache, table.int(), lens),
+        "int32 context_lens": (q, k_cache, v_cache, table, lens.int()),
+        "heads not a multiple of kv heads": (q[:, :8], k_cache, v_cache, table, lens),
+        "k/v shape mismatch": (q, k_cache, v_cache[:2], table, lens),
+        "head_dim mismatch": (q[:, :, :8], k_cache, v_cache, table, lens),
+        "dtype mismatch": (q.double(), k_cache, v_cache, table, lens),
+        "float16": (q.half(), k_cache.half(), v_cache.half(), table, lens),
+        "q not 3-d": (q[0], k_cache, v_cache, table, lens),
+        "block_table rows": (q, k_cache, v_cache, table[:1], lens),
+        "context_lens size": (q, k_cache, v_cache, table, lens[:1]),
+        "context longer than table": (q, k_cache, v_cache, table[:, :1], lens),
+        "zero context": (q, k_cache, v_cache, table, torch.tensor([0, 5])),
+        "block id out of range": (q, k_cache, v_cache, torch.full_like(table, k_cache.shape[1]), lens),
+        "negative block id": (q, k_cache, v_cache, torch.full_like(table, -1), lens),
+        "strided head_dim": (q[..., :8], k_cache[..., ::2], v_cache[..., ::2], table, lens),
+    }
+    for what, args in bad_calls.items():
+        with pytest.raises(RuntimeError):
+            kernel(*args, 1.0)
+            pytest.fail(f"no error for {what}")
+
+
+def test_backend_decode_uses_kernel_and_matches_mask_path(kernel):
+    """The torch backend's decode branch gives the same output through the kernel as through its mask path."""
+    from services.engine.attention.backend import SequenceSlice
+    from services.engine.attention.torch_backend import TorchAttentionBackend
+
+    gen = torch.Generator().manual_seed(3)
+    kvh, heads, d, bs, nb = 3, 9, 64, 16, 64
+    storage = torch.randn(2, 2, kvh, nb, bs, d, generator=gen)
+    lens = [1, 17, 40, 16]
+    perm = torch.randperm(nb, generator=gen).tolist()
+    slices, start = [], 0
+    for i, n in enumerate(lens):
+        blocks = perm[start : start + -(-n // bs)]
+        start += len(blocks)
+        slices.append(SequenceSlice(i, 1, n, blocks))
+    q = torch.randn(len(lens), heads, d, generator=gen)
+    k = torch.randn(len(lens), kvh, d, generator=gen)
+    v = torch.randn(len(lens), kvh, d, generator=gen)
+
+    fused = TorchAttentionBackend()
+    assert fused.decode_kernel is not None
+    plain = TorchAttentionBackend()
+    plain.decode_kernel = None
+    outs = []
+    for backend in (fused, plain):
+        cache = storage.clone()
+        meta = backend.build_metadata(slices, len(lens), bs)
+        assert meta.decode_context_lens.dtype == torch.long
+        outs.append(backend.forward(q, k, v, cache[1, 0], cache[1, 1], meta, d**-0.5))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_disabled_by_env(monkeypatch):
+    monkeypatch.setenv("TANDEM_DISABLE_CPU_KERNELS", "1")
+    load_paged_decode_attention.cache_clear()
+    try:
+        assert load_paged_decode_attention() is None
+    finally:
+        load_paged_decode_attention.cache_clear()
+
+
+def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
+    def broken(name, source):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.delenv("TANDEM_DISABLE_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(cpu_kernels, "_compile", broken)
+    load_paged_decode_attention.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+            assert load_paged_decode_attention() is None
+            assert load_paged_decode_attention() is None  # cached: no second attempt, no second warning
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1
+        assert "torch fallback" in warnings[0].getMessage() and "Ninja" in warnings[0].getMessage()
+    finally:
+        load_paged_decode_attention.cache_clear()
+
+
+def test_build_hash_depends_on_cpu_flags(monkeypatch, tmp_path):
+    src = tmp_path / "k.cpp"
+    src.write_text("int x;")
+    h1 = cpu_kernels.build_hash(src)
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "sse sse2")
+    h2 = cpu_kernels.build_hash(src)
+    src.write_text("int y;")
+    h3 = cpu_kernels.build_hash(src)
+    assert len({h1, h2, h3}) == 3
