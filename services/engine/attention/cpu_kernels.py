@@ -33,6 +33,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
+_ENGINE_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # -fopenmp: at::parallel_for is OpenMP code inlined from torch's headers; without it the kernel runs on
 # one thread. The OpenMP runtime itself is the libgomp torch already loaded (nothing extra is linked).
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
@@ -161,4 +162,21 @@ def load_paged_decode_attention() -> Callable | None:
             type(e).__name__,
             reason,
         )
+        return None
+
+
+@functools.cache
+def load_small_batch_linear() -> Callable | None:
+    """The compiled small-M linear (x·Wᵀ + bias for decode steps with few rows), or None (logged once)."""
+    if kernels_disabled():
+        return None
+    try:
+        fn = _compile("tandem_small_batch_linear", _ENGINE_CSRC / "small_batch_linear.cpp").small_batch_linear
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(3, 40, generator=gen), torch.randn(70, 40, generator=gen), torch.randn(70, generator=gen)
+        if not torch.allclose(fn(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4):
+            raise RuntimeError("self-check mismatch against torch.nn.functional.linear")
+        return fn
+    except Exception as e:  # same fallback policy as the attention kernel
+        logger.warning("small-batch linear CPU kernel unavailable, using torch's (%s: %s)", type(e).__name__, " ".join(str(e).split())[:600])
         return None

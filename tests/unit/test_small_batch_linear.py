@@ -1,0 +1,67 @@
+"""The small-batch linear CPU kernel (decode-step matmuls with few rows) against F.linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from services.engine.attention.cpu_kernels import load_small_batch_linear
+from services.engine.models.llama import SMALL_BATCH_MAX_ROWS, Linear
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    fn = load_small_batch_linear()
+    if fn is None:
+        pytest.skip("small-batch linear CPU kernel could not be built (see the logged warning)")
+    return fn
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
+@pytest.mark.parametrize("m", [1, 3, 8, 17])
+@pytest.mark.parametrize("n, k", [(1, 1), (7, 5), (257, 576), (1000, 64)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_torch(kernel, dtype, atol, m, n, k, with_bias):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    got, want = kernel(x, w, b), F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert got.dtype == dtype and got.shape == (m, n)
+    torch.testing.assert_close(got.float(), want, atol=atol * max(1, k**0.5 / 8), rtol=0.02 if dtype == torch.bfloat16 else 1e-4)
+
+
+def test_zero_rows(kernel):
+    assert kernel(torch.empty(0, 4), torch.randn(3, 4)).shape == (0, 3)
+
+
+@pytest.mark.parametrize(
+    "x, w, b",
+    [
+        (torch.randn(2, 4), torch.randn(3, 5), None),  # K mismatch
+        (torch.randn(2, 4), torch.randn(3, 4).to(torch.bfloat16), None),  # dtype mismatch
+        (torch.randn(2, 4).double(), torch.randn(3, 4).double(), None),  # unsupported dtype
+        (torch.randn(4, 2).t(), torch.randn(3, 4), None),  # non-contiguous x
+        (torch.randn(2, 4), torch.randn(3, 4), torch.randn(2)),  # bias of the wrong length
+        (torch.randn(4), torch.randn(3, 4), None),  # x not 2-D
+    ],
+)
+def test_bad_input_raises(kernel, x, w, b):
+    with pytest.raises(RuntimeError, match="small_batch_linear"):
+        kernel(x, w, b)
+
+
+def test_model_linear_dispatch(kernel):
+    calls = []
+
+    def spy(x, w, b=None):
+        calls.append(x.shape[0])
+        return kernel(x, w, b)
+
+    lin = Linear(spy)
+    w = torch.randn(16, 8)
+    lin(torch.randn(SMALL_BATCH_MAX_ROWS, 8), w)
+    lin(torch.randn(SMALL_BATCH_MAX_ROWS + 1, 8), w)  # too many rows: torch
+    lin(torch.randn(2, 8).to(torch.bfloat16), w.to(torch.bfloat16))  # bf16: torch
+    assert calls == [SMALL_BATCH_MAX_ROWS]
