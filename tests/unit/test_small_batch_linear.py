@@ -61,7 +61,10 @@ def test_model_linear_dispatch(kernel):
 
     lin = Linear(spy)
     w = torch.randn(16, 8)
-    lin(torch.randn(SMALL_BATCH_MAX_ROWS, 8), w)
-    lin(torch.randn(SMALL_BATCH_MAX_ROWS + 1, 8), w)  # too many rows: torch
-    lin(torch.randn(2, 8).to(torch.bfloat16), w.to(torch.bfloat16))  # bf16: torch
-    assert calls == [SMALL_BATCH_MAX_ROWS]
+    fp32_rows = SMALL_BATCH_MAX_ROWS[torch.float32]
+    lin(torch.randn(fp32_rows, 8), w)
+    lin(torch.randn(fp32_rows + 1, 8), w)  # too many rows: torch
+    lin(torch.randn(1, 8).to(torch.bfloat16), w.to(torch.bfloat16))  # one bf16 row: kernel
+    lin(torch.randn(2, 8).to(torch.bfloat16), w.to(torch.bfloat16))  # bf16 batch: torch
+    lin(torch.randn(1, 8).double(), w.double())  # other dtypes: torch
+    assert calls == [fp32_rows, 1]

@@ -20,13 +20,13 @@ from ..model_config import ModelConfig
 from .rope import RotaryEmbedding
 
 
-# fp32 matmuls with at most this many rows go to the small-batch kernel (measured faster up to 8;
-# torch's bf16 path is already good at small M, so bf16 never uses it)
-SMALL_BATCH_MAX_ROWS = 8
+# matmuls with at most this many rows go to the small-batch kernel: fp32 measured faster up to 8
+# rows; torch's bf16 path is good from 2 rows on, so bf16 uses the kernel for single rows only
+SMALL_BATCH_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 1}
 
 
 class Linear:
-    """F.linear, except fp32 decode steps with few rows use the small-batch CPU kernel.
+    """F.linear, except decode steps with few rows use the small-batch CPU kernel.
 
     torch's CPU GEMV reads weights at ~16 GB/s on one thread; the kernel splits output rows over
     threads and streams W at close to memory bandwidth (3-4x faster at M = 1..4 here)."""
@@ -35,7 +35,7 @@ class Linear:
         self.kernel = small_batch_kernel
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kernel is not None and x.shape[0] <= SMALL_BATCH_MAX_ROWS and x.dtype == torch.float32 and x.is_contiguous():
+        if self.kernel is not None and x.shape[0] <= SMALL_BATCH_MAX_ROWS.get(x.dtype, 0) and x.is_contiguous():
             return self.kernel(x, w, b)
         return F.linear(x, w, b)
 
@@ -97,7 +97,7 @@ class LlamaForCausalLM:
         self.norm = weights["model.norm.weight"]
         self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
         kernel = None
-        if dtype == torch.float32 and self.embed.device.type == "cpu":
+        if dtype in SMALL_BATCH_MAX_ROWS and self.embed.device.type == "cpu":
             from ..attention.cpu_kernels import load_small_batch_linear
 
             kernel = load_small_batch_linear()
