@@ -55,23 +55,12 @@ class AsyncEngine:
         return self._stream(request_id, queue)
 
     def _validate(self, request_id, prompt_token_ids, params) -> None:
-        # the same checks add_request runs in the engine thread, done here so the caller gets the
-        # ValueError synchronously instead of a broken stream
-        core = self.core
+        # the checks EngineCore.add_request runs in the engine thread, run here too so the caller
+        # gets the ValueError synchronously instead of a broken stream
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
-        if not prompt_token_ids:
-            raise ValueError("prompt must not be empty (got 0 tokens)")
-        vocab = core.model_config.vocab_size
-        bad = next((i for i, t in enumerate(prompt_token_ids) if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt_token_ids[{bad}] = {prompt_token_ids[bad]!r} is outside the vocabulary [0, {vocab})")
-        if len(prompt_token_ids) >= core.max_model_len:
-            raise ValueError(
-                f"prompt is {len(prompt_token_ids)} tokens but the model's context (max_model_len) is "
-                f"{core.max_model_len}; it must be at most {core.max_model_len - 1} tokens"
-            )
+        self.core.validate(prompt_token_ids, params)
 
     async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False

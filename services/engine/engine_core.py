@@ -84,6 +84,19 @@ class EngineCore:
         """Validate and queue a request. Raises ValueError (naming the field) and allocates nothing on bad input."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        req = Request(request_id, list(prompt_token_ids), params, time.monotonic(), self.eos_token_ids, cache_salt)
+        self.requests[request_id] = req
+        if self.tokenizer is not None and (detokenize or params.stop):
+            detok = self.tokenizer.decode_stream(req.prompt_token_ids, params.skip_special_tokens)
+            self._text[request_id] = TextState(detok, params.stop, params.include_stop_str_in_output)
+        self.scheduler.add(req)
+        return req
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (naming the field and its range) if this request can never run here.
+
+        Reads only fixed configuration, so other threads may call it (AsyncEngine does)."""
         if not prompt_token_ids:
             raise ValueError("prompt must not be empty (got 0 tokens)")
         vocab = self.model_config.vocab_size
@@ -105,13 +118,6 @@ class EngineCore:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model directory has no tokenizer.json")
-        req = Request(request_id, list(prompt_token_ids), params, time.monotonic(), self.eos_token_ids, cache_salt)
-        self.requests[request_id] = req
-        if self.tokenizer is not None and (detokenize or params.stop):
-            detok = self.tokenizer.decode_stream(req.prompt_token_ids, params.skip_special_tokens)
-            self._text[request_id] = TextState(detok, params.stop, params.include_stop_str_in_output)
-        self.scheduler.add(req)
-        return req
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is; its blocks are freed and a final 'abort' output is queued."""
