@@ -37,8 +37,9 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str = "cpu"):
         self.layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, dtype)
         self.num_blocks = num_blocks
-        # zeros, not empty: padded decode rows read block 0 under a -inf mask, and NaN garbage there
-        # would still poison the softmax's weighted sum (0 × NaN = NaN)
+        # allocated untouched so huge pages can be requested first, then zeroed: padded decode rows
+        # read block 0 under a -inf mask, and NaN garbage there would still poison the softmax's
+        # weighted sum (0 × NaN = NaN)
         self.storage = torch.empty(
             cfg.num_layers, 2, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim, dtype=dtype, device=device
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
@@ -23,16 +24,22 @@ _TRIM_THRESHOLD = 4 * 1024 * 1024 * 1024
 _TOP_PAD = 256 * 1024 * 1024
 
 
-def tune_malloc() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process. Returns False where there is no glibc."""
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if not name:
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False  # musl, macOS: no mallopt
+        return ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        return None
+
+
+def tune_malloc() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process. Returns False where there is no glibc."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
+        return False  # no libc found, or one without mallopt (musl, macOS)
     ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
     ok &= mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
     ok &= mallopt(_M_TOP_PAD, _TOP_PAD)
@@ -49,13 +56,8 @@ def advise_huge_pages(tensor) -> bool:
     Decode attention reads 4 KiB runs of KV scattered over a multi-GB cache; with 4 KiB pages nearly
     every run is a TLB miss. Where THP is opt-in ('madvise', as on this machine) nothing is huge
     unless asked. Call before the first write. Returns False where madvise is unavailable or refused."""
-    name = ctypes.util.find_library("c")
-    if not name or tensor.device.type != "cpu":
-        return False
-    try:
-        libc = ctypes.CDLL(name, use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
+    madvise = getattr(_libc(), "madvise", None)
+    if madvise is None or tensor.device.type != "cpu":
         return False
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()

@@ -10,8 +10,8 @@ import logging
 import pytest
 import torch
 
-from services.engine.attention import cpu_kernels
-from services.engine.attention.cpu_kernels import load_paged_decode_attention
+from services.engine import cpu_kernels
+from services.engine.cpu_kernels import load_paged_decode_attention
 
 
 @pytest.fixture(scope="module")

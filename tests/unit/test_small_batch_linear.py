@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.engine.attention.cpu_kernels import load_small_batch_linear
+from services.engine.cpu_kernels import load_small_batch_linear
 from services.engine.models.llama import SMALL_BATCH_MAX_ROWS, Linear
 
 

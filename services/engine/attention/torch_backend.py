@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import AttentionBackend, SequenceSlice
-from .cpu_kernels import load_paged_decode_attention
+from ..cpu_kernels import load_paged_decode_attention
 
 
 @dataclass

@@ -98,7 +98,7 @@ class LlamaForCausalLM:
         self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
         kernel = None
         if dtype in SMALL_BATCH_MAX_ROWS and self.embed.device.type == "cpu":
-            from ..attention.cpu_kernels import load_small_batch_linear
+            from ..cpu_kernels import load_small_batch_linear
 
             kernel = load_small_batch_linear()
         self.linear = Linear(kernel)
@@ -123,4 +123,4 @@ class LlamaForCausalLM:
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             hidden = layer.forward(hidden, cos, sin, self.rope, k_cache, v_cache, meta, backend)
         hidden = rms_norm(hidden[logits_indices], self.norm, self.cfg.rms_norm_eps)
-        return self.linear(hidden.contiguous(), self.lm_head).float()
+        return self.linear(hidden, self.lm_head).float()

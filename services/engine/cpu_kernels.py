@@ -33,7 +33,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_ENGINE_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # -fopenmp: at::parallel_for is OpenMP code inlined from torch's headers; without it the kernel runs on
 # one thread. The OpenMP runtime itself is the libgomp torch already loaded (nothing extra is linked).
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
@@ -142,41 +141,49 @@ def _self_check(fn: Callable) -> None:
         raise RuntimeError(f"self-check mismatch (max abs diff {(got - want).abs().max().item():.3g})")
 
 
-@functools.cache
-def load_paged_decode_attention() -> Callable | None:
-    """The compiled paged decode attention function, or None (logged once) when unavailable."""
+def _load(name: str, source: str, symbol: str, self_check: Callable[[Callable], None], fallback: str) -> Callable | None:
+    """Compile (or reuse) `source`, self-check `symbol`, and return it; None with one warning on any failure."""
     if kernels_disabled():
-        logger.info("CPU kernels disabled by TANDEM_DISABLE_CPU_KERNELS; using the torch decode attention")
+        logger.info("CPU kernels disabled by TANDEM_DISABLE_CPU_KERNELS; using %s", fallback)
         return None
     try:
-        module = _compile("tandem_paged_decode_attention", _CSRC / "paged_decode_attention.cpp")
-        fn = module.paged_decode_attention
-        _self_check(fn)
+        fn = getattr(_compile(name, _CSRC / source), symbol)
+        self_check(fn)
         return fn
     except Exception as e:  # no compiler, no ninja, compile error, unwritable cache, failed self-check, ...
         reason = " ".join(str(e).split())
         if len(reason) > 600:
             reason = reason[:600] + " ..."
-        logger.warning(
-            "paged decode attention CPU kernel unavailable, using the torch fallback (%s: %s)",
-            type(e).__name__,
-            reason,
-        )
+        logger.warning("%s CPU kernel unavailable, using %s (%s: %s)", symbol, fallback, type(e).__name__, reason)
         return None
+
+
+@functools.cache
+def load_paged_decode_attention() -> Callable | None:
+    """The compiled paged decode attention function, or None (logged once) when unavailable."""
+    return _load(
+        "tandem_paged_decode_attention",
+        "paged_decode_attention.cpp",
+        "paged_decode_attention",
+        _self_check,
+        "the torch fallback for decode attention",
+    )
+
+
+def _self_check_linear(fn: Callable) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 40, generator=gen), torch.randn(70, 40, generator=gen), torch.randn(70, generator=gen)
+    if not torch.allclose(fn(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4):
+        raise RuntimeError("self-check mismatch against torch.nn.functional.linear")
 
 
 @functools.cache
 def load_small_batch_linear() -> Callable | None:
     """The compiled small-M linear (x·Wᵀ + bias for decode steps with few rows), or None (logged once)."""
-    if kernels_disabled():
-        return None
-    try:
-        fn = _compile("tandem_small_batch_linear", _ENGINE_CSRC / "small_batch_linear.cpp").small_batch_linear
-        gen = torch.Generator().manual_seed(0)
-        x, w, b = torch.randn(3, 40, generator=gen), torch.randn(70, 40, generator=gen), torch.randn(70, generator=gen)
-        if not torch.allclose(fn(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4):
-            raise RuntimeError("self-check mismatch against torch.nn.functional.linear")
-        return fn
-    except Exception as e:  # same fallback policy as the attention kernel
-        logger.warning("small-batch linear CPU kernel unavailable, using torch's (%s: %s)", type(e).__name__, " ".join(str(e).split())[:600])
-        return None
+    return _load(
+        "tandem_small_batch_linear",
+        "small_batch_linear.cpp",
+        "small_batch_linear",
+        _self_check_linear,
+        "the torch fallback for small-batch matmuls",
+    )

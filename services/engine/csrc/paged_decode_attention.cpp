@@ -15,7 +15,7 @@
 // softmax measured slower here: per-block max/exp/rescale costs more than re-walking the block table.)
 // Each block's rows are prefetched while the previous block is processed.
 //
-// Built by services/engine/attention/cpu_kernels.py with -O3 -march=native -ffp-contract=fast -fopenmp
+// Built by services/engine/cpu_kernels.py with -O3 -march=native -ffp-contract=fast -fopenmp
 // (at::parallel_for is header-inlined OpenMP; without -fopenmp it would silently run on one thread).
 
 // Narrow includes instead of <torch/extension.h>: the same pybind/ATen pieces, a third of the compile time.
