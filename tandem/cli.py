@@ -1,23 +1,19 @@
 """The `tandem` command line: one entry point for every part of Tandem.
 
-Subcommands so far:
+  tandem up [--ask PROMPT]        the whole system locally (etcd + every service as processes)
+  tandem serve ROLE               one service: gateway | tokenizer | prefill | decode
+  tandem generate "prompt"        stream a generation from the gateway (--chat: as a user message)
+  tandem health HOST:PORT         grpc.health.v1 Check (container healthchecks)
   tandem model prepare            convert the embedded SmolLM2 default into its cached HF directory
-  tandem generate "prompt"        generate with the engine in this process (--chat for chat messages)
-Later subcommands (up, serve, bench) arrive with the services.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-
-
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="HF model directory, or 'default' (embedded SmolLM2-135M)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for the engine (default: torch's)")
-    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache")
+from pathlib import Path
 
 
 def cmd_model_prepare(args) -> int:
@@ -29,52 +25,157 @@ def cmd_model_prepare(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    from services.engine import LLM, SamplingParams
+def cmd_serve(args) -> int:
+    from services.common.config import load_config
+    from services.common.server import run
 
-    llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads, kv_cache_memory_gb=args.kv_cache_gb)
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        stop=args.stop or [],
-    )
-    t = time.perf_counter()
-    if args.chat:
-        out = llm.chat([{"role": "user", "content": args.prompt}], params)
+    config = load_config(args.role, args)
+    if args.role == "gateway":
+        from gateway.service import GatewayService as Service
+    elif args.role == "tokenizer":
+        from services.tokenizer.service import TokenizerService as Service
+    elif args.role == "prefill":
+        from services.prefill.service import PrefillService as Service
     else:
-        out = llm.generate(args.prompt, params)[0]
-    elapsed = time.perf_counter() - t
-    print(out.text)
-    print(
-        f"[{len(out.token_ids)} tokens in {elapsed:.2f}s, finish_reason={out.finish_reason}]",
-        file=sys.stderr,
-    )
+        from services.decode.service import DecodeService as Service
+    run(config, Service(config))
     return 0
 
 
+def cmd_health(args) -> int:
+    from .health import check_health
+
+    ok = check_health(args.address, args.service, args.timeout)
+    print("SERVING" if ok else "NOT SERVING", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def print_stream(address: str, request, timeout: float | None) -> int:
+    """Stream one generation to stdout; the summary line goes to stderr."""
+    import grpc
+
+    from .client import FINISH_NAMES, stream_generate
+
+    t = time.perf_counter()
+    ttft = None
+    try:
+        for chunk in stream_generate(address, request, timeout):
+            if ttft is None and chunk.token_ids:
+                ttft = time.perf_counter() - t
+            print(chunk.text, end="", flush=True)
+            if chunk.finish_reason:
+                u = chunk.usage
+                print()
+                print(
+                    f"[{u.completion_tokens} tokens in {time.perf_counter() - t:.2f}s, first after {ttft or 0:.2f}s; "
+                    f"prompt {u.prompt_tokens} tokens ({u.cached_prompt_tokens} cached); finish_reason={FINISH_NAMES[chunk.finish_reason]}]",
+                    file=sys.stderr,
+                )
+    except grpc.RpcError as e:
+        print(f"\ntandem: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .client import build_request
+
+    request = build_request(args.prompt, args.chat, args.max_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.stop)
+    return print_stream(args.gateway, request, args.timeout)
+
+
+def cmd_up(args) -> int:
+    import signal
+    import threading
+
+    from .client import build_request
+    from .launcher import ClusterSpec, LocalCluster
+
+    # the workers share this machine's cores: torch's default (every core per process) makes their
+    # OpenMP threads spin against each other, which made model loading 10x slower on 2 cores
+    threads = args.threads or max(1, (os.cpu_count() or 1) // (args.prefill + args.decode))
+    worker_args = ["--kv-cache-gb", str(args.kv_cache_gb), "--dtype", args.dtype, "--threads", str(threads)]
+    spec = ClusterSpec(
+        model=args.model, num_prefill=args.prefill, num_decode=args.decode, cluster=args.cluster,
+        etcd=args.etcd, base_port=args.base_port, worker_args=worker_args,
+        workdir=Path(args.workdir) if args.workdir else None,
+    )  # fmt: skip
+    cluster = LocalCluster(spec)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"starting Tandem (logs in {cluster.workdir}) ...", file=sys.stderr)
+    t = time.perf_counter()
+    try:
+        cluster.start()
+        print(f"Tandem is up in {time.perf_counter() - t:.1f}s: gateway at {cluster.gateway_address}", file=sys.stderr)
+        if args.ask is not None:
+            return print_stream(cluster.gateway_address, build_request(args.ask, chat=True, max_tokens=args.max_tokens, temperature=0.0), 300)
+        print(f"try: tandem generate --gateway {cluster.gateway_address} --chat \"What is the capital of France?\"", file=sys.stderr)
+        print("Ctrl-C stops everything.", file=sys.stderr)
+        while not stop.wait(0.5):
+            dead = [s.name for s in cluster.services if s.proc.poll() is not None]
+            if dead:
+                print(f"tandem: {', '.join(dead)} exited; stopping (logs in {cluster.workdir})", file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        print("stopping Tandem ...", file=sys.stderr)
+        cluster.stop()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from services.common.config import DEFAULT_GRPC_PORTS, ROLES, add_config_args
+
     parser = argparse.ArgumentParser(prog="tandem", description="LLM serving with disaggregated prefill and decode")
     sub = parser.add_subparsers(dest="command", required=True)
+    gateway = f"127.0.0.1:{DEFAULT_GRPC_PORTS['gateway']}"
 
     model = sub.add_parser("model", help="manage models").add_subparsers(dest="model_command", required=True)
     prep = model.add_parser("prepare", help="convert the embedded default model (once; cached)")
     prep.add_argument("--force", action="store_true", help="convert again even if the cache is complete")
     prep.set_defaults(func=cmd_model_prepare)
 
-    gen = sub.add_parser("generate", help="generate text for one prompt")
+    up = sub.add_parser("up", help="run the whole system locally: etcd, tokenizer, prefill, decode, gateway")
+    up.add_argument("--model", default="default", help="HF model directory, or 'default' (embedded SmolLM2-135M)")
+    up.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    up.add_argument("--decode", type=int, default=1, help="decode workers")
+    up.add_argument("--base-port", type=int, default=None, help=f"the gateway's port; the others follow (default {DEFAULT_GRPC_PORTS['gateway']})")
+    up.add_argument("--etcd", default=None, help="use this etcd (host:port) instead of starting one")
+    up.add_argument("--cluster", default="default", help="cluster name (etcd key prefix)")
+    up.add_argument("--kv-cache-gb", type=float, default=0.5, help="KV cache memory per worker")
+    up.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
+    up.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = the cores divided among the workers)")
+    up.add_argument("--workdir", default=None, help="where logs and etcd data go (default: a new temp dir)")
+    up.add_argument("--ask", metavar="PROMPT", default=None, help="send this chat prompt once everything is up, print the answer, and stop")
+    up.add_argument("--max-tokens", type=int, default=64, help="max_tokens for --ask")
+    up.set_defaults(func=cmd_up)
+
+    serve = sub.add_parser("serve", help="run one service (what a container runs)")
+    serve_roles = serve.add_subparsers(dest="role", required=True)
+    for role in ROLES:
+        p = serve_roles.add_parser(role, help=f"the {role} service")
+        add_config_args(p, role)
+        p.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="stream a generation from the gateway")
     gen.add_argument("prompt")
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
-    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--gateway", default=gateway, help=f"gateway address (default {gateway})")
+    gen.add_argument("--max-tokens", type=int, default=None, help="default: the gateway's (256)")
     gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
-    _add_engine_args(gen)
+    gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     gen.set_defaults(func=cmd_generate)
+
+    health = sub.add_parser("health", help="grpc.health.v1 Check; exit 0 when SERVING")
+    health.add_argument("address", help="host:port")
+    health.add_argument("--service", default="", help="service name ('' = the server)")
+    health.add_argument("--timeout", type=float, default=2.0)
+    health.set_defaults(func=cmd_health)
     return parser
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
+from .block_pool import KVEvent
 from .engine_config import EngineConfig
 from .engine_core import EngineCore, RequestOutput
 from .sampling_params import SamplingParams
@@ -20,6 +22,25 @@ from .sampling_params import SamplingParams
 
 class EngineDeadError(RuntimeError):
     """The engine thread crashed; the request cannot complete."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's load after a step, as a worker reports it."""
+
+    num_running: int
+    num_waiting: int
+    num_used_blocks: int
+    num_total_blocks: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.num_used_blocks / self.num_total_blocks
+
+
+# observer(stats, kv_events): called on the observer's event loop after every engine iteration
+# that changed something; kv_events are the block pool's stored/removed/cleared events, in order
+EngineObserver = Callable[[EngineStats, list[KVEvent]], None]
 
 
 class AsyncEngine:
@@ -31,6 +52,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
         self.error: BaseException | None = None
+        self._observer: tuple[asyncio.AbstractEventLoop, EngineObserver] | None = None
         self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
         self._thread.start()
 
@@ -85,6 +107,15 @@ class AsyncEngine:
             self._inbox.append(("abort", request_id))
         self._wake.set()
 
+    def set_observer(self, observer: EngineObserver | None) -> None:
+        """Report stats and KV events to `observer` on the calling thread's event loop (None stops it)."""
+        self._observer = None if observer is None else (asyncio.get_running_loop(), observer)
+
+    def stats(self) -> EngineStats:
+        core = self.core
+        pool = core.kv.pool
+        return EngineStats(len(core.scheduler.running), len(core.scheduler.waiting), pool.num_used_blocks, pool.num_blocks)
+
     async def shutdown(self) -> None:
         self._stopping = True
         self._wake.set()
@@ -99,9 +130,12 @@ class AsyncEngine:
                 if not core.has_work():
                     self._wake.wait(timeout=1.0)
                 self._wake.clear()
-                self._drain_inbox()
+                changed = self._drain_inbox()
                 if core.has_work():
                     self._publish(core.step())
+                    changed = True
+                if changed:
+                    self._notify_observer()
         except BaseException as e:  # noqa: BLE001 - every stream must learn the engine is gone
             self.error = e
             with self._lock:
@@ -113,7 +147,18 @@ class AsyncEngine:
             for rid in list(core.requests):
                 core.abort(rid)
 
-    def _drain_inbox(self) -> None:
+    def _notify_observer(self) -> None:
+        events = self.core.kv.take_events()
+        observer = self._observer
+        if observer is not None:
+            loop, fn = observer
+            try:
+                loop.call_soon_threadsafe(fn, self.stats(), events)
+            except RuntimeError:  # the observer's loop is closed
+                self._observer = None
+
+    def _drain_inbox(self) -> bool:
+        """Apply queued adds and aborts; True when there were any."""
         with self._lock:
             inbox, self._inbox = self._inbox, []
         for kind, arg in inbox:
@@ -124,6 +169,7 @@ class AsyncEngine:
                     self._deliver(arg[0], e)
             else:
                 self.core.abort(arg)
+        return bool(inbox)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

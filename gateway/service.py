@@ -1,0 +1,187 @@
+"""The gateway: the public Gateway.Generate stream, in front of tokenizers and decode workers.
+
+    Generate: validate → Tokenize (text/chat) → check the length → pick a decode worker
+              → Decode.Generate, streamed back chunk by chunk
+
+Deadlines: every downstream call gets the client's remaining time. Cancellation: when the client
+goes away the handler is cancelled and the downstream call with it, so the worker aborts the
+request and frees its KV blocks. A worker that is unreachable before it sent anything is retried
+on another; once tokens have been streamed an error is passed on (the stream cannot be replayed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+
+import grpc
+
+from protos.tandem.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2, worker_pb2
+from services.common.config import ServiceConfig
+from services.common.errors import RequestError, invalid, unavailable
+from services.common.metrics import GatewayMetrics
+from services.common.registry import workers_prefix
+from services.common.telemetry import tracer
+
+from .least_loaded import pick_least_loaded
+from .request_validation import check_prompt_length, validate_request
+from .worker_pool import WorkerPool
+
+log = logging.getLogger(__name__)
+
+ROUTING_POLICY = "least-loaded"
+
+
+class GatewayService(gateway_pb2_grpc.GatewayServicer):
+    service_names = (gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,)
+
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.metrics = GatewayMetrics()
+        self.metrics_registry = self.metrics.registry
+        self.pool = WorkerPool(config.etcd, config.cluster, on_change=self._count_workers)
+        self._rng = random.Random()
+        self._tokenizer_turn = 0
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        gateway_pb2_grpc.add_GatewayServicer_to_server(self, server)
+
+    async def start(self) -> None:
+        await self.pool.start()
+
+    def fill_registration(self, reg) -> None:
+        pass
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    def _count_workers(self, pool: WorkerPool) -> None:
+        for role in ("tokenizer", "prefill", "decode"):
+            self.metrics.workers.labels(role).set(len(pool.registered(role)))
+
+    # ---- Generate -------------------------------------------------------------------------------
+
+    async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        start = time.perf_counter()
+        code = "OK"
+        self.metrics.in_flight.inc()
+        try:
+            first = True
+            async for chunk in self._generate(request, context):
+                if first and chunk.token_ids:
+                    self.metrics.time_to_first_token.observe(time.perf_counter() - start)
+                    first = False
+                yield chunk
+        except RequestError as e:
+            code = e.code.name
+            await context.abort(e.code, str(e))
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(code).inc()
+            self.metrics.request_duration.observe(time.perf_counter() - start)
+
+    def _remaining(self, context) -> float | None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline expired at the gateway")
+        return remaining
+
+    def _served_models(self) -> set[str]:
+        return {h.registration.model for h in self.pool.registered("decode")}
+
+    async def _generate(self, request: gateway_pb2.GenerateRequest, context):
+        validate_request(request, self._served_models())
+        request_id = request.request_id or uuid.uuid4().hex
+        decoders = self.pool.registered("decode")
+        if not decoders:
+            raise unavailable(
+                f"no decode workers are registered (etcd prefix {workers_prefix(self.config.cluster)}decode/); start one with `tandem serve decode`"
+            )
+        prompt_ids = await self._prompt_token_ids(request, context)
+        max_model_len = min(h.registration.max_model_len for h in decoders)
+        if self.config.max_prompt_tokens:
+            max_model_len = min(max_model_len, self.config.max_prompt_tokens + 1)
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(request.sampling)
+        sampling.max_tokens = check_prompt_length(len(prompt_ids), request.sampling, max_model_len, self.config.default_max_tokens)
+        worker_request = worker_pb2.WorkerGenerateRequest(
+            request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling, cache_salt=request.cache_salt
+        )
+        async for chunk in self._decode(worker_request, context):
+            yield chunk
+
+    async def _prompt_token_ids(self, request, context) -> list[int]:
+        which = request.WhichOneof("prompt")
+        if which == "token_ids":
+            return list(request.token_ids.ids)
+        tok_request = tokenizer_pb2.TokenizeRequest(text=request.text) if which == "text" else tokenizer_pb2.TokenizeRequest(chat=request.chat)
+        tokenizers = self.pool.registered("tokenizer")
+        if not tokenizers:
+            raise unavailable(f"no tokenizer service is registered (etcd prefix {workers_prefix(self.config.cluster)}tokenizer/); start one with `tandem serve tokenizer`")
+        last_error = None
+        for i in range(len(tokenizers)):  # round robin, moving on when one is unreachable
+            handle = tokenizers[(self._tokenizer_turn + i) % len(tokenizers)]
+            try:
+                reply = await handle.tokenizer_stub().Tokenize(tok_request, timeout=self._remaining(context))
+                self._tokenizer_turn += i + 1
+                return list(reply.token_ids)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise RequestError(e.code(), e.details()) from None
+                last_error = e
+        raise unavailable(f"no tokenizer could be reached ({len(tokenizers)} registered): {last_error.details()}")
+
+    async def _decode(self, worker_request: worker_pb2.WorkerGenerateRequest, context):
+        tried: set[str] = set()
+        last_error = None
+        while True:
+            candidates = [h for h in self.pool.ready("decode") if h.key not in tried]
+            with tracer().start_as_current_span("gateway.route") as span:
+                t = time.perf_counter()
+                handle = pick_least_loaded(candidates, self._rng)
+                self.metrics.plugin_latency.labels(ROUTING_POLICY).observe(time.perf_counter() - t)
+                span.set_attribute("tandem.candidates", len(candidates))
+                if handle is not None:
+                    span.set_attribute("tandem.worker_id", handle.worker_id)
+            if handle is None:
+                detail = f"; last error: {last_error.details()}" if last_error is not None else ""
+                raise unavailable(f"no decode worker is reachable ({len(self.pool.registered('decode'))} registered, {len(tried)} tried){detail}")
+            self.metrics.decisions.labels(handle.worker_id, ROUTING_POLICY).inc()
+            handle.acquire()
+            call = handle.decode_stub().Generate(worker_request, timeout=self._remaining(context))
+            streamed = False
+            try:
+                async for chunk in call:
+                    streamed = True
+                    if chunk.HasField("usage") and chunk.usage.prompt_tokens:
+                        self.metrics.prefix_hit_ratio.observe(chunk.usage.cached_prompt_tokens / chunk.usage.prompt_tokens)
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE and not streamed:
+                    log.warning("decode worker %s unreachable (%s); trying another", handle.worker_id, e.details())
+                    handle.mark_unreachable()
+                    tried.add(handle.key)
+                    last_error = e
+                    continue
+                raise RequestError(e.code(), e.details() or e.code().name) from None
+            finally:
+                call.cancel()  # no-op when it finished; otherwise the worker aborts and frees the KV
+                handle.release()
+
+    # ---- ListWorkers ----------------------------------------------------------------------------
+
+    async def ListWorkers(self, request, context):
+        reply = gateway_pb2.ListWorkersResponse()
+        for h in self.pool.workers.values():
+            status = gateway_pb2.WorkerStatus(registration=h.registration, num_in_flight=h.num_in_flight)
+            if h.load is not None:
+                status.load.CopyFrom(h.load)
+            reply.workers.append(status)
+        return reply

@@ -1,0 +1,163 @@
+"""WorkerPool: the gateway's live view of the cluster, from etcd and from the workers themselves.
+
+    etcd watch ──put/delete/snapshot──► WorkerPool.workers {key → WorkerHandle}
+    each prefill/decode handle ──Worker.Watch──► load snapshots, KV event batches (sequence numbers)
+
+A worker is routable while its key is in etcd and its Watch stream is connected: a SIGKILLed
+worker is skipped as soon as its stream breaks, and dropped when its lease expires. A worker that
+revokes its lease (graceful drain) is dropped at once; requests already on it finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from protos.tandem.v1 import common_pb2, tokenizer_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.registry import RegistryWatcher, WatchEvent
+from services.common.telemetry import client_interceptors
+
+log = logging.getLogger(__name__)
+
+WATCH_RETRY_S = (0.1, 0.25, 0.5, 1.0)
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
+
+
+class WorkerHandle:
+    """One registered service: its registration, a channel, and (workers) its latest load."""
+
+    def __init__(self, key: str, registration: common_pb2.WorkerRegistration, on_kv_events: Callable | None = None):
+        self.key = key
+        self.registration = registration
+        self.channel = grpc.aio.insecure_channel(registration.grpc_address, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
+        self.load: worker_pb2.LoadSnapshot | None = None
+        self.kv_sequence = 0
+        self.num_in_flight = 0  # requests this gateway sent here that have not finished
+        self.connected = registration.role not in ("prefill", "decode")  # workers: once Watch answers
+        self.retired = False
+        self._on_kv_events = on_kv_events
+        self._watch_task: asyncio.Task | None = None
+        if registration.role in ("prefill", "decode"):
+            self._watch_task = asyncio.create_task(self._watch(), name=f"watch {registration.worker_id}")
+
+    @property
+    def worker_id(self) -> str:
+        return self.registration.worker_id
+
+    @property
+    def role(self) -> str:
+        return self.registration.role
+
+    def decode_stub(self) -> worker_pb2_grpc.DecodeStub:
+        return worker_pb2_grpc.DecodeStub(self.channel)
+
+    def prefill_stub(self) -> worker_pb2_grpc.PrefillStub:
+        return worker_pb2_grpc.PrefillStub(self.channel)
+
+    def tokenizer_stub(self) -> tokenizer_pb2_grpc.TokenizerStub:
+        return tokenizer_pb2_grpc.TokenizerStub(self.channel)
+
+    async def _watch(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                call = worker_pb2_grpc.WorkerStub(self.channel).Watch(worker_pb2.WatchRequest(last_sequence=self.kv_sequence))
+                async for event in call:
+                    self.connected, attempt = True, 0
+                    if event.HasField("load"):
+                        self.load = event.load
+                    else:
+                        batch = event.kv_events
+                        self.kv_sequence = batch.sequence
+                        if self._on_kv_events is not None:
+                            self._on_kv_events(self, batch)
+                raise ConnectionError("Watch stream ended")
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - unreachable until the stream comes back
+                if self.connected:
+                    log.warning("lost the Watch stream of %s at %s: %s", self.worker_id, self.registration.grpc_address, e)
+                self.connected = False
+                await asyncio.sleep(WATCH_RETRY_S[min(attempt, len(WATCH_RETRY_S) - 1)])
+                attempt += 1
+
+    def acquire(self) -> None:
+        """A request is being sent here (counted at decision time, so a burst spreads out)."""
+        self.num_in_flight += 1
+
+    def release(self) -> None:
+        """That request finished; a retired handle closes its channel after its last request."""
+        self.num_in_flight -= 1
+        if self.retired and self.num_in_flight == 0:
+            self._closing = asyncio.create_task(self.channel.close())  # held so it is not collected mid-close
+
+    def mark_unreachable(self) -> None:
+        """A call failed with UNAVAILABLE: skip this worker until its Watch stream answers again."""
+        self.connected = False
+
+    async def retire(self) -> None:
+        """The worker left etcd: stop watching it; close the channel once no request of ours runs
+        on it, so a draining worker finishes what it has."""
+        self.retired, self.connected = True, False
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
+        if self.num_in_flight == 0:
+            await self.channel.close()
+
+
+class WorkerPool:
+    def __init__(self, etcd: str, cluster: str, on_kv_events: Callable | None = None, on_change: Callable | None = None):
+        self.workers: dict[str, WorkerHandle] = {}
+        self._on_kv_events = on_kv_events
+        self._on_change = on_change
+        self.watcher = RegistryWatcher(etcd, cluster, self._apply)
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Start watching etcd; return after the first full listing (raises TimeoutError)."""
+        self.watcher.start()
+        await asyncio.wait_for(self.watcher.synced.wait(), timeout)
+
+    def ready(self, role: str) -> list[WorkerHandle]:
+        """Handles of `role` that can take a request now."""
+        return [h for h in self.workers.values() if h.role == role and h.connected]
+
+    def registered(self, role: str) -> list[WorkerHandle]:
+        return [h for h in self.workers.values() if h.role == role]
+
+    async def _apply(self, event: WatchEvent) -> None:
+        if event.kind == "snapshot":
+            for key in [k for k in self.workers if k not in event.registrations]:
+                await self._remove(key)
+            for key, reg in event.registrations.items():
+                await self._put(key, reg)
+        elif event.kind == "put":
+            await self._put(event.key, event.registration)
+        else:
+            await self._remove(event.key)
+        if self._on_change is not None:
+            self._on_change(self)
+
+    async def _put(self, key: str, reg: common_pb2.WorkerRegistration) -> None:
+        old = self.workers.get(key)
+        if old is not None and old.registration.grpc_address == reg.grpc_address and old.worker_id == reg.worker_id:
+            old.registration = reg  # a re-registration after an etcd outage: same worker, keep its state
+            return
+        if old is not None:
+            await self._remove(key)
+        self.workers[key] = WorkerHandle(key, reg, self._on_kv_events)
+        log.info("discovered %s %s at %s", reg.role, reg.worker_id, reg.grpc_address)
+
+    async def _remove(self, key: str) -> None:
+        handle = self.workers.pop(key, None)
+        if handle is not None:
+            log.info("%s %s left the cluster", handle.role, handle.worker_id)
+            await handle.retire()
+
+    async def close(self) -> None:
+        await self.watcher.stop()
+        for key in list(self.workers):
+            await self._remove(key)

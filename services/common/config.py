@@ -1,0 +1,144 @@
+"""ServiceConfig: every setting of a Tandem service, from one place.
+
+Each setting comes, in rising precedence, from its default, a TOML file (`--config FILE` or
+TANDEM_CONFIG; keys are the field names, optionally inside a table named after the role), the
+environment (TANDEM_<FIELD>, e.g. TANDEM_ETCD=10.0.0.5:2379) and the command line
+(--<field-with-dashes>). `tandem serve ROLE --help` lists them all with their help text, which is
+the `help` metadata below; docs/configuration.md is that list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+import tomllib
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("gateway", "tokenizer", "prefill", "decode")
+WORKER_ROLES = ("prefill", "decode")
+DEFAULT_GRPC_PORTS = {"gateway": 50050, "tokenizer": 50051, "prefill": 50052, "decode": 50053}
+DEFAULT_METRICS_PORTS = {"gateway": 9400, "tokenizer": 9401, "prefill": 9402, "decode": 9403}
+ENV_PREFIX = "TANDEM_"
+_KINDS = {"int": int, "float": float, "str": str}
+
+
+def _opt(default: Any, help: str, roles: tuple[str, ...] = ROLES):
+    return field(default=default, metadata={"help": help, "roles": roles})
+
+
+@dataclass
+class ServiceConfig:
+    role: str = _opt("decode", "the service to run: " + " | ".join(ROLES))
+    # ---- network and cluster ------------------------------------------------------------------
+    host: str = _opt("127.0.0.1", "address the gRPC server binds (0.0.0.0 in containers)")
+    port: int = _opt(0, "gRPC port; 0 = the role's default (gateway 50050, tokenizer 50051, prefill 50052, decode 50053)")
+    advertise_host: str = _opt("", "host other services use to reach this one; default: --host, or the hostname when binding 0.0.0.0")
+    metrics_port: int = _opt(-1, "Prometheus /metrics port; -1 = the role's default (9400-9403), 0 = off")
+    cluster: str = _opt("default", "cluster name: the etcd key prefix /tandem/<cluster>/")
+    etcd: str = _opt("127.0.0.1:2379", "etcd endpoint host:port")
+    lease_ttl: int = _opt(10, "etcd lease TTL in seconds: how long a dead service stays listed")
+    worker_id: str = _opt("", "this process's id in etcd; default: <role>-<hostname>-<random>")
+    drain_timeout: float = _opt(30.0, "seconds to let in-flight requests finish on SIGTERM")
+    log_level: str = _opt("info", "debug | info | warning | error")
+    # ---- the model (tokenizer and workers) --------------------------------------------------------
+    model: str = _opt("default", "HF model directory, or 'default' (embedded SmolLM2-135M)", ("tokenizer", "prefill", "decode"))
+    # ---- the engine (workers) -------------------------------------------------------------------
+    dtype: str = _opt("auto", "auto | float32 | bfloat16", WORKER_ROLES)
+    kv_cache_gb: float = _opt(1.0, "memory for the paged KV cache (GiB)", WORKER_ROLES)
+    num_kv_blocks: int = _opt(0, "KV blocks; 0 = as many as --kv-cache-gb holds", WORKER_ROLES)
+    block_size: int = _opt(16, "tokens per KV block (the prefix-cache granularity)", WORKER_ROLES)
+    max_num_seqs: int = _opt(128, "sequences running at once", WORKER_ROLES)
+    max_num_batched_tokens: int = _opt(2048, "token budget per engine step", WORKER_ROLES)
+    max_model_len: int = _opt(0, "context length; 0 = the model's", WORKER_ROLES)
+    threads: int = _opt(0, "torch threads; 0 = torch's default", WORKER_ROLES)
+    # ---- the gateway --------------------------------------------------------------------------
+    max_prompt_tokens: int = _opt(0, "reject longer prompts; 0 = the smallest max_model_len among workers", ("gateway",))
+    default_max_tokens: int = _opt(256, "max_tokens when a request leaves it unset", ("gateway",))
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if not self.port:
+            self.port = DEFAULT_GRPC_PORTS[self.role]
+        if self.metrics_port < 0:
+            self.metrics_port = DEFAULT_METRICS_PORTS[self.role]
+        if not self.advertise_host:
+            self.advertise_host = socket.gethostname() if self.host in ("0.0.0.0", "::", "[::]") else self.host
+        if not self.worker_id:
+            self.worker_id = f"{self.role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        if self.lease_ttl < 2:
+            raise ValueError(f"lease_ttl must be >= 2 seconds (the keep-alive runs every ttl/3), got {self.lease_ttl}")
+        if "/" in self.cluster or not self.cluster:
+            raise ValueError(f"cluster must be a non-empty name without '/', got {self.cluster!r}")
+
+    @property
+    def address(self) -> str:
+        """host:port others dial."""
+        return f"{self.advertise_host}:{self.port}"
+
+    @property
+    def bind_address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def metrics_address(self) -> str:
+        return f"{self.advertise_host}:{self.metrics_port}" if self.metrics_port else ""
+
+
+def _fields_for(role: str | None) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(ServiceConfig) if f.name != "role" and (role is None or role in f.metadata["roles"])]
+
+
+def add_config_args(parser: argparse.ArgumentParser, role: str | None) -> None:
+    """Add --<field> for every setting of `role` (all roles when None). Defaults stay None so that
+    load_config can tell a flag the user gave from one they did not."""
+    parser.add_argument("--config", default=None, help="TOML file of settings (also TANDEM_CONFIG)")
+    for f in _fields_for(role):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=_KINDS[f.type],
+            default=None,
+            help=f"{f.metadata['help']} (default {f.default!r}; env {ENV_PREFIX}{f.name.upper()})",
+        )
+
+
+def load_config(role: str, args: argparse.Namespace | None = None, environ: dict[str, str] | None = None) -> ServiceConfig:
+    """Merge defaults < TOML file < environment < flags into a ServiceConfig. Raises ValueError naming a bad setting."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    known = {f.name: f for f in _fields_for(role)}
+    if path:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+        data = {**{k: v for k, v in data.items() if not isinstance(v, dict)}, **data.get(role, {})}
+        for key, value in data.items():
+            if key not in {f.name for f in _fields_for(None)}:
+                raise ValueError(f"{path}: unknown setting {key!r}")
+            if key in known:
+                values[key] = value
+    for name, f in known.items():
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _parse(f, raw, f"environment variable {ENV_PREFIX}{name.upper()}")
+    for name in known:
+        value = getattr(args, name, None) if args is not None else None
+        if value is not None:
+            values[name] = value
+    for name, value in values.items():
+        values[name] = _parse(known[name], value, f"setting {name}")
+    return ServiceConfig(role=role, **values)
+
+
+def _parse(f: dataclasses.Field, value: Any, where: str) -> Any:
+    kind = _KINDS[f.type]
+    if isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be {f.type}, got {value!r}") from None

@@ -1,0 +1,201 @@
+"""EngineHost: one AsyncEngine inside a worker service, with what every worker adds around it.
+
+It loads the engine off the event loop, turns the engine's stats and KV events into load
+snapshots and KVEventLog batches, fans them out to Worker.Watch subscribers, keeps the
+vLLM-named metrics current, and wraps each generation with its latency metrics and a span.
+Prefill and decode workers both use it. Runs on the event loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from protos.tandem.v1 import common_pb2, worker_pb2
+
+from .config import ServiceConfig
+from .kv_event_log import KVEventLog
+from .metrics import WorkerMetrics
+from .telemetry import tracer
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBER_QUEUE_SIZE = 4096
+
+
+class SubscriberOverflow(Exception):
+    """A Worker.Watch consumer fell so far behind that its queue filled up."""
+
+
+class Subscriber:
+    def __init__(self):
+        self.queue: asyncio.Queue[worker_pb2.WorkerEvent] = asyncio.Queue(SUBSCRIBER_QUEUE_SIZE)
+        self.overflowed = False
+
+    def put(self, event: worker_pb2.WorkerEvent) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            # it must reconnect with its last sequence number and catch up by replay or snapshot
+            self.overflowed = True
+
+    async def get(self) -> worker_pb2.WorkerEvent:
+        if self.overflowed:
+            raise SubscriberOverflow("the watcher fell behind; reconnect with last_sequence to catch up")
+        return await self.queue.get()
+
+
+class EngineHost:
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.engine = None
+        self.kv_log = KVEventLog()
+        self.metrics = WorkerMetrics(config.model)
+        self._subscribers: set[Subscriber] = set()
+        self._stats = None
+        self._last_load_key = None
+
+    async def start(self) -> None:
+        """Load the model (seconds; runs in a thread so health checks keep answering)."""
+        from services.engine.async_engine import AsyncEngine
+        from services.engine.engine_config import EngineConfig
+
+        c = self.config
+        engine_config = EngineConfig(
+            model=c.model,
+            dtype=c.dtype,
+            block_size=c.block_size,
+            kv_cache_memory_gb=c.kv_cache_gb,
+            num_kv_blocks=c.num_kv_blocks or None,
+            max_num_batched_tokens=c.max_num_batched_tokens,
+            max_num_seqs=c.max_num_seqs,
+            max_model_len=c.max_model_len or None,
+            num_threads=c.threads or None,
+        )
+        self.engine = await asyncio.get_running_loop().run_in_executor(None, AsyncEngine, engine_config)
+        self._stats = self.engine.stats()
+        self.engine.set_observer(self._on_engine_update)
+        core = self.engine.core
+        log.info("engine ready: %s, %s, %d KV blocks of %d tokens", self.model_name, str(core.dtype).removeprefix("torch."), core.kv.pool.num_blocks, c.block_size)
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.core.max_model_len
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            self.engine.set_observer(None)
+            await self.engine.shutdown()
+            self.engine = None
+
+    # ---- registration -----------------------------------------------------------------------------
+
+    def fill_registration(self, reg: common_pb2.WorkerRegistration) -> None:
+        from kvtransfer.layout import layout_fingerprint
+
+        core = self.engine.core
+        mc = core.model_config
+        dtype = str(core.dtype).removeprefix("torch.")
+        model_id = core.config.model_id or core.config.model
+        reg.model = self.model_name
+        reg.kv_layout.CopyFrom(
+            common_pb2.KVLayout(
+                model_id=model_id,
+                dtype=dtype,
+                num_layers=mc.num_layers,
+                num_kv_heads=mc.num_kv_heads,
+                head_dim=mc.head_dim,
+                block_size=core.config.block_size,
+                fingerprint=layout_fingerprint(model_id, dtype, mc.num_layers, mc.num_kv_heads, mc.head_dim, core.config.block_size),
+            )
+        )
+        reg.block_size = core.config.block_size
+        reg.num_kv_blocks = core.kv.pool.num_blocks
+        reg.max_num_seqs = core.config.max_num_seqs
+        reg.max_model_len = core.max_model_len
+
+    # ---- load and KV events -------------------------------------------------------------------
+
+    def load_snapshot(self) -> worker_pb2.LoadSnapshot:
+        s = self._stats
+        return worker_pb2.LoadSnapshot(
+            worker_id=self.config.worker_id,
+            num_requests_running=s.num_running,
+            num_requests_waiting=s.num_waiting,
+            kv_cache_usage=s.kv_cache_usage,
+            num_used_blocks=s.num_used_blocks,
+            num_total_blocks=s.num_total_blocks,
+            kv_event_sequence=self.kv_log.sequence,
+            timestamp_unix_ms=int(time.time() * 1000),
+        )
+
+    def _on_engine_update(self, stats, events) -> None:
+        self._stats = stats
+        self.metrics.num_requests_running.set(stats.num_running)
+        self.metrics.num_requests_waiting.set(stats.num_waiting)
+        self.metrics.kv_cache_usage.set(stats.kv_cache_usage)
+        batch = self.kv_log.append(events)
+        if batch is not None:
+            self._broadcast(worker_pb2.WorkerEvent(kv_events=batch))
+        load_key = (stats.num_running, stats.num_waiting, stats.num_used_blocks)
+        if load_key != self._last_load_key:  # one snapshot per change, not one per engine step
+            self._last_load_key = load_key
+            self._broadcast(worker_pb2.WorkerEvent(load=self.load_snapshot()))
+
+    def _broadcast(self, event: worker_pb2.WorkerEvent) -> None:
+        for sub in self._subscribers:
+            sub.put(event)
+
+    def subscribe(self, last_sequence: int) -> tuple[Subscriber, list[worker_pb2.WorkerEvent]]:
+        """A new Watch consumer: its queue, and what it must receive first (catch-up KV batches,
+        then the current load). Atomic on the event loop, so nothing falls between the two."""
+        sub = Subscriber()
+        self._subscribers.add(sub)
+        first = [worker_pb2.WorkerEvent(kv_events=b) for b in self.kv_log.since(last_sequence)]
+        first.append(worker_pb2.WorkerEvent(load=self.load_snapshot()))
+        return sub, first
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params, cache_salt: str | None) -> AsyncIterator:
+        """Queue a request; returns the engine's output stream wrapped with metrics and a span.
+        Raises ValueError (naming the field) for a request this engine cannot run."""
+        stream = await self.engine.add_request(request_id, prompt_token_ids, params, cache_salt or None)
+        return self._observed(request_id, stream, len(prompt_token_ids))
+
+    async def _observed(self, request_id: str, stream, num_prompt: int) -> AsyncIterator:
+        m = self.metrics
+        start = last = time.perf_counter()
+        first = True
+        with tracer().start_as_current_span("engine.generate", attributes={"tandem.request_id": request_id, "tandem.prompt_tokens": num_prompt}) as span:
+            try:
+                async for out in stream:
+                    now = time.perf_counter()
+                    if out.new_token_ids:
+                        if first:
+                            m.time_to_first_token.observe(now - start)
+                            span.add_event("first_token", {"tandem.cached_tokens": out.num_cached_tokens})
+                            first = False
+                        else:
+                            m.inter_token_latency.observe((now - last) / len(out.new_token_ids))
+                        last = now
+                    if out.finished:
+                        m.generation_tokens.inc(len(out.token_ids))
+                        m.e2e_request_latency.observe(now - start)
+                        m.record_finished(out.finish_reason, num_prompt, out.num_cached_tokens)
+                        span.set_attribute("tandem.completion_tokens", len(out.token_ids))
+                        span.set_attribute("tandem.finish_reason", out.finish_reason)
+                    yield out
+            finally:
+                await stream.aclose()

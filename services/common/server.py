@@ -1,0 +1,133 @@
+"""The gRPC server bootstrap every Tandem service runs: `run(config, service)`.
+
+    start:    tracing → /metrics → grpc.aio server (health NOT_SERVING, reflection) → service.start()
+              (model load) → etcd registration → health SERVING
+    SIGTERM:  health NOT_SERVING → revoke the etcd lease (the gateway stops routing here at once)
+              → drain: no new RPCs, in-flight ones get `drain_timeout` seconds → service.close()
+              (the engine) → /metrics off → flush spans
+
+The service supplies its servicers, its registration details and its start/close; everything
+else (signals, ordering, logging) lives here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Protocol
+
+import grpc
+import uvloop
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from protos.tandem.v1 import common_pb2
+
+from .config import ServiceConfig
+from .metrics import MetricsServer
+from .registry import Registration, encode_registration, worker_key
+from .telemetry import server_interceptors, setup_tracing
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+# streams of long generations and big prompts: allow large messages both ways
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
+
+
+class Service(Protocol):
+    service_names: tuple[str, ...]  # fully qualified gRPC service names (health and reflection)
+    metrics_registry: object  # a prometheus_client CollectorRegistry
+
+    def add_to_server(self, server: grpc.aio.Server) -> None: ...
+
+    async def start(self) -> None: ...
+
+    def fill_registration(self, reg: common_pb2.WorkerRegistration) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def setup_logging(config: ServiceConfig) -> None:
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s {config.role}[%(process)d] %(name)s: %(message)s",
+    )
+
+
+class ServiceRunner:
+    """Runs one service until stop() (or SIGTERM/SIGINT), then shuts it down in order."""
+
+    def __init__(self, config: ServiceConfig, service: Service):
+        self.config, self.service = config, service
+        self.stop_requested = asyncio.Event()
+        self.health = HealthServicer()
+        self.registration: Registration | None = None
+        self.server: grpc.aio.Server | None = None
+
+    def stop(self) -> None:
+        self.stop_requested.set()
+
+    async def _set_health(self, status) -> None:
+        for name in ("", *self.service.service_names):
+            await self.health.set(name, status)
+
+    async def run(self) -> None:
+        config, service = self.config, self.service
+        provider = setup_tracing(f"tandem-{config.role}")
+        metrics = MetricsServer(service.metrics_registry)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        server = self.server = grpc.aio.server(interceptors=server_interceptors(), options=GRPC_OPTIONS)
+        try:
+            service.add_to_server(server)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            names = (*service.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, server)
+            try:
+                server.add_insecure_port(config.bind_address)
+            except RuntimeError as e:
+                raise RuntimeError(f"cannot listen on {config.bind_address} (is the port in use? set --port): {e}") from None
+            await server.start()
+            metrics.start(config.host, config.metrics_port)
+            log.info("listening on %s; starting the %s service", config.bind_address, config.role)
+            t0 = time.perf_counter()
+            await service.start()
+            reg = common_pb2.WorkerRegistration(
+                worker_id=config.worker_id,
+                role=config.role,
+                grpc_address=config.address,
+                metrics_address=config.metrics_address,
+                started_unix_ms=int(time.time() * 1000),
+                version=VERSION,
+            )
+            service.fill_registration(reg)
+            key = worker_key(config.cluster, config.role, config.worker_id)
+            self.registration = Registration(config.etcd, key, encode_registration(reg), config.lease_ttl)
+            await self.registration.start()
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("%s %s serving at %s (ready in %.1fs)", config.role, config.worker_id, config.address, time.perf_counter() - t0)
+            await self.stop_requested.wait()
+            log.info("shutting down: not serving, revoking the lease, draining for up to %.0fs", config.drain_timeout)
+        finally:
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            if self.registration is not None:
+                await self.registration.stop()
+            await server.stop(grace=config.drain_timeout)
+            await service.close()
+            metrics.stop()
+            provider.shutdown()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            log.info("stopped")
+
+
+def run(config: ServiceConfig, service: Service) -> None:
+    """Run `service` on uvloop until SIGTERM/SIGINT. Blocks."""
+    setup_logging(config)
+    uvloop.run(ServiceRunner(config, service).run())

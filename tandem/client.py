@@ -1,0 +1,31 @@
+"""A small client of the Gateway: what `tandem generate` uses, and a handy library call."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from protos.tandem.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+
+def build_request(prompt: str, chat: bool, max_tokens: int | None = None, temperature: float | None = None,
+                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+                  stop: list[str] | None = None) -> gateway_pb2.GenerateRequest:  # fmt: skip
+    sampling = common_pb2.SamplingParams(stop=stop or [])
+    for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+        if value is not None:
+            setattr(sampling, name, value)
+    if chat:
+        messages = common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=prompt)])
+        return gateway_pb2.GenerateRequest(chat=messages, sampling=sampling)
+    return gateway_pb2.GenerateRequest(text=prompt, sampling=sampling)
+
+
+def stream_generate(address: str, request: gateway_pb2.GenerateRequest, timeout: float | None = None) -> Iterator[common_pb2.GenerateResponse]:
+    """Yield the gateway's chunks; raises grpc.RpcError with the server's status on failure."""
+    with grpc.insecure_channel(address) as channel:
+        yield from gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=timeout)
+
+
+FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in common_pb2.FinishReason.items()}

@@ -1,0 +1,75 @@
+"""EtcdProcess: a private etcd for `tandem up` and the tests, on loopback ports, in its own data dir."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from .processes import popen_child, stop_child
+
+INSTALL_HINT = (
+    "etcd is not on PATH. Install it (Debian/Ubuntu: `sudo apt-get install -y etcd-server`; "
+    "elsewhere: https://etcd.io/docs/latest/install/), or point Tandem at a running etcd with --etcd HOST:PORT."
+)
+
+
+class EtcdNotFoundError(RuntimeError):
+    pass
+
+
+def find_etcd() -> str:
+    path = shutil.which("etcd") or next((p for p in ("/usr/bin/etcd", "/usr/local/bin/etcd") if Path(p).is_file()), None)
+    if path is None:
+        raise EtcdNotFoundError(INSTALL_HINT)
+    return path
+
+
+class EtcdProcess:
+    def __init__(self, data_dir: Path, client_port: int, peer_port: int, log_path: Path | None = None):
+        self.data_dir, self.client_port, self.peer_port = Path(data_dir), client_port, peer_port
+        self.log_path = log_path or self.data_dir.with_suffix(".log")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self) -> None:
+        """Start etcd (keeping its data dir, so a restart keeps leases and keys)."""
+        binary = find_etcd()
+        client_url, peer_url = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
+        cmd = [
+            binary,
+            "--name", "tandem",
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", client_url,
+            "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"tandem={peer_url}",
+            "--log-level", "warn",
+        ]  # fmt: skip
+        self.proc = popen_child(cmd, self.log_path)
+
+    def wait_healthy(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"etcd exited with code {self.proc.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as r:
+                    if json.load(r).get("health") == "true":
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"etcd at {self.endpoint} not healthy after {timeout:.0f}s; see {self.log_path}")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.proc is not None:
+            stop_child(self.proc, timeout)
+            self.proc = None

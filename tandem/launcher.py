@@ -1,0 +1,166 @@
+"""LocalCluster: the whole of Tandem on this machine as child processes (what `tandem up` runs).
+
+    etcd → tokenizer → prefill × N → decode × N → gateway      (started in this order)
+    gateway → decode → prefill → tokenizer → etcd              (stopped in this order, SIGTERM)
+
+Every service is `python -m tandem serve ROLE` with its ports and the cluster's etcd on the
+command line, exactly what a container runs. Children get SIGTERM if the launcher dies, and
+start() either returns with every service SERVING or stops what it started and raises.
+The integration tests use this class too, on free ports.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.config import DEFAULT_GRPC_PORTS, DEFAULT_METRICS_PORTS
+
+from .etcd_process import EtcdProcess
+from .health import check_health
+from .processes import popen_child, stop_child
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServiceProcess:
+    role: str
+    name: str  # unique in the cluster: decode-0, decode-1, ...
+    port: int
+    metrics_port: int
+    args: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "tandem", "serve", self.role, "--port", str(self.port),
+               "--metrics-port", str(self.metrics_port), "--worker-id", self.name, *self.args]  # fmt: skip
+        self.proc = popen_child(cmd, self.log_path, self.env)
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
+@dataclass
+class ClusterSpec:
+    model: str = "default"
+    num_prefill: int = 1
+    num_decode: int = 1
+    cluster: str = "default"
+    etcd: str | None = None  # an external etcd host:port; None = start our own
+    base_port: int | None = None  # gateway's port; others follow. None = the roles' defaults
+    free_ports: bool = False  # pick free ports (tests, or several clusters on one host)
+    metrics: bool = True
+    lease_ttl: int = 10
+    worker_args: list[str] = field(default_factory=list)  # extra flags for prefill and decode
+    service_args: list[str] = field(default_factory=list)  # extra flags for every service
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: Path | None = None  # logs and etcd data; default: a temp dir
+
+
+class LocalCluster:
+    def __init__(self, spec: ClusterSpec):
+        self.spec = spec
+        self.workdir = Path(spec.workdir or tempfile.mkdtemp(prefix="tandem-"))
+        self.etcd: EtcdProcess | None = None
+        self.services: list[ServiceProcess] = []
+        self._ports = self._port_plan()
+        self.etcd_endpoint = spec.etcd or f"127.0.0.1:{self._ports['etcd']}"
+
+    def _port_plan(self) -> dict[str, int]:
+        s = self.spec
+        names = ["etcd", "etcd-peer", "gateway", "tokenizer"] + [f"prefill-{i}" for i in range(s.num_prefill)] + [f"decode-{i}" for i in range(s.num_decode)]
+        if s.free_ports:
+            return {n: free_port() for n in names} | {f"{n}/metrics": free_port() for n in names[2:]}
+        # gateway, tokenizer, prefill-0, decode-0 land on the roles' default ports (as in containers);
+        # more workers, or another base port, continue the sequence
+        base = s.base_port or DEFAULT_GRPC_PORTS["gateway"]
+        metrics_base = DEFAULT_METRICS_PORTS["gateway"] + (base - DEFAULT_GRPC_PORTS["gateway"])
+        plan = {"etcd": 2379, "etcd-peer": 2380}
+        for i, n in enumerate(names[2:]):
+            plan[n], plan[f"{n}/metrics"] = base + i, metrics_base + i
+        return plan
+
+    @property
+    def gateway_address(self) -> str:
+        return f"127.0.0.1:{self._ports['gateway']}"
+
+    def service(self, name: str) -> ServiceProcess:
+        return next(s for s in self.services if s.name == name)
+
+    def _make_service(self, role: str, name: str) -> ServiceProcess:
+        s = self.spec
+        args = ["--etcd", self.etcd_endpoint, "--cluster", s.cluster, "--lease-ttl", str(s.lease_ttl), *s.service_args]
+        if role != "gateway":
+            args += ["--model", s.model]
+        if role in ("prefill", "decode"):
+            args += s.worker_args
+        metrics_port = self._ports[f"{name}/metrics"] if s.metrics else 0
+        return ServiceProcess(role, name, self._ports[name], metrics_port, args, self.workdir / f"{name}.log", dict(s.env))
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start etcd (unless external) and every service; wait until all are SERVING."""
+        try:
+            if self.spec.etcd is None:
+                self.etcd = EtcdProcess(self.workdir / "etcd-data", self._ports["etcd"], self._ports["etcd-peer"], self.workdir / "etcd.log")
+                self.etcd.start()
+                self.etcd.wait_healthy()
+            s = self.spec
+            plan = [("tokenizer", "tokenizer")] + [("prefill", f"prefill-{i}") for i in range(s.num_prefill)]
+            plan += [("decode", f"decode-{i}") for i in range(s.num_decode)] + [("gateway", "gateway")]
+            for role, name in plan:
+                svc = self._make_service(role, name)
+                svc.start()
+                self.services.append(svc)
+            deadline = time.monotonic() + timeout
+            for svc in self.services:
+                self.wait_serving(svc, deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_serving(self, svc: ServiceProcess, deadline: float) -> None:
+        while True:
+            if svc.proc.poll() is not None:
+                raise RuntimeError(f"{svc.name} exited with code {svc.proc.returncode}; its log ({svc.log_path}) ends:\n{svc.log_tail()}")
+            if check_health(svc.address, timeout=1.0):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{svc.name} not SERVING at {svc.address} in time; its log ({svc.log_path}) ends:\n{svc.log_tail()}")
+            time.sleep(0.2)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM every service (gateway first) and wait; SIGKILL what outlives `timeout`. Idempotent."""
+        for svc in reversed(self.services):
+            if svc.proc is not None and svc.proc.poll() is None:
+                svc.proc.send_signal(15)
+        for svc in reversed(self.services):
+            if svc.proc is not None:
+                stop_child(svc.proc, timeout)
+        if self.etcd is not None:
+            self.etcd.stop()
+
+    def __enter__(self) -> "LocalCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,95 @@
+"""Bad requests get the right status and a message naming what to fix; cancelled streams free KV."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from protos.tandem.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.helpers.waiting import wait_for
+from tests.integration.conftest import make_cluster
+
+pytestmark = pytest.mark.slow
+
+
+def status_of(channel, request: gateway_pb2.GenerateRequest, timeout: float = 30) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        list(gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=timeout))
+    return err.value.code(), err.value.details()
+
+
+def chat(*messages: tuple[str, str]) -> common_pb2.ChatMessages:
+    return common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages])
+
+
+BAD_REQUESTS = [
+    (gateway_pb2.GenerateRequest(), "prompt"),
+    (gateway_pb2.GenerateRequest(text=""), "text"),
+    (gateway_pb2.GenerateRequest(token_ids=common_pb2.TokenIds()), "token_ids"),
+    (gateway_pb2.GenerateRequest(chat=chat()), "chat.messages"),
+    (gateway_pb2.GenerateRequest(chat=chat(("robot", "hi"))), "chat.messages[0].role"),
+    (gateway_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(temperature=-1)), "sampling.temperature"),
+    (gateway_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(top_p=1.5)), "sampling.top_p"),
+    (gateway_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(top_k=0)), "sampling.top_k"),
+    (gateway_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(max_tokens=0)), "sampling.max_tokens"),
+    (gateway_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(stop=[""])), "sampling.stop[0]"),
+    (gateway_pb2.GenerateRequest(text="hi", model="no-such-model"), "model"),
+    (gateway_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=[1, 10**7])), "prompt_token_ids[1]"),
+    (gateway_pb2.GenerateRequest(text="hi", sampling=common_pb2.SamplingParams(max_tokens=10**6)), "sampling.max_tokens"),
+]
+
+
+@pytest.mark.parametrize("request_, field", BAD_REQUESTS, ids=[f for _, f in BAD_REQUESTS])
+def test_bad_input_is_invalid_argument_naming_the_field(gateway_channel, request_, field):
+    code, details = status_of(gateway_channel, request_)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert field in details, details
+
+
+def test_too_long_prompt_says_how_long_it_may_be(gateway_channel):
+    long_prompt = common_pb2.TokenIds(ids=[42] * 9000)  # SmolLM2's context is 8192
+    code, details = status_of(gateway_channel, gateway_pb2.GenerateRequest(token_ids=long_prompt))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "9000 tokens" in details and "8192" in details
+
+
+def test_expired_deadline_is_deadline_exceeded(gateway_channel):
+    request = gateway_pb2.GenerateRequest(text="Write a long story.", sampling=common_pb2.SamplingParams(max_tokens=500, ignore_eos=True))
+    code, _ = status_of(gateway_channel, request, timeout=0.3)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_cancelled_stream_frees_the_workers_kv_blocks(cluster, gateway_channel):
+    decode = grpc.insecure_channel(cluster.service("decode-0").address)
+    worker = worker_pb2_grpc.WorkerStub(decode)
+
+    def load():
+        return worker.GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
+
+    wait_for(lambda: load().num_used_blocks == 0, "an idle decode worker")
+    request = gateway_pb2.GenerateRequest(
+        text="Tell me everything about the history of Rome. " * 8, sampling=common_pb2.SamplingParams(max_tokens=1000, ignore_eos=True)
+    )
+    call = gateway_pb2_grpc.GatewayStub(gateway_channel).Generate(request, timeout=120)
+    next(call)  # the first chunk: the worker holds the prompt's blocks now
+    busy = load()
+    assert busy.num_requests_running == 1 and busy.num_used_blocks > 0
+    call.cancel()
+    idle = wait_for(lambda: (lambda s: s if s.num_requests_running == 0 and s.num_used_blocks == 0 else None)(load()),
+                    "the cancelled request to leave the decode worker", timeout=10)
+    assert idle.num_requests_running == 0
+    decode.close()
+
+
+def test_no_workers_is_unavailable_saying_so(tmp_path, default_model_dir):
+    c = make_cluster(tmp_path, num_prefill=0, num_decode=0)
+    try:
+        c.start(timeout=120)
+        with grpc.insecure_channel(c.gateway_address) as channel:
+            code, details = status_of(channel, gateway_pb2.GenerateRequest(text="hello"))
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert "no decode workers" in details and "tandem serve decode" in details
+    finally:
+        c.stop()
