@@ -69,7 +69,3 @@ def check_prompt_length(num_prompt: int, sampling: common_pb2.SamplingParams, ma
             )
         return sampling.max_tokens
     return min(default_max_tokens, room)
-
-
-def error_from_rpc(code, details: str) -> RequestError:
-    return RequestError(code, details or code.name)

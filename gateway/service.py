@@ -104,9 +104,10 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 f"no decode workers are registered (etcd prefix {workers_prefix(self.config.cluster)}decode/); start one with `tandem serve decode`"
             )
         prompt_ids = await self._prompt_token_ids(request, context)
+        limit = self.config.max_prompt_tokens
+        if limit and len(prompt_ids) > limit:
+            raise invalid(f"prompt is {len(prompt_ids)} tokens but this gateway accepts at most {limit} (max_prompt_tokens); shorten the prompt")
         max_model_len = min(h.registration.max_model_len for h in decoders)
-        if self.config.max_prompt_tokens:
-            max_model_len = min(max_model_len, self.config.max_prompt_tokens + 1)
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(request.sampling)
         sampling.max_tokens = check_prompt_length(len(prompt_ids), request.sampling, max_model_len, self.config.default_max_tokens)

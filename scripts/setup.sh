@@ -5,11 +5,25 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# a C++ compiler builds the engine's CPU kernels at first use (without one the engine falls back to
-# plain torch, slower); install it where apt is available and we may
-if ! command -v c++ >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq g++ >/dev/null || echo "setup: could not install g++; CPU kernels will fall back to torch" >&2
+# System packages, via apt where it is available and we may:
+# - etcd: the service registry `tandem up` starts (Debian's etcd-server);
+# - a C++ compiler: builds the engine's CPU kernels at first use (without one the engine falls back
+#   to plain torch, slower).
+# Extra packages can be asked for with TANDEM_APT_EXTRA (CI adds docker-compose to validate the
+# compose file).
+missing=""
+command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || missing="$missing etcd-server"
+command -v c++ >/dev/null 2>&1 || missing="$missing g++"
+missing="$missing ${TANDEM_APT_EXTRA:-}"
+if [ -n "${missing// }" ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    # shellcheck disable=SC2086
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null; } \
+      || echo "setup: could not install:$missing (etcd is needed by \`tandem up\`; without g++ the CPU kernels fall back to torch)" >&2
+  else
+    echo "setup: please install:$missing (no apt-get here)" >&2
+  fi
 fi
 
 PYTHON=${PYTHON:-python3}

@@ -27,9 +27,29 @@ from .processes import popen_child, stop_child
 
 
 def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: every socket stays bound until all are chosen, so none repeats."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def port_or_free(port: int) -> int:
+    """`port` if nothing listens there, else a free one (a system etcd often holds 2379 already)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            return free_port()
 
 
 @dataclass
@@ -89,12 +109,14 @@ class LocalCluster:
         s = self.spec
         names = ["etcd", "etcd-peer", "gateway", "tokenizer"] + [f"prefill-{i}" for i in range(s.num_prefill)] + [f"decode-{i}" for i in range(s.num_decode)]
         if s.free_ports:
-            return {n: free_port() for n in names} | {f"{n}/metrics": free_port() for n in names[2:]}
-        # gateway, tokenizer, prefill-0, decode-0 land on the roles' default ports (as in containers);
-        # more workers, or another base port, continue the sequence
+            keys = names + [f"{n}/metrics" for n in names[2:]]
+            return dict(zip(keys, free_ports(len(keys))))
+        # gateway, tokenizer, prefill-0, decode-0 land on the roles' default ports (as in containers)
+        # and more workers continue the sequence; with another base port, the metrics ports follow
+        # right after the gRPC ports
         base = s.base_port or DEFAULT_GRPC_PORTS["gateway"]
-        metrics_base = DEFAULT_METRICS_PORTS["gateway"] + (base - DEFAULT_GRPC_PORTS["gateway"])
-        plan = {"etcd": 2379, "etcd-peer": 2380}
+        metrics_base = DEFAULT_METRICS_PORTS["gateway"] if s.base_port is None else base + len(names) - 2
+        plan = {"etcd": port_or_free(2379), "etcd-peer": port_or_free(2380)}
         for i, n in enumerate(names[2:]):
             plan[n], plan[f"{n}/metrics"] = base + i, metrics_base + i
         return plan

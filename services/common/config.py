@@ -56,7 +56,7 @@ class ServiceConfig:
     max_model_len: int = _opt(0, "context length; 0 = the model's", WORKER_ROLES)
     threads: int = _opt(0, "torch threads; 0 = torch's default", WORKER_ROLES)
     # ---- the gateway --------------------------------------------------------------------------
-    max_prompt_tokens: int = _opt(0, "reject longer prompts; 0 = the smallest max_model_len among workers", ("gateway",))
+    max_prompt_tokens: int = _opt(0, "reject prompts longer than this; 0 = only the workers' context length limits them", ("gateway",))
     default_max_tokens: int = _opt(256, "max_tokens when a request leaves it unset", ("gateway",))
 
     def __post_init__(self):
@@ -72,6 +72,8 @@ class ServiceConfig:
             self.worker_id = f"{self.role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         if self.lease_ttl < 2:
             raise ValueError(f"lease_ttl must be >= 2 seconds (the keep-alive runs every ttl/3), got {self.lease_ttl}")
+        if self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if "/" in self.cluster or not self.cluster:
             raise ValueError(f"cluster must be a non-empty name without '/', got {self.cluster!r}")
 
@@ -115,6 +117,10 @@ def load_config(role: str, args: argparse.Namespace | None = None, environ: dict
     if path:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
+        tables = [k for k, v in data.items() if isinstance(v, dict)]
+        for table in tables:
+            if table not in ROLES:
+                raise ValueError(f"{path}: unknown table [{table}]; tables name a role: {', '.join(ROLES)}")
         data = {**{k: v for k, v in data.items() if not isinstance(v, dict)}, **data.get(role, {})}
         for key, value in data.items():
             if key not in {f.name for f in _fields_for(None)}:
@@ -136,9 +142,23 @@ def load_config(role: str, args: argparse.Namespace | None = None, environ: dict
 
 def _parse(f: dataclasses.Field, value: Any, where: str) -> Any:
     kind = _KINDS[f.type]
-    if isinstance(value, kind) and not isinstance(value, bool):
+    if isinstance(value, bool):  # TOML true/false: never a number or a name
+        raise ValueError(f"{where} must be {f.type}, got {value!r}")
+    if isinstance(value, kind):
         return value
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{where} must be an integer, got {value!r}")
     try:
         return kind(value)
     except (TypeError, ValueError):
         raise ValueError(f"{where} must be {f.type}, got {value!r}") from None
+
+
+def settings_markdown() -> str:
+    """The settings table of docs/configuration.md (a test keeps the two equal)."""
+    lines = ["| setting | flag | environment | default | roles | meaning |", "|---|---|---|---|---|---|"]
+    for f in _fields_for(None):
+        roles = "all" if f.metadata["roles"] == ROLES else ", ".join(f.metadata["roles"])
+        flag, env = "--" + f.name.replace("_", "-"), ENV_PREFIX + f.name.upper()
+        lines.append(f"| `{f.name}` | `{flag}` | `{env}` | `{f.default!r}` | {roles} | {f.metadata['help'].replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
