@@ -101,14 +101,28 @@ def cmd_up(args) -> int:
         workdir=Path(args.workdir) if args.workdir else None,
     )  # fmt: skip
     cluster = LocalCluster(spec)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     print(f"starting Tandem (logs in {cluster.workdir}) ...", file=sys.stderr)
     t = time.perf_counter()
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    # while starting, SIGTERM acts like Ctrl-C: start() stops what it had started, then we exit
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        cluster.start()
+        try:
+            cluster.start()
+        except (RuntimeError, TimeoutError) as e:  # etcd missing, a service that failed to start
+            print(f"tandem: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("tandem: interrupted while starting", file=sys.stderr)
+            return 130
         print(f"Tandem is up in {time.perf_counter() - t:.1f}s: gateway at {cluster.gateway_address}", file=sys.stderr)
+        # from here Ctrl-C/SIGTERM mean "stop everything in order"
+        stop = threading.Event()
+        for sig in previous:
+            signal.signal(sig, lambda *_: stop.set())
         if args.ask is not None:
             return print_stream(cluster.gateway_address, build_request(args.ask, chat=True, max_tokens=args.max_tokens, temperature=0.0), 300)
         print(f"try: tandem generate --gateway {cluster.gateway_address} --chat \"What is the capital of France?\"", file=sys.stderr)
@@ -122,6 +136,8 @@ def cmd_up(args) -> int:
     finally:
         print("stopping Tandem ...", file=sys.stderr)
         cluster.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:

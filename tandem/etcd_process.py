@@ -17,12 +17,16 @@ INSTALL_HINT = (
 )
 
 
+# Debian installs etcd in /usr/bin, which a minimal PATH (cron, systemd units) can still miss
+ETCD_FALLBACK_PATHS = ("/usr/bin/etcd", "/usr/local/bin/etcd")
+
+
 class EtcdNotFoundError(RuntimeError):
     pass
 
 
 def find_etcd() -> str:
-    path = shutil.which("etcd") or next((p for p in ("/usr/bin/etcd", "/usr/local/bin/etcd") if Path(p).is_file()), None)
+    path = shutil.which("etcd") or next((p for p in ETCD_FALLBACK_PATHS if Path(p).is_file()), None)
     if path is None:
         raise EtcdNotFoundError(INSTALL_HINT)
     return path

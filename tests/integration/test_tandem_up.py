@@ -1,0 +1,78 @@
+"""`tandem up` as a user runs it: starts everything, serves `tandem generate`, and leaves no process
+behind on SIGTERM, or when the launcher itself is SIGKILLed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tandem.launcher import free_ports
+from tests.helpers.waiting import wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def processes_mentioning(marker: str) -> list[int]:
+    """PIDs whose command line contains `marker` (the run's unique cluster name or work dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def start_up(tmp_path, cluster: str) -> tuple[subprocess.Popen, str]:
+    base = free_ports(1)[0]
+    # a block of 8 ports from base must be free; retry with another if the OS gave one near the top
+    base = min(base, 65000)
+    cmd = [sys.executable, "-m", "tandem", "up", "--base-port", str(base), "--cluster", cluster, "--workdir", str(tmp_path),
+           "--kv-cache-gb", "0.25", "--threads", "1"]  # fmt: skip
+    log = open(tmp_path / "up.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    wait_for(lambda: b"Tandem is up" in (tmp_path / "up.log").read_bytes() or proc.poll() is not None, "tandem up to report", timeout=180, interval=0.2)
+    assert proc.poll() is None, (tmp_path / "up.log").read_text()
+    return proc, f"127.0.0.1:{base}"
+
+
+def test_tandem_up_serves_generate_and_stops_everything_on_sigterm(tmp_path, default_model_dir):
+    cluster = f"up-{uuid.uuid4().hex[:8]}"
+    proc, gateway = start_up(tmp_path, cluster)
+    try:
+        children = processes_mentioning(cluster)
+        assert len(children) >= 4, "tokenizer, prefill, decode and gateway run as processes"
+        out = subprocess.run([sys.executable, "-m", "tandem", "generate", "--chat", "What is the capital of France?", "--gateway", gateway,
+                              "--max-tokens", "16", "--timeout", "60"], capture_output=True, text=True, timeout=90)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert "Paris" in out.stdout
+        assert "finish_reason=" in out.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        wait_for(lambda: not processes_mentioning(cluster) and not processes_mentioning(str(tmp_path / "etcd-data")), "no process of the cluster left", timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in processes_mentioning(cluster):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_children_die_with_a_sigkilled_launcher(tmp_path, default_model_dir):
+    cluster = f"up-{uuid.uuid4().hex[:8]}"
+    proc, _ = start_up(tmp_path, cluster)
+    try:
+        assert processes_mentioning(cluster)
+        proc.kill()
+        proc.wait(timeout=10)
+        wait_for(lambda: not processes_mentioning(cluster) and not processes_mentioning(str(tmp_path / "etcd-data")), "the orphaned services to exit", timeout=60)
+    finally:
+        for pid in processes_mentioning(cluster):
+            os.kill(pid, signal.SIGKILL)
