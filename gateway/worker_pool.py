@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import grpc
@@ -23,6 +24,9 @@ from services.common.telemetry import client_interceptors
 log = logging.getLogger(__name__)
 
 WATCH_RETRY_S = (0.1, 0.25, 0.5, 1.0)
+# After etcd comes back empty (it lost its data), services need a moment to register again; a
+# worker missing from that listing whose Watch stream is still live keeps serving this long.
+RESYNC_GRACE_S = 15.0
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
 
 
@@ -38,6 +42,7 @@ class WorkerHandle:
         self.num_in_flight = 0  # requests this gateway sent here that have not finished
         self.connected = registration.role not in ("prefill", "decode")  # workers: once Watch answers
         self.retired = False
+        self.unlisted_since: float | None = None  # missing from etcd after a resync (see RESYNC_GRACE_S)
         self._on_kv_events = on_kv_events
         self._watch_task: asyncio.Task | None = None
         if registration.role in ("prefill", "decode"):
@@ -114,6 +119,7 @@ class WorkerPool:
         self.workers: dict[str, WorkerHandle] = {}
         self._on_kv_events = on_kv_events
         self._on_change = on_change
+        self._grace_tasks: set[asyncio.Task] = set()
         self.watcher = RegistryWatcher(etcd, cluster, self._apply)
 
     async def start(self, timeout: float = 30.0) -> None:
@@ -131,7 +137,13 @@ class WorkerPool:
     async def _apply(self, event: WatchEvent) -> None:
         if event.kind == "snapshot":
             for key in [k for k in self.workers if k not in event.registrations]:
-                await self._remove(key)
+                handle = self.workers[key]
+                if handle.connected and self.watcher.num_resyncs > 0:
+                    # a resync (not the first listing): keep a live worker while it registers again
+                    handle.unlisted_since = time.monotonic()
+                    self._grace_tasks.add(asyncio.create_task(self._drop_if_still_unlisted(key, handle)))
+                else:
+                    await self._remove(key)
             for key, reg in event.registrations.items():
                 await self._put(key, reg)
         elif event.kind == "put":
@@ -141,10 +153,20 @@ class WorkerPool:
         if self._on_change is not None:
             self._on_change(self)
 
+    async def _drop_if_still_unlisted(self, key: str, handle: WorkerHandle) -> None:
+        try:
+            await asyncio.sleep(RESYNC_GRACE_S)
+            if self.workers.get(key) is handle and handle.unlisted_since is not None:
+                log.warning("%s %s did not register again after etcd came back; dropping it", handle.role, handle.worker_id)
+                await self._remove(key)
+        finally:
+            self._grace_tasks.discard(asyncio.current_task())
+
     async def _put(self, key: str, reg: common_pb2.WorkerRegistration) -> None:
         old = self.workers.get(key)
         if old is not None and old.registration.grpc_address == reg.grpc_address and old.worker_id == reg.worker_id:
             old.registration = reg  # a re-registration after an etcd outage: same worker, keep its state
+            old.unlisted_since = None
             return
         if old is not None:
             await self._remove(key)
@@ -159,5 +181,8 @@ class WorkerPool:
 
     async def close(self) -> None:
         await self.watcher.stop()
+        for task in list(self._grace_tasks):
+            task.cancel()
+        await asyncio.gather(*self._grace_tasks, return_exceptions=True)
         for key in list(self.workers):
             await self._remove(key)
