@@ -6,7 +6,7 @@ import math
 
 from protos.tandem.v1 import common_pb2, gateway_pb2
 from services.common.chat import chat_messages_to_dicts
-from services.common.errors import RequestError, invalid
+from services.common.errors import invalid
 
 MAX_REQUEST_ID_LEN = 256
 MAX_LOGPROBS = 20

@@ -7,46 +7,23 @@ prefix cache. Handing the KV to a decode worker (the kv_handle) arrives with KV 
 
 from __future__ import annotations
 
-import uuid
-
 import grpc
 
 from protos.tandem.v1 import worker_pb2, worker_pb2_grpc
-from services.common.config import ServiceConfig
-from services.common.engine_host import EngineHost
-from services.common.translate import response_from_output, sampling_from_proto
-from services.common.worker_servicer import WORKER_SERVICE_NAME, WorkerServicer
+from services.common.engine_worker import EngineWorker
+from services.common.translate import response_from_output
 
 
-class PrefillService(worker_pb2_grpc.PrefillServicer):
-    service_names = (worker_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name, WORKER_SERVICE_NAME)
+class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
+    role_service_name = worker_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
 
-    def __init__(self, config: ServiceConfig):
-        self.host = EngineHost(config)
-        self.metrics_registry = self.host.metrics.registry
-
-    def add_to_server(self, server: grpc.aio.Server) -> None:
+    def add_role_servicer(self, server: grpc.aio.Server) -> None:
         worker_pb2_grpc.add_PrefillServicer_to_server(self, server)
-        worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(self.host), server)
-
-    async def start(self) -> None:
-        await self.host.start()
-
-    def fill_registration(self, reg) -> None:
-        self.host.fill_registration(reg)
-
-    async def close(self) -> None:
-        await self.host.close()
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
-        request_id = request.request_id or uuid.uuid4().hex
-        try:
-            # the request's own parameters, so the first token's finish (EOS, a stop, max_tokens=1)
-            # is decided exactly as decode would; the stream is closed after that token
-            params = sampling_from_proto(request.sampling, self.host.max_model_len)
-            stream = await self.host.generate(request_id, list(request.prompt_token_ids), params, request.cache_salt)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        # the request's own parameters, so the first token's finish (EOS, a stop, max_tokens=1) is
+        # decided exactly as decode would; the stream is closed after that token
+        stream = await self.open_stream(request, context)
         try:
             async for out in stream:
                 if out.new_token_ids or out.finished:

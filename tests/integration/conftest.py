@@ -6,6 +6,8 @@ that kill or stop things build their own. Every cluster is stopped at teardown, 
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 import pytest
 
@@ -23,6 +25,17 @@ def make_cluster(tmp_path, **overrides) -> LocalCluster:
     return LocalCluster(spec)
 
 
+@contextlib.contextmanager
+def running_cluster(tmp_path, timeout: float = 180, **overrides):
+    """A started cluster, stopped on exit whatever happened."""
+    c = make_cluster(tmp_path, **overrides)
+    try:
+        c.start(timeout=timeout)
+        yield c
+    finally:
+        c.stop()
+
+
 @pytest.fixture(scope="session")
 def otlp_collector():
     collector = InMemoryCollector()
@@ -34,12 +47,8 @@ def otlp_collector():
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory, otlp_collector, default_model_dir):
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_collector.endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_BSP_SCHEDULE_DELAY": "100"}
-    c = make_cluster(tmp_path_factory.mktemp("cluster"), env=env)
-    try:
-        c.start(timeout=180)
+    with running_cluster(tmp_path_factory.mktemp("cluster"), env=env) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="session")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 
 import grpc
 import pytest
 
 from protos.tandem.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.helpers.waiting import wait_for
-from tests.integration.conftest import make_cluster
+from tests.integration.conftest import running_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -84,12 +83,7 @@ def test_cancelled_stream_frees_the_workers_kv_blocks(cluster, gateway_channel):
 
 
 def test_no_workers_is_unavailable_saying_so(tmp_path, default_model_dir):
-    c = make_cluster(tmp_path, num_prefill=0, num_decode=0)
-    try:
-        c.start(timeout=120)
-        with grpc.insecure_channel(c.gateway_address) as channel:
-            code, details = status_of(channel, gateway_pb2.GenerateRequest(text="hello"))
-        assert code == grpc.StatusCode.UNAVAILABLE
-        assert "no decode workers" in details and "tandem serve decode" in details
-    finally:
-        c.stop()
+    with running_cluster(tmp_path, num_prefill=0, num_decode=0) as c, grpc.insecure_channel(c.gateway_address) as channel:
+        code, details = status_of(channel, gateway_pb2.GenerateRequest(text="hello"))
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert "no decode workers" in details and "tandem serve decode" in details

@@ -18,7 +18,7 @@ import pytest
 from protos.tandem.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.registry import decode_registration, make_client, workers_prefix
 from tests.helpers.waiting import wait_for
-from tests.integration.conftest import make_cluster
+from tests.integration.conftest import running_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +27,8 @@ LEASE_TTL = 3
 
 @pytest.fixture(scope="module")
 def cluster3(tmp_path_factory, default_model_dir):
-    c = make_cluster(tmp_path_factory.mktemp("resilience"), num_prefill=0, num_decode=3)
-    try:
-        c.start(timeout=180)
+    with running_cluster(tmp_path_factory.mktemp("resilience"), num_prefill=0, num_decode=3) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")

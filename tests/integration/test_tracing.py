@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
 
 from protos.tandem.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc

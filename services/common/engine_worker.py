@@ -1,0 +1,50 @@
+"""EngineWorker: what the prefill and decode services share — one engine, the Worker service
+(load and KV events) beside the role's own, and the start/registration/close the bootstrap calls."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+
+from protos.tandem.v1 import worker_pb2_grpc
+
+from .config import ServiceConfig
+from .engine_host import EngineHost
+from .translate import sampling_from_proto
+from .worker_servicer import WORKER_SERVICE_NAME, WorkerServicer
+
+
+class EngineWorker:
+    role_service_name: str  # the role's gRPC service, e.g. "tandem.v1.Decode"
+
+    def __init__(self, config: ServiceConfig):
+        self.host = EngineHost(config)
+        self.metrics_registry = self.host.metrics.registry
+        self.service_names = (self.role_service_name, WORKER_SERVICE_NAME)
+
+    def add_role_servicer(self, server: grpc.aio.Server) -> None:
+        raise NotImplementedError
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        self.add_role_servicer(server)
+        worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(self.host), server)
+
+    async def start(self) -> None:
+        await self.host.start()
+
+    def fill_registration(self, reg) -> None:
+        self.host.fill_registration(reg)
+
+    async def close(self) -> None:
+        await self.host.close()
+
+    async def open_stream(self, request, context: grpc.aio.ServicerContext):
+        """Queue a worker request (prompt ids, sampling, cache salt) on the engine and return its
+        output stream; aborts the RPC with INVALID_ARGUMENT, naming the field, when it cannot run."""
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            params = sampling_from_proto(request.sampling, self.host.max_model_len)
+            return await self.host.generate(request_id, list(request.prompt_token_ids), params, request.cache_salt)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
