@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from .block_pool import KVEvent
 from .engine_config import EngineConfig
 from .engine_core import EngineCore, RequestOutput
+from .kv_handoff import KVImport
 from .sampling_params import SamplingParams
 
 
@@ -63,16 +64,20 @@ class AsyncEngine:
     # ---- the loop side --------------------------------------------------------------------------
 
     async def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None, **handoff
     ) -> AsyncIterator[RequestOutput]:
-        """Queue a request and return its stream. Validation errors raise here, before anything is queued."""
+        """Queue a request and return its stream. Validation errors raise here, before anything is queued.
+
+        `handoff` takes EngineCore.add_request's disaggregation options (output_token_ids,
+        prefill_only, import_kv). An import_kv request's stream starts with a KVImport: where to
+        write the prompt's KV before calling complete_kv_import()."""
         if self.error is not None:
             raise EngineDeadError(f"engine thread died: {self.error!r}")
         self._validate(request_id, prompt_token_ids, params)
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
-            self._inbox.append(("add", (request_id, prompt_token_ids, params, cache_salt)))
+            self._inbox.append(("add", (request_id, prompt_token_ids, params, cache_salt, handoff)))
         self._wake.set()
         return self._stream(request_id, queue)
 
@@ -92,7 +97,7 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                if item.finished:
+                if item.finished:  # (a KVImport is never finished)
                     finished = True
                     return
         finally:
@@ -103,8 +108,19 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread; its final output (finish_reason 'abort') is dropped if nobody listens."""
+        self._post(("abort", request_id))
+
+    def complete_kv_import(self, request_id: str, ok: bool) -> None:
+        """The KVImport's blocks are written (ok), or will not be (the engine recomputes the prompt)."""
+        self._post(("kv_imported", (request_id, ok)))
+
+    def release_pinned(self, request_id: str) -> None:
+        """Free a prefill_only request's pinned KV blocks (after the pull, or when its lease ends)."""
+        self._post(("release", request_id))
+
+    def _post(self, item: tuple) -> None:
         with self._lock:
-            self._inbox.append(("abort", request_id))
+            self._inbox.append(item)
         self._wake.set()
 
     def set_observer(self, observer: EngineObserver | None) -> None:
@@ -114,7 +130,8 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         core = self.core
         pool = core.kv.pool
-        return EngineStats(len(core.scheduler.running), len(core.scheduler.waiting), pool.num_used_blocks, pool.num_blocks)
+        waiting = len(core.scheduler.waiting) + len(core.importing)
+        return EngineStats(len(core.scheduler.running), waiting, pool.num_used_blocks, pool.num_blocks)
 
     async def shutdown(self) -> None:
         self._stopping = True
@@ -161,14 +178,26 @@ class AsyncEngine:
         """Apply queued adds and aborts; True when there were any."""
         with self._lock:
             inbox, self._inbox = self._inbox, []
+        core = self.core
         for kind, arg in inbox:
             if kind == "add":
+                request_id, prompt, params, salt, handoff = arg
                 try:
-                    self.core.add_request(*arg)
+                    core.add_request(request_id, prompt, params, salt, **handoff)
                 except ValueError as e:
-                    self._deliver(arg[0], e)
+                    self._deliver(request_id, e)
+                    continue
+                if handoff.get("import_kv"):
+                    # the stream's first item says where the KV goes (or that there was no room for
+                    # it and the prompt is computed here instead)
+                    target = core.kv_import(request_id) or KVImport(request_id, (), 0, core.config.block_size, recompute=True)
+                    self._deliver(request_id, target)
+            elif kind == "kv_imported":
+                core.complete_kv_import(*arg)
+            elif kind == "release":
+                core.release_pinned(arg)
             else:
-                self.core.abort(arg)
+                core.abort(arg)
         return bool(inbox)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:

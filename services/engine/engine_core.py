@@ -16,6 +16,7 @@ from .model_dir import resolve_model_dir
 from .engine_config import EngineConfig
 from .kv_cache import KVCache
 from .kv_cache_manager import KVCacheManager
+from .kv_handoff import KVImport, PinnedKV
 from .malloc_tuning import tune_malloc
 from .model_config import ModelConfig, parse_dtype
 from .model_runner import ModelRunner
@@ -39,6 +40,7 @@ class RequestOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: list[Logprob] = field(default_factory=list)  # one per generated token so far, when asked
+    pinned_kv: PinnedKV | None = None  # a prefill_only request's KV, held for a decode worker
 
 
 class EngineCore:
@@ -70,6 +72,8 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self._text: dict[str, TextState] = {}
         self._pending_outputs: list[RequestOutput] = []
+        self.pinned: dict[str, PinnedKV] = {}  # prefilled prompts held for decode workers
+        self.importing: dict[str, Request] = {}  # requests waiting for their prompt KV (not scheduled)
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -80,18 +84,74 @@ class EngineCore:
         params: SamplingParams,
         cache_salt: str | None = None,
         detokenize: bool = True,
+        *,
+        output_token_ids: list[int] = (),
+        prefill_only: bool = False,
+        import_kv: bool = False,
     ) -> Request:
-        """Validate and queue a request. Raises ValueError (naming the field) and allocates nothing on bad input."""
+        """Validate and queue a request. Raises ValueError (naming the field) and allocates nothing on bad input.
+
+        Disaggregation (see kv_handoff.py): `prefill_only` ends the request after its first token
+        and pins its prompt's KV; `output_token_ids` are tokens already generated elsewhere (their
+        text was already streamed); `import_kv` allocates the prompt's blocks now and holds the
+        request until complete_kv_import() — call kv_import(request_id) for where to write."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
+        if import_kv and not output_token_ids:
+            raise ValueError("import_kv needs the first token the prefill worker sampled (output_token_ids)")
         req = Request(request_id, list(prompt_token_ids), params, time.monotonic(), self.eos_token_ids, cache_salt)
+        req.prefill_only = prefill_only
+        req.output_token_ids = list(output_token_ids)
         self.requests[request_id] = req
         if self.tokenizer is not None and (detokenize or params.stop):
             detok = self.tokenizer.decode_stream(req.prompt_token_ids, params.skip_special_tokens)
-            self._text[request_id] = TextState(detok, params.stop, params.include_stop_str_in_output)
-        self.scheduler.add(req)
+            text = self._text[request_id] = TextState(detok, params.stop, params.include_stop_str_in_output)
+            for t in req.output_token_ids:  # already streamed by the worker that sampled them
+                text.add_token(t)
+            text.take_delta(False)
+        if import_kv and self._allocate_import(req):
+            self.importing[request_id] = req
+        else:
+            self.scheduler.add(req)  # no room to import (or nothing asked): computed here instead
         return req
+
+    def _allocate_import(self, req: Request) -> bool:
+        """Give `req` blocks for its whole prompt, reusing this engine's cached prefix. Mutates."""
+        hits, num_hit_tokens = self.kv.get_computed_blocks(req)
+        if not self.kv.allocate_slots(req, req.num_prompt_tokens - num_hit_tokens, hits):
+            return False
+        req.num_cached_tokens = num_hit_tokens
+        return True
+
+    def kv_import(self, request_id: str) -> KVImport | None:
+        """Where an import_kv request's missing prompt KV goes; None if it is computed here instead."""
+        req = self.importing.get(request_id)
+        if req is None:
+            return None
+        return KVImport(request_id, tuple(req.block_ids), req.num_cached_tokens, self.config.block_size)
+
+    def complete_kv_import(self, request_id: str, ok: bool) -> None:
+        """The prompt KV of an import_kv request was written (ok) or will not come (recompute it
+        here, from this engine's prefix cache). Mutates; a request aborted meanwhile is ignored."""
+        req = self.importing.pop(request_id, None)
+        if req is None:
+            return
+        if ok:
+            req.num_computed_tokens = req.num_prompt_tokens
+            self.kv.cache_computed_blocks(req)  # the imported full blocks are now valid prefix cache
+        else:
+            self.kv.free(req)
+            req.num_cached_tokens = -1
+        self.scheduler.add(req)
+
+    def release_pinned(self, request_id: str) -> bool:
+        """Let go of a prefilled prompt's blocks (they stay in the prefix cache). Mutates."""
+        pinned = self.pinned.pop(request_id, None)
+        if pinned is None:
+            return False
+        self.kv.pool.free(list(reversed(pinned.block_ids)))
+        return True
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (naming the field and its range) if this request can never run here.
@@ -125,6 +185,7 @@ class EngineCore:
         if req is None:
             return False
         req.finish_reason = "abort"
+        self.importing.pop(request_id, None)
         self._finish(req)
         return True
 
@@ -154,6 +215,8 @@ class EngineCore:
             check_stop(req, token, text, self.max_model_len)
             if req.finish_reason is not None:
                 outputs.append(self._finish(req, queue=False))
+            elif req.prefill_only:
+                outputs.append(self._finish(req, queue=False, pin=True))
             else:
                 outputs.append(self._output(req, [token]))
         return outputs
@@ -176,10 +239,18 @@ class EngineCore:
             list(req.output_logprobs),
         )
 
-    def _finish(self, req: Request, queue: bool = True) -> RequestOutput:
+    def _finish(self, req: Request, queue: bool = True, pin: bool = False) -> RequestOutput:
+        """End a request: free its blocks, or with `pin` hold its prompt's blocks in self.pinned."""
+        pinned = None
+        if pin:
+            num_prompt_blocks = -(-req.num_prompt_tokens // self.config.block_size)
+            pinned = PinnedKV(req.request_id, tuple(req.block_ids[:num_prompt_blocks]), tuple(req.block_hashes[: req.num_prompt_tokens // self.config.block_size]), req.num_prompt_tokens)
+            self.kv.pool.touch(list(pinned.block_ids))  # one more reference: survives the free below
+            self.pinned[req.request_id] = pinned
         self.scheduler.finish(req)
         new = [req.output_token_ids[-1]] if (req.output_token_ids and req.finish_reason != "abort") else []
         out = self._output(req, new)
+        out.finished, out.pinned_kv = True, pinned
         del self.requests[req.request_id]
         self._text.pop(req.request_id, None)
         if queue:
@@ -189,5 +260,8 @@ class EngineCore:
     def check_integrity(self) -> None:
         """The pool is consistent, and with no request alive every block is free."""
         self.kv.check_integrity()
+        assert set(self.importing) <= set(self.requests), "an importing request is not alive"
         if not self.requests:
-            assert self.kv.pool.num_used_blocks == 0, f"{self.kv.pool.num_used_blocks} KV blocks still held with no request alive"
+            pinned = {b for p in self.pinned.values() for b in p.block_ids}
+            used = {b.block_id for b in self.kv.pool.blocks if b.ref_count > 0}
+            assert used == pinned, f"{len(used - pinned)} KV blocks still held with no request alive and not pinned"

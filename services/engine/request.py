@@ -51,6 +51,7 @@ class Request:
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     first_token_time: float | None = None
+    prefill_only: bool = False  # finish after the first sampled token and pin the prompt's KV blocks
 
     def __post_init__(self):
         if self.params.seed is not None:

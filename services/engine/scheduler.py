@@ -78,8 +78,9 @@ class Scheduler:
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 req = self.waiting[0]
-                hits, num_hit_tokens = ([], 0)
-                if req.num_computed_tokens == 0 and not req.block_ids:
+                if req.block_ids:  # its KV is already in place (imported from a prefill worker)
+                    hits, num_hit_tokens = [], req.num_computed_tokens
+                else:
                     hits, num_hit_tokens = self.kv.get_computed_blocks(req)
                 num_new = min(req.num_tokens - num_hit_tokens, budget, self.max_prefill_chunk)
                 if not self.kv.allocate_slots(req, num_new, hits):
