@@ -34,6 +34,8 @@ def _validate(req: gateway_pb2.GenerateRequest, served_models: set[str]) -> None
         raise ValueError("token_ids.ids must not be empty")
     if which == "chat":
         chat_messages_to_dicts(req.chat)
+    if req.mode not in gateway_pb2.ServingMode.values():
+        raise ValueError(f"mode must be one of {', '.join(gateway_pb2.ServingMode.keys())}, got {req.mode}")
     validate_sampling(req.sampling)
 
 

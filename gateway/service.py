@@ -27,6 +27,7 @@ from services.common.registry import workers_prefix
 from services.common.telemetry import tracer
 
 from .least_loaded import pick_least_loaded
+from .pd_decider import should_disaggregate
 from .request_validation import check_prompt_length, validate_request
 from .worker_pool import WorkerPool
 
@@ -44,6 +45,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self.metrics_registry = self.metrics.registry
         self.pool = WorkerPool(config.etcd, config.cluster, on_change=self._count_workers)
         self._rng = random.Random()
+        self._tasks: set[asyncio.Task] = set()  # fire-and-forget cleanups, held until done
         self._tokenizer_turn = 0
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -56,6 +58,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         pass
 
     async def close(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.pool.close()
 
     def _count_workers(self, pool: WorkerPool) -> None:
@@ -114,8 +117,65 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         worker_request = worker_pb2.WorkerGenerateRequest(
             request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling, cache_salt=request.cache_salt
         )
-        async for chunk in self._decode(worker_request, context):
+        num_prefill = len(self.pool.ready("prefill"))
+        if should_disaggregate(request.mode, len(prompt_ids), self.config.disagg_min_prompt_tokens, num_prefill):
+            stream = self._disaggregated(worker_request, context, forced=request.mode == gateway_pb2.SERVING_MODE_DISAGGREGATED)
+        else:
+            stream = self._decode(worker_request, context)
+        async for chunk in stream:
             yield chunk
+
+    async def _disaggregated(self, worker_request: worker_pb2.WorkerGenerateRequest, context, forced: bool):
+        """Prefill on a prefill worker, stream its first token at once, then decode with its KV handle.
+
+        A prefill worker that cannot be reached makes an AUTO request fall back to aggregated
+        serving (the client has seen nothing yet); a forced one fails with UNAVAILABLE."""
+        handle = pick_least_loaded(self.pool.ready("prefill"), self._rng)
+        self.metrics.decisions.labels(handle.worker_id, ROUTING_POLICY).inc()
+        prefill_request = worker_pb2.PrefillRequest(
+            request_id=worker_request.request_id,
+            prompt_token_ids=worker_request.prompt_token_ids,
+            sampling=worker_request.sampling,
+            cache_salt=worker_request.cache_salt,
+        )
+        handle.acquire()
+        try:
+            reply = await handle.prefill_stub().Prefill(prefill_request, timeout=self._remaining(context))
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE and not forced:
+                log.warning("prefill worker %s unreachable (%s); serving %s aggregated", handle.worker_id, e.details(), worker_request.request_id)
+                handle.mark_unreachable()
+                async for chunk in self._decode(worker_request, context):
+                    yield chunk
+                return
+            raise RequestError(e.code(), e.details() or e.code().name) from None
+        finally:
+            handle.release()
+        yield reply.first  # the first token reaches the client before decode starts
+        if reply.first.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+            return
+        worker_request.kv_handle.CopyFrom(reply.kv_handle)
+        worker_request.first_token_id = reply.first.token_ids[0]
+        try:
+            async for chunk in self._decode(worker_request, context, cached_prompt_tokens=reply.num_cached_tokens):
+                yield chunk
+        finally:
+            # normally the decode worker's pull has released the blocks already; when the request
+            # ended before that (cancelled, failed, recomputed) this frees them now, not at expiry
+            self._background(self._release_kv(handle, reply.kv_handle))
+
+    async def _release_kv(self, handle, kv_handle) -> None:
+        try:
+            await handle.prefill_stub().ReleaseKV(
+                worker_pb2.ReleaseKVRequest(request_id=kv_handle.request_id, transfer_token=kv_handle.transfer_token), timeout=5
+            )
+        except Exception as e:  # noqa: BLE001 - the handle expires on its own; nothing leaks
+            log.info("could not release the KV of %s on %s: %s", kv_handle.request_id, handle.worker_id, e)
+
+    def _background(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _prompt_token_ids(self, request, context) -> list[int]:
         which = request.WhichOneof("prompt")
@@ -138,7 +198,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 last_error = e
         raise unavailable(f"no tokenizer could be reached ({len(tokenizers)} registered): {last_error.details()}")
 
-    async def _decode(self, worker_request: worker_pb2.WorkerGenerateRequest, context):
+    async def _decode(self, worker_request: worker_pb2.WorkerGenerateRequest, context, cached_prompt_tokens: int | None = None):
+        """Stream the request from a decode worker. `cached_prompt_tokens`: the prefill worker's
+        count, which the usage reports for a disaggregated request (the tokens no worker computed)."""
         tried: set[str] = set()
         last_error = None
         while True:
@@ -161,6 +223,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 async for chunk in call:
                     streamed = True
                     if chunk.HasField("usage") and chunk.usage.prompt_tokens:
+                        if cached_prompt_tokens is not None:
+                            chunk.usage.cached_prompt_tokens = cached_prompt_tokens
                         self.metrics.prefix_hit_ratio.observe(chunk.usage.cached_prompt_tokens / chunk.usage.prompt_tokens)
                     yield chunk
                 return

@@ -98,6 +98,7 @@ def cmd_up(args) -> int:
     spec = ClusterSpec(
         model=args.model, num_prefill=args.prefill, num_decode=args.decode, cluster=args.cluster,
         etcd=args.etcd, base_port=args.base_port, worker_args=worker_args,
+        role_args={"gateway": ["--disagg-min-prompt-tokens", str(args.disagg_min_prompt_tokens)]},
         workdir=Path(args.workdir) if args.workdir else None,
     )  # fmt: skip
     cluster = LocalCluster(spec)
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kv-cache-gb", type=float, default=0.5, help="KV cache memory per worker")
     up.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
     up.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = the cores divided among the workers)")
+    up.add_argument("--disagg-min-prompt-tokens", type=int, default=512,
+                    help="prompts this long or longer are prefilled on a prefill worker and their KV pulled by decode over UCX (0 = never)")
     up.add_argument("--workdir", default=None, help="where logs and etcd data go (default: a new temp dir)")
     up.add_argument("--ask", metavar="PROMPT", default=None, help="send this chat prompt once everything is up, print the answer, and stop")
     up.add_argument("--max-tokens", type=int, default=64, help="max_tokens for --ask")

@@ -45,6 +45,7 @@ def free_ports(n: int) -> list[int]:
 def port_or_free(port: int) -> int:
     """`port` if nothing listens there, else a free one (a system etcd often holds 2379 already)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as etcd binds: TIME_WAIT is free
         try:
             s.bind(("127.0.0.1", port))
             return port
@@ -84,6 +85,7 @@ class ClusterSpec:
     model: str = "default"
     num_prefill: int = 1
     num_decode: int = 1
+    tokenizer: bool = True  # False: clients send token ids (a model directory without tokenizer.json)
     cluster: str = "default"
     etcd: str | None = None  # an external etcd host:port; None = start our own
     base_port: int | None = None  # gateway's port; others follow. None = the roles' defaults
@@ -92,6 +94,7 @@ class ClusterSpec:
     lease_ttl: int = 10
     worker_args: list[str] = field(default_factory=list)  # extra flags for prefill and decode
     service_args: list[str] = field(default_factory=list)  # extra flags for every service
+    role_args: dict[str, list[str]] = field(default_factory=dict)  # extra flags for one role ("gateway": [...])
     env: dict[str, str] = field(default_factory=dict)
     workdir: Path | None = None  # logs and etcd data; default: a temp dir
 
@@ -135,6 +138,7 @@ class LocalCluster:
             args += ["--model", s.model]
         if role in ("prefill", "decode"):
             args += s.worker_args
+        args += s.role_args.get(role, [])
         metrics_port = self._ports[f"{name}/metrics"] if s.metrics else 0
         return ServiceProcess(role, name, self._ports[name], metrics_port, args, self.workdir / f"{name}.log", dict(s.env))
 
@@ -146,7 +150,8 @@ class LocalCluster:
                 self.etcd.start()
                 self.etcd.wait_healthy()
             s = self.spec
-            plan = [("tokenizer", "tokenizer")] + [("prefill", f"prefill-{i}") for i in range(s.num_prefill)]
+            plan = [("tokenizer", "tokenizer")] if s.tokenizer else []
+            plan += [("prefill", f"prefill-{i}") for i in range(s.num_prefill)]
             plan += [("decode", f"decode-{i}") for i in range(s.num_decode)] + [("gateway", "gateway")]
             for role, name in plan:
                 svc = self._make_service(role, name)

@@ -55,7 +55,12 @@ class ServiceConfig:
     max_num_batched_tokens: int = _opt(2048, "token budget per engine step", WORKER_ROLES)
     max_model_len: int = _opt(0, "context length; 0 = the model's", WORKER_ROLES)
     threads: int = _opt(0, "torch threads; 0 = torch's default", WORKER_ROLES)
+    # ---- KV transfer (disaggregation) ---------------------------------------------------------
+    kv_lease_seconds: float = _opt(30.0, "prefill: how long a prefilled prompt's KV blocks wait for a decode worker to pull them", ("prefill",))
+    kv_transfer_timeout: float = _opt(10.0, "decode: seconds a KV pull may take before it counts as failed", ("decode",))
+    kv_transfer_policy: str = _opt("recompute", "decode: when a KV pull fails, recompute the prompt here (recompute) or fail the request (fail)", ("decode",))
     # ---- the gateway --------------------------------------------------------------------------
+    disagg_min_prompt_tokens: int = _opt(512, "prompts at least this long go to a prefill worker first (AUTO mode); 0 = never", ("gateway",))
     max_prompt_tokens: int = _opt(0, "reject prompts longer than this; 0 = only the workers' context length limits them", ("gateway",))
     default_max_tokens: int = _opt(256, "max_tokens when a request leaves it unset", ("gateway",))
 
@@ -72,6 +77,10 @@ class ServiceConfig:
             self.worker_id = f"{self.role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         if self.lease_ttl < 2:
             raise ValueError(f"lease_ttl must be >= 2 seconds (the keep-alive runs every ttl/3), got {self.lease_ttl}")
+        if self.kv_transfer_policy not in ("recompute", "fail"):
+            raise ValueError(f"kv_transfer_policy must be recompute or fail, got {self.kv_transfer_policy!r}")
+        if self.kv_lease_seconds <= 0 or self.kv_transfer_timeout <= 0:
+            raise ValueError("kv_lease_seconds and kv_transfer_timeout must be > 0")
         if self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if "/" in self.cluster or not self.cluster:

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 
 from protos.tandem.v1 import common_pb2, worker_pb2
+from services.engine.kv_handoff import KVImport
 
 from .config import ServiceConfig
 from .kv_event_log import KVEventLog
@@ -78,6 +79,7 @@ class EngineHost:
         )
         self.engine = await asyncio.get_running_loop().run_in_executor(None, AsyncEngine, engine_config)
         self._stats = self.engine.stats()
+        self.kv_layout = self._layout()
         self.engine.set_observer(self._on_engine_update)
         core = self.engine.core
         log.info("engine ready: %s, %s, %d KV blocks of %d tokens", self.model_name, str(core.dtype).removeprefix("torch."), core.kv.pool.num_blocks, c.block_size)
@@ -85,6 +87,15 @@ class EngineHost:
     @property
     def model_name(self) -> str:
         return self.config.model
+
+    @property
+    def kv_storage(self):
+        """The paged KV cache tensor [layers, 2, kv heads, blocks, block size, head dim] (for kvtransfer)."""
+        return self.engine.core.runner.kv_cache.storage
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.engine.core.runner.kv_cache.layout.bytes_per_block
 
     @property
     def max_model_len(self) -> int:
@@ -98,25 +109,24 @@ class EngineHost:
 
     # ---- registration -----------------------------------------------------------------------------
 
-    def fill_registration(self, reg: common_pb2.WorkerRegistration) -> None:
+    def _layout(self) -> common_pb2.KVLayout:
+        """What this engine's KV blocks mean; equal fingerprints may exchange blocks."""
         from kvtransfer.layout import layout_fingerprint
 
         core = self.engine.core
         mc = core.model_config
         dtype = str(core.dtype).removeprefix("torch.")
         model_id = core.config.model_id or core.config.model
+        bs = core.config.block_size
+        return common_pb2.KVLayout(
+            model_id=model_id, dtype=dtype, num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, block_size=bs,
+            fingerprint=layout_fingerprint(model_id, dtype, mc.num_layers, mc.num_kv_heads, mc.head_dim, bs),
+        )  # fmt: skip
+
+    def fill_registration(self, reg: common_pb2.WorkerRegistration) -> None:
+        core = self.engine.core
         reg.model = self.model_name
-        reg.kv_layout.CopyFrom(
-            common_pb2.KVLayout(
-                model_id=model_id,
-                dtype=dtype,
-                num_layers=mc.num_layers,
-                num_kv_heads=mc.num_kv_heads,
-                head_dim=mc.head_dim,
-                block_size=core.config.block_size,
-                fingerprint=layout_fingerprint(model_id, dtype, mc.num_layers, mc.num_kv_heads, mc.head_dim, core.config.block_size),
-            )
-        )
+        reg.kv_layout.CopyFrom(self.kv_layout)
         reg.block_size = core.config.block_size
         reg.num_kv_blocks = core.kv.pool.num_blocks
         reg.max_num_seqs = core.config.max_num_seqs
@@ -168,10 +178,11 @@ class EngineHost:
 
     # ---- generation -----------------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params, cache_salt: str | None) -> AsyncIterator:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params, cache_salt: str | None, **handoff) -> AsyncIterator:
         """Queue a request; returns the engine's output stream wrapped with metrics and a span.
+        `handoff`: the engine's disaggregation options (see services/engine/kv_handoff.py).
         Raises ValueError (naming the field) for a request this engine cannot run."""
-        stream = await self.engine.add_request(request_id, prompt_token_ids, params, cache_salt or None)
+        stream = await self.engine.add_request(request_id, prompt_token_ids, params, cache_salt or None, **handoff)
         return self._observed(request_id, stream, len(prompt_token_ids))
 
     async def _observed(self, request_id: str, stream, num_prompt: int) -> AsyncIterator:
@@ -181,6 +192,9 @@ class EngineHost:
         with tracer().start_as_current_span("engine.generate", attributes={"tandem.request_id": request_id, "tandem.prompt_tokens": num_prompt}) as span:
             try:
                 async for out in stream:
+                    if isinstance(out, KVImport):  # where an imported prompt's KV goes: for the service
+                        yield out
+                        continue
                     now = time.perf_counter()
                     if out.new_token_ids:
                         if first:

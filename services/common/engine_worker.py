@@ -39,12 +39,12 @@ class EngineWorker:
     async def close(self) -> None:
         await self.host.close()
 
-    async def open_stream(self, request, context: grpc.aio.ServicerContext):
+    async def open_stream(self, request, context: grpc.aio.ServicerContext, **handoff):
         """Queue a worker request (prompt ids, sampling, cache salt) on the engine and return its
         output stream; aborts the RPC with INVALID_ARGUMENT, naming the field, when it cannot run."""
         request_id = request.request_id or uuid.uuid4().hex
         try:
             params = sampling_from_proto(request.sampling, self.host.max_model_len)
-            return await self.host.generate(request_id, list(request.prompt_token_ids), params, request.cache_salt)
+            return await self.host.generate(request_id, list(request.prompt_token_ids), params, request.cache_salt, **handoff)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

@@ -51,6 +51,13 @@ class WorkerMetrics:
         self.inter_token_latency = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens", labels, buckets=ITL_BUCKETS, registry=r).labels(model_name)
         self.e2e_request_latency = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency", labels, buckets=E2E_BUCKETS, registry=r).labels(model_name)
 
+        # KV transfer (Tandem's own names: vLLM has no disaggregation metrics of this shape)
+        self.kv_pull_blocks = Counter("tandem_kv_pull_blocks", "KV blocks pulled from prefill workers", registry=r)
+        self.kv_pull_bytes = Counter("tandem_kv_pull_bytes", "KV bytes pulled from prefill workers", registry=r)
+        self.kv_pull_seconds = Histogram("tandem_kv_pull_seconds", "Duration of one KV pull", buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.kv_pull_failures = Counter("tandem_kv_pull_failures", "KV pulls that failed (then recomputed or failed, per policy)", registry=r)
+        self.kv_leases_expired = Counter("tandem_kv_leases_expired", "Prefilled prompts freed because no decode worker pulled them in time", registry=r)
+
     def record_finished(self, finish_reason: str, num_prompt: int, num_cached: int) -> None:
         self.request_success.labels(self.model_name, finish_reason).inc()
         self.prompt_tokens.inc(num_prompt - num_cached)

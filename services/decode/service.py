@@ -1,16 +1,23 @@
 """The decode worker: serves Decode.Generate (streaming) and Worker.
 
-Aggregated mode: the worker prefills the prompt itself (reusing its prefix cache), then decodes,
-streaming every step's tokens and text. Requests that carry a kv_handle (the prompt's KV computed
-by a prefill worker) are the disaggregated flow; their transfer lands with KV transfer over UCX.
+Aggregated: the worker prefills the prompt itself (reusing its prefix cache), then decodes.
+Disaggregated (the request carries a prefill worker's KV handle and first token): the worker
+checks the layout fingerprint before any byte moves, allocates the prompt's blocks after its own
+cached prefix, pulls only the missing blocks over UCX with the handle's one-time token, and then
+decodes from the first token on. A failed or timed-out pull recomputes the prompt here (policy
+`recompute`) or fails the request with UNAVAILABLE (policy `fail`); either way nothing is held.
 """
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
+from kvtransfer.ucx_transport import KVTransferError, KVTransportClient
 from protos.tandem.v1 import worker_pb2, worker_pb2_grpc
 from services.common.engine_worker import EngineWorker
+from services.common.telemetry import tracer
 from services.common.translate import response_from_output
 
 
@@ -20,14 +27,78 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
     def add_role_servicer(self, server: grpc.aio.Server) -> None:
         worker_pb2_grpc.add_DecodeServicer_to_server(self, server)
 
+    async def start(self) -> None:
+        await super().start()
+        self.transport = KVTransportClient(self.host.kv_storage)
+        await self.transport.start()
+
+    async def close(self) -> None:
+        if getattr(self, "transport", None) is not None:
+            await self.transport.close()
+        await super().close()
+
     async def Generate(self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext):
         if request.HasField("kv_handle"):
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                "this decode worker cannot take a prefilled prompt's KV yet (kv_handle is set); send the request without kv_handle",
-            )
-        stream = await self.open_stream(request, context)
+            stream = await self._open_disaggregated(request, context)
+        else:
+            stream = await self.open_stream(request, context)
         num_logprobs_sent = 0
         async for out in stream:
             yield response_from_output(out, num_logprobs_sent)
             num_logprobs_sent = len(out.logprobs)
+
+    async def _open_disaggregated(self, request: worker_pb2.WorkerGenerateRequest, context):
+        handle = request.kv_handle
+        mine = self.host.kv_layout
+        if handle.layout_fingerprint != mine.fingerprint:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"KV layout mismatch: prefill worker {handle.prefill_worker_id} has layout {handle.layout_fingerprint}, this decode worker "
+                f"has {mine.fingerprint} (model {mine.model_id}, {mine.dtype}, {mine.num_layers} layers, {mine.num_kv_heads} KV heads, "
+                f"head dim {mine.head_dim}, block size {mine.block_size}); pair workers that serve the same model the same way",
+            )
+        if not request.HasField("first_token_id"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first_token_id is required with kv_handle (the token the prefill worker sampled)")
+        if handle.num_tokens != len(request.prompt_token_ids):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"kv_handle covers {handle.num_tokens} tokens but the prompt has {len(request.prompt_token_ids)}",
+            )
+        stream = await self.open_stream(request, context, output_token_ids=[request.first_token_id], import_kv=True)
+        try:
+            target = await anext(stream)
+            if not target.recompute:
+                ok = await self._pull(request, target, context)
+                self.host.engine.complete_kv_import(target.request_id, ok)
+        except BaseException:  # cancelled or failed mid-pull: the engine drops the request and its blocks
+            await stream.aclose()
+            raise
+        return stream
+
+    async def _pull(self, request, target, context) -> bool:
+        """Pull the blocks this worker lacks; True when they arrived. Policy `fail` aborts the RPC instead of returning False."""
+        handle = request.kv_handle
+        src = list(handle.block_ids[target.first_missing_block :])
+        dst = list(target.missing_block_ids)
+        if not dst:  # this worker's prefix cache held the whole prompt; the gateway releases the handle
+            return True
+        attrs = {"tandem.request_id": target.request_id, "tandem.kv.blocks": len(dst), "tandem.kv.cached_blocks": target.first_missing_block,
+                 "tandem.kv.prefill_worker": handle.prefill_worker_id}  # fmt: skip
+        with tracer().start_as_current_span("kv.pull", attributes=attrs) as span:
+            t0 = time.perf_counter()
+            try:
+                await self.transport.pull(handle.ucx_address, handle.transfer_token, src, dst, timeout=self.host.config.kv_transfer_timeout)
+                seconds = time.perf_counter() - t0
+                m = self.host.metrics
+                m.kv_pull_blocks.inc(len(dst))
+                m.kv_pull_bytes.inc(len(dst) * self.host.bytes_per_block)
+                m.kv_pull_seconds.observe(seconds)
+                span.set_attribute("tandem.kv.seconds", seconds)
+                return True
+            except KVTransferError as e:
+                self.host.metrics.kv_pull_failures.inc()
+                span.record_exception(e)
+                if self.host.config.kv_transfer_policy == "fail":
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer from {handle.prefill_worker_id} failed: {e}")
+                span.set_attribute("tandem.kv.recompute", True)
+                return False

@@ -1,17 +1,22 @@
-"""The prefill worker: serves Prefill.Prefill and Worker.
+"""The prefill worker: serves Prefill (Prefill, ReleaseKV) and Worker.
 
-Prefill computes the prompt's KV (reusing its own prefix cache), samples the first token with the
-request's sampling parameters and returns it; the prompt's full blocks stay in this worker's
-prefix cache. Handing the KV to a decode worker (the kv_handle) arrives with KV transfer.
+Prefill computes the prompt's KV (reusing its own prefix cache) and samples the first token with
+the request's own sampling parameters. Unless that token ends the request, the prompt's blocks
+stay pinned under a lease and the reply carries a KV handle: this worker's UCX address, the block
+ids and hashes, the layout fingerprint, the expiry and a one-time transfer token. A decode worker
+pulls the blocks with it (which ends the lease), or the gateway releases it, or it expires.
 """
 
 from __future__ import annotations
 
 import grpc
 
-from protos.tandem.v1 import worker_pb2, worker_pb2_grpc
+from kvtransfer.ucx_transport import KVTransportServer
+from protos.tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common.engine_worker import EngineWorker
 from services.common.translate import response_from_output
+
+from .kv_leases import KVLeases
 
 
 class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
@@ -20,14 +25,56 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
     def add_role_servicer(self, server: grpc.aio.Server) -> None:
         worker_pb2_grpc.add_PrefillServicer_to_server(self, server)
 
+    async def start(self) -> None:
+        await super().start()
+        self.transport = KVTransportServer(self.host.kv_storage, on_pull_done=lambda token, ok: self.leases.pull_done(token, ok))
+        self.leases = KVLeases(self.host.engine, self.transport, self.host.config.kv_lease_seconds, self.host.metrics.kv_leases_expired.inc)
+        await self.transport.start()
+
+    def fill_registration(self, reg) -> None:
+        super().fill_registration(reg)
+        reg.ucx_address = self.transport.address
+
+    async def close(self) -> None:
+        if getattr(self, "leases", None) is not None:
+            self.leases.close()
+            await self.transport.close()
+        await super().close()
+
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         # the request's own parameters, so the first token's finish (EOS, a stop, max_tokens=1) is
-        # decided exactly as decode would; the stream is closed after that token
-        stream = await self.open_stream(request, context)
+        # decided exactly as a single engine would
+        stream = await self.open_stream(request, context, prefill_only=True)
         try:
             async for out in stream:
-                if out.new_token_ids or out.finished:
-                    return worker_pb2.PrefillResponse(first=response_from_output(out, 0))
+                if out.finished:
+                    return self._reply(out)
         finally:
-            await stream.aclose()  # aborts the request unless it finished: its blocks go back to the cache
+            await stream.aclose()  # a cancelled Prefill aborts the request and frees its blocks
         await context.abort(grpc.StatusCode.INTERNAL, "the engine ended the request without a token")
+
+    def _reply(self, out) -> worker_pb2.PrefillResponse:
+        first = response_from_output(out, 0)
+        reply = worker_pb2.PrefillResponse(first=first, num_cached_tokens=out.num_cached_tokens)
+        pinned = out.pinned_kv
+        if pinned is None:  # the first token ended the request: nothing to hand over
+            return reply
+        first.ClearField("usage")  # the request goes on at a decode worker, which reports usage
+        lease = self.leases.grant(pinned)
+        reply.kv_handle.CopyFrom(
+            common_pb2.KVHandle(
+                prefill_worker_id=self.host.config.worker_id,
+                ucx_address=self.transport.address,
+                request_id=out.request_id,
+                block_ids=pinned.block_ids,
+                block_hashes=pinned.block_hashes,
+                num_tokens=pinned.num_tokens,
+                layout_fingerprint=self.host.kv_layout.fingerprint,
+                expires_unix_ms=int(lease.expires_at * 1000),
+                transfer_token=lease.token,
+            )
+        )
+        return reply
+
+    async def ReleaseKV(self, request: worker_pb2.ReleaseKVRequest, context: grpc.aio.ServicerContext):
+        return worker_pb2.ReleaseKVResponse(released=self.leases.release(request.request_id, request.transfer_token))

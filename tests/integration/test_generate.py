@@ -110,7 +110,13 @@ def test_prefill_worker_returns_the_first_token(cluster, offline_llm):
         )
         assert list(reply.first.token_ids) == expected.token_ids
         assert reply.first.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED  # decode would continue
-        # the engine thread drops the request right after the first token: the blocks go back to the cache
+        # the prompt's blocks wait for a decode worker under the handle; releasing it frees them
+        handle = reply.kv_handle
+        assert handle.num_tokens == len(ids) and list(handle.block_ids) and len(handle.transfer_token) == 16
         worker = worker_pb2_grpc.WorkerStub(channel)
+        assert worker.GetLoad(worker_pb2.GetLoadRequest(), timeout=10).num_used_blocks == len(handle.block_ids)
+        prefill = worker_pb2_grpc.PrefillStub(channel)
+        assert not prefill.ReleaseKV(worker_pb2.ReleaseKVRequest(request_id=handle.request_id, transfer_token=bytes(16)), timeout=10).released
+        assert prefill.ReleaseKV(worker_pb2.ReleaseKVRequest(request_id=handle.request_id, transfer_token=handle.transfer_token), timeout=10).released
         wait_for(lambda: (lambda load: load.num_requests_running == 0 and load.num_used_blocks == 0)(worker.GetLoad(worker_pb2.GetLoadRequest(), timeout=10)),
                  "the prefill worker to hold no request and no KV block")

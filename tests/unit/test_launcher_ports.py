@@ -8,6 +8,14 @@ from services.common.config import DEFAULT_GRPC_PORTS, DEFAULT_METRICS_PORTS
 from tandem.launcher import ClusterSpec, LocalCluster
 
 
+@pytest.fixture(autouse=True)
+def etcd_ports_free(monkeypatch):
+    """The plan takes 2379/2380 only when free (a system etcd may hold them); here they are."""
+    import tandem.launcher
+
+    monkeypatch.setattr(tandem.launcher, "port_or_free", lambda port: port)
+
+
 def plan(tmp_path, **kw):
     return LocalCluster(ClusterSpec(workdir=tmp_path, **kw))._port_plan()
 
@@ -88,3 +96,17 @@ def test_free_ports_are_all_distinct(tmp_path):
     for _ in range(300):
         ports = plan(tmp_path, free_ports=True, num_prefill=2, num_decode=3)
         assert len(set(ports.values())) == len(ports), ports
+
+
+def test_a_busy_etcd_port_is_replaced_by_a_free_one(monkeypatch):
+    import socket
+
+    import tandem.launcher
+
+    monkeypatch.undo()  # the real port_or_free
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        other = tandem.launcher.port_or_free(busy)
+        assert other != busy and 1024 <= other <= 65535

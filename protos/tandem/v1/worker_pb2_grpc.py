@@ -119,6 +119,11 @@ class PrefillStub:
                 request_serializer=protos_dot_tandem_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=protos_dot_tandem_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.ReleaseKV = channel.unary_unary(
+                '/tandem.v1.Prefill/ReleaseKV',
+                request_serializer=protos_dot_tandem_dot_v1_dot_worker__pb2.ReleaseKVRequest.SerializeToString,
+                response_deserializer=protos_dot_tandem_dot_v1_dot_worker__pb2.ReleaseKVResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServicer:
@@ -131,6 +136,14 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseKV(self, request, context):
+        """Give up a KV handle nobody will pull (the request was cancelled or failed before decode
+        took the blocks): the blocks are freed now instead of when the handle expires.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +151,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=protos_dot_tandem_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
                     response_serializer=protos_dot_tandem_dot_v1_dot_worker__pb2.PrefillResponse.SerializeToString,
+            ),
+            'ReleaseKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseKV,
+                    request_deserializer=protos_dot_tandem_dot_v1_dot_worker__pb2.ReleaseKVRequest.FromString,
+                    response_serializer=protos_dot_tandem_dot_v1_dot_worker__pb2.ReleaseKVResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -168,6 +186,33 @@ class Prefill:
             '/tandem.v1.Prefill/Prefill',
             protos_dot_tandem_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
             protos_dot_tandem_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Prefill/ReleaseKV',
+            protos_dot_tandem_dot_v1_dot_worker__pb2.ReleaseKVRequest.SerializeToString,
+            protos_dot_tandem_dot_v1_dot_worker__pb2.ReleaseKVResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,191 @@
+"""Wire formats of the UCX KV transport: server address, pull request, pull response, tags.
+
+A pull is one request and one response over UCX tagged messages, then the data chunks:
+
+    decode (client)                                   prefill (server)
+    ep = endpoint(server worker address)
+    post recv(response tag)
+    send REQUEST (tag = server's request tag)  ──►    check token, blocks, layout
+                                               ◄──    RESPONSE (status, chunking) on the client's
+                                                      address, tag derived from the request id
+    post recv(chunk k) into staging slot       ◄──    gather chunk k into a staging slot, send it
+    scatter chunk k into the KV cache                 (rendezvous: the client's UCX reads it with
+                                                      one process_vm_readv on a host, or over TCP)
+
+Nothing is read from the server's KV cache before the token checks pass. The chunking is in the
+server's address, so the client posts its receives for the response, the first chunks and an
+abort notice before it sends the request. Tags: the request tag names the server instance
+(several servers may share a process's UCX worker); the reply tags are `request id | index`, the
+request id being 44 random bits per pull.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = b"TKV1"
+REQUEST_TAG_BASE = 0x5444_4B56_0000_0000  # "TDKV" in the high half
+MAX_REQUEST_BYTES = 1 << 20  # the server's receive buffer for one request
+MAX_RESPONSE_BYTES = 4096
+CHUNK_INDEX_BITS = 20  # response = index 0, chunk k = index k + 1, ABORT_INDEX = the server gave up
+ABORT_INDEX = (1 << CHUNK_INDEX_BITS) - 1
+MAX_CHUNKS = ABORT_INDEX - 1
+
+
+class KVTransferError(Exception):
+    """A pull failed; the client stays usable (fall back to recomputing the prompt)."""
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    UNKNOWN_TOKEN = 1
+    TOKEN_USED = 2
+    TOKEN_EXPIRED = 3
+    BLOCKS_NOT_EXPOSED = 4
+    LAYOUT_MISMATCH = 5
+    BAD_REQUEST = 6
+    SERVER_CLOSED = 7
+    ABORTED = 8  # sent on ABORT_INDEX: revoked during the pull, server closing, server timeout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What one block's bytes mean; two sides may exchange blocks only when theirs are equal."""
+
+    num_layers: int
+    num_kv_heads: int
+    block_size: int
+    head_dim: int
+    elem_size: int
+    dtype: str
+
+    _FMT = "<IIIII"
+
+    @property
+    def runs(self) -> int:  # contiguous runs per block: one per (layer, k/v, head)
+        return self.num_layers * 2 * self.num_kv_heads
+
+    @property
+    def run_bytes(self) -> int:
+        return self.block_size * self.head_dim * self.elem_size
+
+    @property
+    def block_bytes(self) -> int:
+        return self.runs * self.run_bytes
+
+    def pack(self) -> bytes:
+        d = self.dtype.encode()
+        return struct.pack(self._FMT, self.num_layers, self.num_kv_heads, self.block_size, self.head_dim, self.elem_size) + struct.pack("<B", len(d)) + d
+
+    @classmethod
+    def unpack(cls, buf: bytes, off: int) -> tuple[Layout, int]:
+        vals = struct.unpack_from(cls._FMT, buf, off)
+        off += struct.calcsize(cls._FMT)
+        (n,) = struct.unpack_from("<B", buf, off)
+        dtype = bytes(buf[off + 1 : off + 1 + n]).decode()
+        return cls(*vals, dtype), off + 1 + n
+
+
+def request_tag(server_id: int) -> int:
+    return REQUEST_TAG_BASE | (server_id & 0xFFFF_FFFF)
+
+
+def reply_tag(request_id: int, index: int) -> int:
+    """index 0: the response; index k + 1: data chunk k; ABORT_INDEX: why the server stopped."""
+    return (request_id << CHUNK_INDEX_BITS) | index
+
+
+# -- server address ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    """What a client needs: the request tag, the layout, the chunking, the UCX worker address."""
+
+    server_id: int
+    chunk_blocks: int  # blocks per data chunk, so the client can post its receives before asking
+    layout: Layout
+    ucx_address: bytes
+
+    def pack(self) -> bytes:
+        return MAGIC + struct.pack("<II", self.server_id, self.chunk_blocks) + self.layout.pack() + self.ucx_address
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> ServerAddress:
+        try:
+            if bytes(buf[:4]) != MAGIC:
+                raise ValueError("bad magic")
+            server_id, chunk_blocks = struct.unpack_from("<II", buf, 4)
+            layout, off = Layout.unpack(buf, 12)
+        except (ValueError, struct.error, UnicodeDecodeError) as e:
+            raise KVTransferError(f"not a Tandem UCX KV transport address ({e})") from None
+        return cls(server_id, chunk_blocks, layout, bytes(buf[off:]))
+
+
+# -- request -------------------------------------------------------------------------------------
+
+_REQ_HEAD = "<4sQdHHI"  # magic, request id, client timeout (s), token len, address len, n blocks
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    request_id: int
+    timeout: float
+    token: bytes
+    client_address: bytes
+    layout: Layout
+    src_block_ids: np.ndarray  # int64
+
+    def pack(self) -> bytes:
+        head = struct.pack(_REQ_HEAD, MAGIC, self.request_id, self.timeout, len(self.token), len(self.client_address), len(self.src_block_ids))
+        ids = np.ascontiguousarray(self.src_block_ids, dtype="<u4").tobytes()
+        return head + self.token + self.client_address + self.layout.pack() + ids
+
+    @classmethod
+    def unpack(cls, buf: memoryview | bytes) -> PullRequest:
+        magic, rid, timeout, tlen, alen, n = struct.unpack_from(_REQ_HEAD, buf, 0)
+        if magic != MAGIC:
+            raise ValueError("bad request magic")
+        off = struct.calcsize(_REQ_HEAD)
+        token = bytes(buf[off : off + tlen])
+        off += tlen
+        addr = bytes(buf[off : off + alen])
+        off += alen
+        layout, off = Layout.unpack(buf, off)
+        ids = np.frombuffer(bytes(buf[off : off + 4 * n]), dtype="<u4").astype(np.int64)
+        if len(ids) != n:
+            raise ValueError("truncated request")
+        return cls(rid, timeout, token, addr, layout, ids)
+
+    @staticmethod
+    def max_blocks(token_len: int, address_len: int) -> int:
+        return (MAX_REQUEST_BYTES - struct.calcsize(_REQ_HEAD) - token_len - address_len - 64) // 4
+
+
+# -- response ------------------------------------------------------------------------------------
+
+_RESP_HEAD = "<4sHH"  # magic, status, message length
+
+
+@dataclass(frozen=True)
+class PullResponse:
+    """The server's answer to a request (index 0), or why it stopped sending chunks (ABORT_INDEX)."""
+
+    status: Status
+    message: str = ""
+
+    def pack(self) -> bytes:
+        msg = self.message.encode()[: MAX_RESPONSE_BYTES - 64]
+        return struct.pack(_RESP_HEAD, MAGIC, int(self.status), len(msg)) + msg
+
+    @classmethod
+    def unpack(cls, buf: memoryview | bytes) -> PullResponse:
+        magic, status, mlen = struct.unpack_from(_RESP_HEAD, buf, 0)
+        if magic != MAGIC:
+            raise ValueError("bad response magic")
+        off = struct.calcsize(_RESP_HEAD)
+        return cls(Status(status), bytes(buf[off : off + mlen]).decode(errors="replace"))

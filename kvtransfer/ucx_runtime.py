@@ -1,0 +1,180 @@
+"""The process's UCX runtime: one ucxx context on a private event loop thread, configured for CPU KV.
+
+Every UCX operation of the KV transport runs on this private loop; the transport's public coroutines
+run on the caller's loop (uvloop in the services, a fresh loop per test) and hop here (run(),
+spawn()). Why a private loop: ucxx's asyncio layer binds its context to the event loop that is
+current when the context is created (its notifier thread resolves request futures on that loop),
+so a context shared with the caller's loop would break as soon as that loop is replaced; and
+without the notifier (`enable_python_future=False`) every pending UCX request busy-polls its loop
+with `asyncio.sleep(0)`, burning a core for as long as a server waits for requests.
+
+UCX configuration, passed to the context (ucp_config_modify), so it holds whatever `import ucxx`
+put in the environment. Measured with UCX 1.21 (libucx-cu12 wheel), two processes, one host:
+
+  forced (the data path depends on them):
+    MM_ERROR_HANDLING=y      posix/sysv shared memory advertise peer-failure support, so they can
+                             carry error-handling endpoints; without it there is no shm lane: the
+                             endpoint never connects (TLS without tcp) or runs on TCP (~1 GB/s)
+    CMA_MEMORY_INVALIDATE=y  lets UCX pick the rendezvous zero-copy protocol (the receiver copies
+                             once, with process_vm_readv) on error-handling endpoints: 13-16 GB/s
+                             for 64-256 MiB messages. Without it large messages go "fragmented
+                             copy-in copy-out" through the shm FIFO: a copy in each process and
+                             0.2-18 GB/s depending on how promptly both sides progress. UCX calls
+                             this capability "not really supported yet": a failed request's buffer
+                             may still be read by the peer, so a staging buffer of a failed pull
+                             is never reused, and UCX never touches the KV cache itself.
+    RNDV_FRAG_MEM_TYPE=host  `import ucxx` sets it to cuda for GPU pipelines
+  defaults (an UCX_<NAME> environment variable overrides them):
+    TLS=posix,cma,tcp,self   shm + CMA on one host, TCP across hosts (this UCX wheel has no verbs)
+    KEEPALIVE_INTERVAL=1s    how soon a silently dead peer is noticed (UCX default 20 s): a sender
+                             whose receiver was killed gets an error after 0.4-0.9 s (19.8 s with
+                             the default); a receiver whose sender was killed, at once
+
+Endpoint error handling is always on: with it off, a peer killed mid-transfer over TCP crashed the
+survivor (SIGSEGV) in 10 of 14 trials, and over shm a sender whose receiver died waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import threading
+from typing import Any, Awaitable, Callable, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# `import ucxx` sets UCX_MEMTYPE_CACHE, which UCX 1.21 no longer knows; UCX would print a warning
+# about it on stdout when the context is created. Read when libucs loads, so set before ucxx is
+# imported (this module imports ucxx lazily).
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+
+FORCED_OPTIONS = {
+    "MM_ERROR_HANDLING": "y",
+    "CMA_MEMORY_INVALIDATE": "y",
+    "RNDV_FRAG_MEM_TYPE": "host",
+}
+DEFAULT_OPTIONS = {
+    "TLS": "posix,cma,tcp,self",
+    "KEEPALIVE_INTERVAL": "1s",
+}
+
+
+def ucx_options(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The options given to the UCX context: the forced ones, plus defaults the environment lacks."""
+    env = os.environ if environ is None else environ
+    opts = {k: v for k, v in DEFAULT_OPTIONS.items() if f"UCX_{k}" not in env}
+    opts.update(FORCED_OPTIONS)
+    return opts
+
+
+class UcxRuntime:
+    """A daemon thread running an asyncio loop that owns a ucxx ApplicationContext."""
+
+    _instance: UcxRuntime | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-copy")
+        self.ctx: Any = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="kv-ucx-loop", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(60):
+            raise RuntimeError("UCX runtime did not start within 60 s")
+        if self._error is not None:
+            raise RuntimeError(f"UCX runtime failed to start: {self._error}") from self._error
+
+    @classmethod
+    def get(cls) -> UcxRuntime:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = UcxRuntime()
+            return cls._instance
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._init())
+        except BaseException as e:  # noqa: BLE001 - reported to the starting thread
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    async def _init(self) -> None:
+        # ucxx's import sets UCX_* defaults meant for GPUs; ours are passed explicitly below and win
+        from ucxx._lib_async import ApplicationContext
+
+        opts = ucx_options()
+        self.ctx = ApplicationContext(opts, progress_mode="thread", enable_python_future=True)
+        log.info("UCX context ready (options %s)", opts)
+
+    def address(self) -> bytes:
+        return bytes(self.ctx.worker_address)
+
+    async def run(self, coro_fn: Callable[[], Awaitable[T]]) -> T:
+        """Await coro_fn() on the UCX loop from any other loop; cancelling the caller cancels it there."""
+        fut = asyncio.run_coroutine_threadsafe(coro_fn(), self.loop)
+        return await asyncio.wrap_future(fut)
+
+    def spawn(self, coro: Awaitable[Any]) -> concurrent.futures.Future:
+        """Start a coroutine on the UCX loop without waiting for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    async def copy(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking copy (gather/scatter) off the UCX loop; call from the UCX loop."""
+        return await self.loop.run_in_executor(self.executor, fn, *args)
+
+
+class CopyTask:
+    """One gather or scatter on the runtime's copy threads, started from the UCX loop.
+
+    drain() waits for it even when the pull was cancelled: a pull must not end while a copy into
+    (or out of) a KV cache is still running."""
+
+    def __init__(self, rt: UcxRuntime):
+        self._rt = rt
+        self._fut: asyncio.Future | None = None
+
+    def start(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._fut = self._rt.loop.run_in_executor(self._rt.executor, fn, *args)
+
+    async def wait(self) -> None:
+        await asyncio.shield(self._fut)
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.start(fn, *args)
+        await self.wait()
+
+    async def drain(self) -> None:
+        while self._fut is not None and not self._fut.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(self._fut)
+
+
+def ucx_address(buf: bytes) -> Any:
+    """A peer's worker address (bytes) as ucxx wants it."""
+    import ucxx._lib.libucxx as ucx_api
+
+    return ucx_api.UCXAddress.create_from_buffer(buf)
+
+
+def abort_soon(ep: Any, *keep_alive: Any) -> None:
+    """Close `ep` right after the current step on the UCX loop: cancels its requests (whose buffers
+    `keep_alive` holds until then), touches no other endpoint, and keeps the close off the pull's
+    latency. Endpoints have error handling, so closing one never waits for its peer."""
+
+    def abort() -> None:
+        with contextlib.suppress(Exception):
+            ep.abort(period=10**9, max_attempts=1)
+
+    if ep is not None:
+        asyncio.get_running_loop().call_soon(abort)

@@ -1,0 +1,253 @@
+"""KVTransportServer: the prefill side of the UCX KV transport (see ucx_transport.py).
+
+Serves pulls of exposed blocks: one worker-level receive per server waits for requests (tag =
+this server's id), each request is checked (token known, unused, unexpired, blocks exposed with
+it, same layout) before anything is read, then its blocks are gathered chunk by chunk into a
+pooled staging buffer and sent over a fresh error-handling endpoint to the client's worker, the
+gather of chunk k+1 overlapping the client's read of chunk k.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .ucx_protocol import ABORT_INDEX, MAX_CHUNKS, MAX_REQUEST_BYTES, PullRequest, PullResponse, ServerAddress, Status, reply_tag, request_tag
+from .ucx_runtime import CopyTask, UcxRuntime, abort_soon, ucx_address
+from .ucx_staging import DEFAULT_CHUNK_BYTES, StagingPool, as_ucx_buffer, gather, layout_of, run_view
+
+log = logging.getLogger(__name__)
+
+_SHORT_SEND_TIMEOUT = 2.0  # a response or abort notice: eager messages, sent at once unless the peer is gone
+
+
+@dataclass
+class _Grant:
+    block_ids: frozenset[int]
+    expires_at: float
+    used: bool = False
+    revoked: bool = False  # set by revoke() while its pull runs: stop before sending another chunk
+
+
+class _Aborted(Exception):
+    """The server stops a pull itself (revoked token, closing): the client is told why."""
+
+
+def _bounded(timeout: float) -> float:
+    """The client's timeout as the server's deadline for the pull (garbage → one hour)."""
+    return timeout if 0.0 < timeout < 3600.0 else 3600.0
+
+
+class KVTransportServer:
+    """Prefill side: serves pulls of exposed blocks of `kv_storage` (read only).
+
+    on_pull_done(token, ok) runs on the loop that called start() once a pull that passed the token
+    check has ended; from then on the pull reads none of its blocks, so they may be released.
+    """
+
+    def __init__(self, kv_storage: torch.Tensor, *, on_pull_done: Callable[[bytes, bool], None] | None = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_concurrent_pulls: int = 8):
+        self._layout = layout_of(kv_storage)
+        self._storage = kv_storage  # keeps the memory behind _runs alive
+        self._runs = run_view(kv_storage)
+        self._num_blocks = kv_storage.shape[3]
+        self._pool = StagingPool(self._layout, chunk_bytes)
+        self._on_pull_done = on_pull_done
+        self._server_id = secrets.randbits(32)
+        self._grants: dict[bytes, _Grant] = {}
+        self._lock = threading.Lock()
+        self._rt: UcxRuntime | None = None
+        self._caller_loop: asyncio.AbstractEventLoop | None = None
+        self._address: bytes | None = None
+        self._accept: concurrent.futures.Future | None = None
+        self._serving: set[asyncio.Task] = set()
+        self._max_concurrent = max_concurrent_pulls
+        self._slots: asyncio.Semaphore | None = None  # bounds staging memory; made on the UCX loop
+        self._closed = False
+
+    async def start(self) -> None:
+        self._caller_loop = asyncio.get_running_loop()
+        self._rt = await asyncio.to_thread(UcxRuntime.get)
+        self._address = ServerAddress(self._server_id, self._pool.chunk_blocks, self._layout, self._rt.address()).pack()
+        self._accept = self._rt.spawn(self._accept_loop())
+
+    @property
+    def address(self) -> bytes:
+        if self._address is None:
+            raise RuntimeError("KVTransportServer.start() has not been awaited")
+        return self._address
+
+    def expose(self, transfer_token: bytes, block_ids: list[int], expires_at: float) -> None:
+        """Allow one pull of `block_ids` (or a subset) with this token until `expires_at` (time.time())."""
+        bad = [b for b in block_ids if not 0 <= b < self._num_blocks]
+        if bad:
+            raise ValueError(f"block ids out of range [0, {self._num_blocks}): {bad[:8]}")
+        now = time.time()
+        with self._lock:
+            for tok in [t for t, g in self._grants.items() if g.expires_at < now]:
+                del self._grants[tok]
+            self._grants[bytes(transfer_token)] = _Grant(frozenset(int(b) for b in block_ids), float(expires_at))
+
+    def revoke(self, transfer_token: bytes) -> None:
+        """Forget the token; a pull already running with it sends no further chunk and fails."""
+        with self._lock:
+            grant = self._grants.pop(bytes(transfer_token), None)
+            if grant is not None:
+                grant.revoked = True
+
+    async def close(self) -> None:
+        """Stop serving: running pulls are aborted (their clients get KVTransferError at once); later
+        requests go unanswered (their clients time out). The UCX runtime stays for the process."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            for g in self._grants.values():
+                g.revoked = True
+            self._grants.clear()
+        if self._rt is not None:
+            await self._rt.run(self._shutdown)
+
+    # -- UCX loop ----------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        # wake the accept loop with a message to our own request tag (a worker-level receive
+        # cannot be cancelled on its own); it sees _closed and ends, dropping its reference to us
+        if self._accept is not None and not self._accept.done():
+            ep = None
+            try:
+                ep = await self._rt.ctx.create_endpoint_from_worker_address(ucx_address(self._rt.address()), endpoint_error_handling=True)
+                await asyncio.wait_for(ep.send(np.zeros(8, np.uint8), tag=request_tag(self._server_id), force_tag=True), _SHORT_SEND_TIMEOUT)
+                await asyncio.wait_for(asyncio.wrap_future(self._accept), _SHORT_SEND_TIMEOUT)
+            except Exception as e:  # noqa: BLE001
+                log.warning("KV server %08x: accept loop did not stop: %s", self._server_id, e)
+            finally:
+                abort_soon(ep)
+        if self._serving:
+            await asyncio.wait(list(self._serving), timeout=10)
+
+    async def _accept_loop(self) -> None:
+        self._slots = asyncio.Semaphore(self._max_concurrent)
+        ctx, tag = self._rt.ctx, request_tag(self._server_id)
+        buf = np.zeros(MAX_REQUEST_BYTES, np.uint8)
+        while not self._closed:
+            try:
+                await ctx.recv(buf, tag)
+            except Exception as e:  # noqa: BLE001 - an oversized message
+                log.debug("KV server %08x: request receive failed: %s", self._server_id, e)
+                continue
+            if self._closed:
+                break
+            try:
+                req = PullRequest.unpack(buf)
+            except Exception as e:  # noqa: BLE001
+                log.warning("KV server %08x: dropping a malformed request: %s", self._server_id, e)
+                continue
+            task = asyncio.get_running_loop().create_task(self._serve(req))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+
+    def _check(self, req: PullRequest) -> tuple[Status, str, _Grant | None]:
+        if req.layout != self._layout:
+            return Status.LAYOUT_MISMATCH, f"KV layout differs: client {req.layout}, server {self._layout}", None
+        if self._closed:
+            return Status.SERVER_CLOSED, "server is closed", None
+        if not 0 < len(req.src_block_ids) <= MAX_CHUNKS * self._pool.chunk_blocks:
+            return Status.BAD_REQUEST, f"bad number of blocks: {len(req.src_block_ids)}", None
+        now = time.time()
+        with self._lock:
+            grant = self._grants.get(req.token)
+            if grant is None:
+                return Status.UNKNOWN_TOKEN, "unknown transfer token (never exposed, revoked, or expired)", None
+            if grant.used:
+                return Status.TOKEN_USED, "transfer token already used (a token allows one pull)", None
+            if now > grant.expires_at:
+                del self._grants[req.token]
+                return Status.TOKEN_EXPIRED, f"transfer token expired {now - grant.expires_at:.1f} s ago", None
+            missing = sorted(set(req.src_block_ids.tolist()) - grant.block_ids)
+            if missing:
+                more = "..." if len(missing) > 8 else ""
+                return Status.BLOCKS_NOT_EXPOSED, f"blocks {missing[:8]}{more} were not exposed with this token", None
+            grant.used = True
+            return Status.OK, "", grant
+
+    async def _serve(self, req: PullRequest) -> None:
+        status, message, grant = self._check(req)
+        if status is not Status.OK:
+            return await self._transfer(req, status, message, None)
+        try:
+            async with asyncio.timeout(_bounded(req.timeout)):
+                await self._slots.acquire()
+        except TimeoutError:
+            self._notify(req.token, False)
+            return
+        try:
+            await self._transfer(req, status, message, grant)
+        finally:
+            self._slots.release()
+
+    async def _transfer(self, req: PullRequest, status: Status, message: str, grant: _Grant | None) -> None:
+        rid, ep, staging, ok = req.request_id, None, None, False
+        copy = CopyTask(self._rt)
+        sends: dict[int, asyncio.Task] = {}
+        try:
+            if status is Status.OK:  # the first gather overlaps the endpoint's creation
+                ids = req.src_block_ids.tolist()
+                cb, slots = self._pool.chunk_blocks, self._pool.slots
+                n = -(-len(ids) // cb)
+                staging = self._pool.take()
+                copy.start(gather, self._runs, ids[:cb], staging.slots[0][: len(ids[:cb])])
+            ep = await self._rt.ctx.create_endpoint_from_worker_address(ucx_address(req.client_address), endpoint_error_handling=True)
+            if status is not Status.OK:
+                await asyncio.wait_for(ep.send(PullResponse(status, message).pack(), tag=reply_tag(rid, 0), force_tag=True), _SHORT_SEND_TIMEOUT)
+                return
+            async with asyncio.timeout(_bounded(req.timeout) + 1.0):
+                await ep.send(PullResponse(Status.OK).pack(), tag=reply_tag(rid, 0), force_tag=True)
+                for k in range(n):
+                    chunk_ids = ids[k * cb : (k + 1) * cb]
+                    view = staging.slots[k % slots][: len(chunk_ids)]
+                    if k > 0:
+                        if k - slots in sends:  # the slot is free once the client has read it
+                            await sends.pop(k - slots)
+                        copy.start(gather, self._runs, chunk_ids, view)
+                    await copy.wait()
+                    if grant.revoked or self._closed:
+                        raise _Aborted("the transfer token was revoked during the pull" if grant.revoked else "the server is closing")
+                    sends[k] = asyncio.ensure_future(ep.send(as_ucx_buffer(view), tag=reply_tag(rid, k + 1), force_tag=True))
+                for k in sorted(sends):
+                    await sends.pop(k)
+            ok = True
+        except BaseException as e:  # noqa: BLE001 - a failed pull must never take the server down
+            log.info("KV server %08x: pull %x failed: %s: %s", self._server_id, rid, type(e).__name__, e)
+            if isinstance(e, (_Aborted, TimeoutError)) and ep is not None:
+                with contextlib.suppress(BaseException):  # tell the client now rather than at its timeout
+                    why = str(e) if isinstance(e, _Aborted) else "the server's deadline for this pull passed"
+                    await asyncio.wait_for(ep.send(PullResponse(Status.ABORTED, why).pack(), tag=reply_tag(rid, ABORT_INDEX), force_tag=True), _SHORT_SEND_TIMEOUT)
+            if isinstance(e, asyncio.CancelledError) and not self._closed:
+                raise
+        finally:
+            for t in sends.values():
+                t.cancel()
+            await copy.drain()
+            if grant is not None:
+                self._notify(req.token, ok)
+            abort_soon(ep, staging)
+            if ok:
+                self._pool.give(staging)
+
+    def _notify(self, token: bytes, ok: bool) -> None:
+        cb, loop = self._on_pull_done, self._caller_loop
+        if cb is None or loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(cb, token, ok)

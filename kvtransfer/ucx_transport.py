@@ -1,0 +1,34 @@
+"""KV-cache block transfer between a prefill worker (server) and a decode worker (client) over UCX.
+
+    server = KVTransportServer(kv_cache.storage); await server.start()
+    server.expose(token, block_ids, expires_at=time.time() + 30)   # one pull of these blocks
+    handle = (server.address, token, block_ids)                      # → decode, via the gateway
+    client = KVTransportClient(kv_cache.storage); await client.start()
+    await client.pull(server.address, token, src_ids, dst_ids, timeout=10)
+
+Data path (ucx_protocol.py has the message flow): the server checks the token, gathers the blocks
+into pooled staging chunks and sends each chunk as one UCX tagged message; the client's UCX reads
+it (same host: one process_vm_readv into its own staging chunk; other hosts: TCP) and the client
+scatters it into its cache, copies and transfers overlapping. Endpoints are created with error
+handling, one pair per pull, so a peer's death fails that pull only: the survivor's requests
+fail (a dead sender at once, a dead receiver within UCX's 1 s keepalive) and everything else on
+the worker keeps going.
+
+    ucx_server.py    KVTransportServer: token checks, gather, send
+    ucx_client.py    KVTransportClient: request, receive, scatter, failure handling
+    ucx_protocol.py  wire formats and tags, KVTransferError
+    ucx_staging.py   block gather/scatter and the staging buffer pool
+    ucx_runtime.py   the UCX context on its own loop thread; the UCX settings and why
+
+Guarantees: no byte of the requested blocks is read before the server accepted the token; a
+token allows one pull; a failed pull raises KVTransferError only after no copy into the client's
+cache is still running, so the caller may free the destination blocks at once.
+"""
+
+from __future__ import annotations
+
+from .ucx_client import KVTransportClient
+from .ucx_protocol import KVTransferError
+from .ucx_server import KVTransportServer
+
+__all__ = ["KVTransferError", "KVTransportClient", "KVTransportServer"]

@@ -1,0 +1,86 @@
+"""KVLeases: whichever of pull, release or expiry comes first frees a prefilled prompt, once."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.engine.kv_handoff import PinnedKV
+from services.prefill.kv_leases import KVLeases
+
+
+class FakeEngine:
+    def __init__(self):
+        self.released: list[str] = []
+
+    def release_pinned(self, request_id: str) -> None:
+        self.released.append(request_id)
+
+
+class FakeTransport:
+    def __init__(self):
+        self.exposed: dict[bytes, list[int]] = {}
+        self.revoked: list[bytes] = []
+
+    def expose(self, token, block_ids, expires_at) -> None:
+        self.exposed[token] = block_ids
+
+    def revoke(self, token) -> None:
+        self.revoked.append(token)
+
+
+def setup(lease_seconds: float = 30.0):
+    engine, transport = FakeEngine(), FakeTransport()
+    expired = []
+    return engine, transport, KVLeases(engine, transport, lease_seconds, on_expired=lambda: expired.append(1)), expired
+
+
+def pinned(rid: str) -> PinnedKV:
+    return PinnedKV(rid, (4, 5, 6), (111, 222), 40)
+
+
+async def test_pull_ends_the_lease_without_revoking():
+    engine, transport, leases, _ = setup()
+    lease = leases.grant(pinned("a"))
+    assert transport.exposed[lease.token] == [4, 5, 6] and len(lease.token) == 16
+    leases.pull_done(lease.token, ok=True)
+    assert engine.released == ["a"] and transport.revoked == [] and len(leases) == 0
+    leases.pull_done(lease.token, ok=True)  # a second notification finds nothing
+    assert not leases.release("a", lease.token)
+    assert engine.released == ["a"]
+    leases.check_integrity()
+
+
+async def test_failed_pull_also_ends_the_lease():
+    engine, _, leases, _ = setup()
+    lease = leases.grant(pinned("a"))
+    leases.pull_done(lease.token, ok=False)  # the token is spent either way
+    assert engine.released == ["a"]
+
+
+async def test_release_needs_the_right_token():
+    engine, transport, leases, _ = setup()
+    lease = leases.grant(pinned("a"))
+    assert not leases.release("a", b"\0" * 16)
+    assert not leases.release("b", lease.token)
+    assert engine.released == []
+    assert leases.release("a", lease.token)
+    assert engine.released == ["a"] and transport.revoked == [lease.token]
+    leases.check_integrity()
+
+
+async def test_expiry_frees_and_revokes():
+    engine, transport, leases, expired = setup(lease_seconds=0.05)
+    lease = leases.grant(pinned("a"))
+    other = leases.grant(pinned("b"))
+    leases.pull_done(other.token, ok=True)
+    await asyncio.sleep(0.2)
+    assert engine.released == ["b", "a"] and transport.revoked == [lease.token]
+    assert expired == [1] and leases.num_expired == 1 and len(leases) == 0
+
+
+async def test_close_frees_everything():
+    engine, transport, leases, _ = setup()
+    tokens = [leases.grant(pinned(r)).token for r in "abc"]
+    leases.close()
+    assert sorted(engine.released) == ["a", "b", "c"] and sorted(transport.revoked) == sorted(tokens)
+    leases.check_integrity()

@@ -1,0 +1,325 @@
+"""The UCX KV transport between real processes on loopback (kvtransfer/ucx_transport.py).
+
+Peers run in spawned processes driven over a Pipe; every wait is bounded and every child is
+killed in a finally. Caches are small (2 MiB) and chunks tiny (2 blocks) so pulls cross many
+chunks; the kill tests slow the peer's copies down so the kill lands mid-pull.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from kvtransfer.ucx_transport import KVTransferError, KVTransportClient, KVTransportServer
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="ucxx-cu12 is not installed")
+
+SHAPE = dict(L=4, H=2, NB=64, BS=16, D=32)  # fp32: 2 KiB runs, 32 KiB blocks
+CHUNK_BYTES = 2 * 4 * 2 * 2 * 16 * 32 * 4  # two fp32 blocks
+SPAWN = mp.get_context("spawn")
+WAIT = 30.0  # bound on any wait for a child
+
+
+def make_cache(dtype: torch.dtype, seed: int | None) -> torch.Tensor:
+    s = SHAPE
+    shape = (s["L"], 2, s["H"], s["NB"], s["BS"], s["D"])
+    if seed is None:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _slow(fn, delay: float, conn=None):
+    def slowed(*args):
+        if conn is not None:
+            conn.send("copying")
+        time.sleep(delay)
+        fn(*args)
+
+    return slowed
+
+
+# -- child processes (module level: spawn imports them by name) ---------------------------------
+
+
+def server_child(conn, dtype_name: str, seed: int, slow_gather: float) -> None:
+    import uvloop
+
+    import kvtransfer.ucx_server as S
+
+    if slow_gather:
+        S.gather = _slow(S.gather, slow_gather, conn)
+
+    async def main():
+        server = KVTransportServer(make_cache(getattr(torch, dtype_name), seed), chunk_bytes=CHUNK_BYTES)
+        await server.start()
+        conn.send(server.address)
+        loop = asyncio.get_running_loop()
+        while True:
+            msg = await loop.run_in_executor(None, conn.recv)
+            if msg[0] == "expose":
+                server.expose(*msg[1:])
+                conn.send("ok")
+            elif msg[0] == "revoke":
+                server.revoke(msg[1])
+            elif msg[0] == "quit":
+                await server.close()
+                conn.send("bye")
+                return
+
+    uvloop.run(main())
+
+
+def client_child(conn, server_address: bytes, token: bytes, src: list[int], dst: list[int], slow_scatter: float) -> None:
+    import uvloop
+
+    import kvtransfer.ucx_client as C
+
+    if slow_scatter:
+        C.scatter = _slow(C.scatter, slow_scatter, conn)
+
+    async def main():
+        cache = make_cache(torch.float32, None)
+        client = KVTransportClient(cache)
+        await client.start()
+        try:
+            await client.pull(server_address, token, src, dst, timeout=20)
+        except KVTransferError as e:
+            conn.send(("error", str(e)))
+            return
+        expected = make_cache(torch.float32, 1)[:, :, :, src]
+        conn.send(("ok", bool(torch.equal(cache[:, :, :, dst], expected))))
+
+    uvloop.run(main())
+
+
+def recv(conn, timeout: float = WAIT):
+    assert conn.poll(timeout), f"no message from the child within {timeout} s"
+    return conn.recv()
+
+
+class Child:
+    """A spawned peer; killed for sure when the test ends."""
+
+    def __init__(self, target, *args):
+        self.conn, child_conn = SPAWN.Pipe()
+        self.proc = SPAWN.Process(target=target, args=(child_conn, *args), daemon=True)
+        self.proc.start()
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.join(10)  # reap it: a zombie still passes UCX's pid-based liveness check
+
+    def call(self, *msg):
+        self.conn.send(msg)
+        return recv(self.conn)
+
+
+class ServerChild(Child):
+    def __init__(self, dtype: str = "float32", seed: int = 1, slow_gather: float = 0.0):
+        super().__init__(server_child, dtype, seed, slow_gather)
+        try:
+            self.address = recv(self.conn)
+        except BaseException:
+            self.kill()
+            raise
+
+    def expose(self, token: bytes, ids: list[int], ttl: float = 60.0) -> None:
+        assert self.call("expose", token, ids, time.time() + ttl) == "ok"
+
+
+@pytest.fixture
+def children():
+    started: list[Child] = []
+    yield started
+    for c in started:
+        c.kill()
+
+
+@pytest.fixture(scope="module")
+def fp32_server():
+    server = ServerChild("float32")
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+async def client():
+    """(client, its cache)."""
+    cache = make_cache(torch.float32, None)
+    c = KVTransportClient(cache)
+    await c.start()
+    yield c, cache
+    await c.close()
+
+
+async def arecv(conn, timeout: float = WAIT):
+    return await asyncio.to_thread(recv, conn, timeout)
+
+
+def random_blocks(n: int, seed: int) -> tuple[list[int], list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(SHAPE["NB"], generator=g)[:n].tolist(), torch.randperm(SHAPE["NB"], generator=g)[:n].tolist()
+
+
+# -- round trips ---------------------------------------------------------------------------------
+
+
+async def test_round_trip_fp32(fp32_server, client):
+    client, cache = client
+    src, dst = random_blocks(23, seed=5)  # 12 chunks of 2 blocks, the last one partial
+    fp32_server.expose(b"tok-fp32", src)
+    await client.pull(fp32_server.address, b"tok-fp32", src, dst, timeout=20)
+    assert torch.equal(cache[:, :, :, dst], make_cache(torch.float32, 1)[:, :, :, src])
+
+
+async def test_round_trip_bf16_with_consecutive_runs(children):
+    server = ServerChild("bfloat16", seed=2)
+    children.append(server)
+    cache = make_cache(torch.bfloat16, None)
+    c = KVTransportClient(cache)
+    await c.start()
+    src = [3, 4, 5, 6, 40, 41, 9, 63, 0]  # consecutive runs on both sides and single blocks
+    dst = [10, 11, 12, 13, 14, 2, 3, 60, 61]
+    server.expose(b"tok-bf16", src)
+    await c.pull(server.address, b"tok-bf16", src, dst, timeout=20)
+    assert torch.equal(cache[:, :, :, dst], make_cache(torch.bfloat16, 2)[:, :, :, src])
+    untouched = [b for b in range(SHAPE["NB"]) if b not in dst]
+    assert not cache[:, :, :, untouched].any()
+    await c.close()
+
+
+# -- token checks --------------------------------------------------------------------------------
+
+
+async def test_wrong_token_rejected(fp32_server, client):
+    client, cache = client
+    fp32_server.expose(b"right", [1, 2])
+    with pytest.raises(KVTransferError, match="unknown transfer token"):
+        await client.pull(fp32_server.address, b"wrong", [1, 2], [1, 2], timeout=10)
+    await client.pull(fp32_server.address, b"right", [1, 2], [1, 2], timeout=10)  # not burnt by the miss
+
+
+async def test_reused_token_rejected(fp32_server, client):
+    client, cache = client
+    fp32_server.expose(b"once", [7])
+    await client.pull(fp32_server.address, b"once", [7], [7], timeout=10)
+    with pytest.raises(KVTransferError, match="already used"):
+        await client.pull(fp32_server.address, b"once", [7], [8], timeout=10)
+
+
+async def test_block_not_exposed_rejected(fp32_server, client):
+    client, cache = client
+    fp32_server.expose(b"some", [1, 2, 3])
+    with pytest.raises(KVTransferError, match=r"blocks \[4\] were not exposed"):
+        await client.pull(fp32_server.address, b"some", [1, 4], [1, 4], timeout=10)
+    assert not cache[:, :, :, [1, 4]].any()  # nothing moved
+
+
+async def test_expired_token_rejected(fp32_server, client):
+    client, cache = client
+    fp32_server.expose(b"stale", [5], ttl=-1.0)
+    with pytest.raises(KVTransferError, match="expired"):
+        await client.pull(fp32_server.address, b"stale", [5], [5], timeout=10)
+
+
+async def test_bad_arguments_raise_kv_transfer_error(fp32_server, client):
+    client, cache = client
+    with pytest.raises(KVTransferError, match="destination"):
+        await client.pull(fp32_server.address, b"x", [1, 2], [1], timeout=10)
+    with pytest.raises(KVTransferError, match="not a Tandem UCX"):
+        await client.pull(b"garbage", b"x", [1], [1], timeout=10)
+
+
+async def test_timeout_then_client_still_works(fp32_server, client):
+    client, cache = client
+    silent = KVTransportServer(make_cache(torch.float32, 1))  # in this process, closed: never answers
+    await silent.start()
+    await silent.close()
+    t0 = time.monotonic()
+    with pytest.raises(KVTransferError, match="timed out after 1.0 s while waiting for the server's answer"):
+        await client.pull(silent.address, b"t", [1], [1], timeout=1.0)
+    assert time.monotonic() - t0 < 3.0
+    fp32_server.expose(b"after-timeout", [2, 3])
+    await client.pull(fp32_server.address, b"after-timeout", [2, 3], [4, 5], timeout=10)
+    assert torch.equal(cache[:, :, :, [4, 5]], make_cache(torch.float32, 1)[:, :, :, [2, 3]])
+
+
+# -- peer death ----------------------------------------------------------------------------------
+
+
+async def test_server_killed_mid_pull_then_new_server(children, client):
+    client, cache = client
+    server = ServerChild(slow_gather=0.2)  # 23 blocks = 12 chunks: ~2.4 s of gathering
+    children.append(server)
+    src, dst = random_blocks(23, seed=7)
+    server.expose(b"doomed", src)
+    pull = asyncio.ensure_future(client.pull(server.address, b"doomed", src, dst, timeout=15))
+    assert await arecv(server.conn) == "copying"  # the server is inside the pull
+    await asyncio.sleep(0.3)
+    server.kill()
+    t0 = time.monotonic()
+    with pytest.raises(KVTransferError, match="server gone|connection"):
+        await asyncio.wait_for(pull, 15)
+    assert time.monotonic() - t0 < 5.0  # noticed by UCX (keepalive 1 s), not by the 15 s timeout
+
+    fresh = ServerChild()
+    children.append(fresh)
+    fresh.expose(b"fresh", src)
+    await client.pull(fresh.address, b"fresh", src, dst, timeout=15)
+    assert torch.equal(cache[:, :, :, dst], make_cache(torch.float32, 1)[:, :, :, src])
+
+
+async def test_client_killed_mid_pull_server_serves_next(children):
+    done: list[tuple[bytes, bool]] = []
+    server = KVTransportServer(make_cache(torch.float32, 1), chunk_bytes=CHUNK_BYTES, on_pull_done=lambda t, ok: done.append((t, ok)))
+    await server.start()
+    try:
+        src, dst = random_blocks(23, seed=9)
+        server.expose(b"victim", src, time.time() + 60)
+        victim = Child(client_child, server.address, b"victim", src, dst, 0.2)
+        children.append(victim)
+        assert await arecv(victim.conn) == "copying"  # the client is inside the pull
+        await asyncio.sleep(0.3)
+        victim.kill()
+        for _ in range(100):  # the server notices (endpoint error or keepalive) and fails that pull
+            if done:
+                break
+            await asyncio.sleep(0.1)
+        assert done == [(b"victim", False)]
+
+        server.expose(b"next", src, time.time() + 60)
+        nxt = Child(client_child, server.address, b"next", src, dst, 0.0)
+        children.append(nxt)
+        assert await arecv(nxt.conn) == ("ok", True)
+        for _ in range(50):
+            if len(done) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert done[1] == (b"next", True)
+    finally:
+        await server.close()
+
+
+async def test_revoke_during_pull_aborts_it(children, client):
+    client, cache = client
+    server = ServerChild(slow_gather=0.2)
+    children.append(server)
+    src, dst = random_blocks(23, seed=11)
+    server.expose(b"revoked", src)
+    pull = asyncio.ensure_future(client.pull(server.address, b"revoked", src, dst, timeout=15))
+    assert await arecv(server.conn) == "copying"
+    server.conn.send(("revoke", b"revoked"))  # the lease ended: the running pull is told at once
+    t0 = time.monotonic()
+    with pytest.raises(KVTransferError, match="server aborted the pull: the transfer token was revoked"):
+        await asyncio.wait_for(pull, 15)
+    assert time.monotonic() - t0 < 5.0
