@@ -13,11 +13,22 @@ WORKER_SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, host: EngineHost):
+    def __init__(self, host: EngineHost, extra_checks=()):
         self.host = host
+        self._extra_checks = extra_checks  # more check_integrity() callables of the role (leases)
 
     async def GetLoad(self, request, context):
         return self.host.load_snapshot()
+
+    async def CheckIntegrity(self, request, context):
+        try:
+            await self.host.engine.check_integrity_live()
+            self.host.kv_log.check_integrity()
+            for check in self._extra_checks:
+                check()
+        except AssertionError as e:
+            return worker_pb2.CheckIntegrityResponse(ok=False, problem=str(e) or repr(e))
+        return worker_pb2.CheckIntegrityResponse(ok=True)
 
     async def Watch(self, request, context):
         sub, first = self.host.subscribe(request.last_sequence)

@@ -196,6 +196,13 @@ class AsyncEngine:
                 core.complete_kv_import(*arg)
             elif kind == "release":
                 core.release_pinned(arg)
+            elif kind == "check":
+                loop, done = arg
+                try:
+                    core.check_integrity()
+                    loop.call_soon_threadsafe(done.set_result, None)
+                except AssertionError as e:
+                    loop.call_soon_threadsafe(done.set_exception, e)
             else:
                 core.abort(arg)
         return bool(inbox)
@@ -215,4 +222,13 @@ class AsyncEngine:
                 pass
 
     def check_integrity(self) -> None:
+        """Check the engine's invariants from this thread: only while the engine thread is idle or gone."""
         self.core.check_integrity()
+
+    async def check_integrity_live(self) -> None:
+        """Check the invariants on the engine thread, between steps, while it serves; raises
+        AssertionError (with what is wrong) here."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._post(("check", (loop, done)))
+        await done

@@ -25,6 +25,9 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
     def add_role_servicer(self, server: grpc.aio.Server) -> None:
         worker_pb2_grpc.add_PrefillServicer_to_server(self, server)
 
+    def integrity_checks(self) -> list:
+        return [lambda: self.leases.check_integrity()]
+
     async def start(self) -> None:
         await super().start()
         self.transport = KVTransportServer(self.host.kv_storage, on_pull_done=lambda token, ok: self.leases.pull_done(token, ok))

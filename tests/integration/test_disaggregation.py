@@ -64,9 +64,13 @@ def load(c, name: str) -> worker_pb2.LoadSnapshot:
 
 
 def wait_idle(c, *names: str, timeout: float = LEASE_S + 5) -> None:
+    """Each worker ends with no request, no KV block held, and its check_integrity() clean."""
     for name in names:
         wait_for(lambda: (lambda s: s.num_used_blocks == 0 and s.num_requests_running == 0 and s.num_requests_waiting == 0)(load(c, name)),
                  f"{name} to hold no request and no KV block", timeout=timeout)  # fmt: skip
+        with grpc.insecure_channel(c.service(name).address) as ch:
+            check = worker_pb2_grpc.WorkerStub(ch).CheckIntegrity(worker_pb2.CheckIntegrityRequest(), timeout=10)
+        assert check.ok, f"{name}: {check.problem}"
 
 
 def metric(c, name: str, sample: str) -> float:

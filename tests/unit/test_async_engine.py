@@ -93,3 +93,15 @@ async def test_event_loop_stays_responsive_during_long_prefill(tiny_llama):
         assert max(gaps) < 0.5 * sum(gaps)
     finally:
         await eng.shutdown()
+
+
+async def test_live_integrity_check_runs_on_the_engine_thread_and_reports_problems(engine):
+    await engine.check_integrity_live()  # clean
+    block = engine.core.kv.pool.blocks[0]
+    block.ref_count += 1  # a block held by nobody: the check must say so
+    try:
+        with pytest.raises(AssertionError):
+            await engine.check_integrity_live()
+    finally:
+        block.ref_count -= 1
+    await engine.check_integrity_live()

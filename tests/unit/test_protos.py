@@ -81,6 +81,7 @@ UNARY, SERVER_STREAM, CLIENT_STREAM, BIDI = (False, False), (False, True), (True
         (worker_pb2, "tandem.v1.Prefill", "ReleaseKV", UNARY, "tandem.v1.ReleaseKVRequest", "tandem.v1.ReleaseKVResponse"),
         (worker_pb2, "tandem.v1.Worker", "Watch", SERVER_STREAM, "tandem.v1.WatchRequest", "tandem.v1.WorkerEvent"),
         (worker_pb2, "tandem.v1.Worker", "GetLoad", UNARY, "tandem.v1.GetLoadRequest", "tandem.v1.LoadSnapshot"),
+        (worker_pb2, "tandem.v1.Worker", "CheckIntegrity", UNARY, "tandem.v1.CheckIntegrityRequest", "tandem.v1.CheckIntegrityResponse"),
         (tokenizer_pb2, "tandem.v1.Tokenizer", "Tokenize", UNARY, "tandem.v1.TokenizeRequest", "tandem.v1.TokenizeResponse"),
         (
             tokenizer_pb2,
@@ -117,7 +118,7 @@ def test_service_rpcs(module, service, method, kind, request_type, response_type
         (gateway_pb2, "Gateway", {"Generate", "ListWorkers"}),
         (worker_pb2, "Decode", {"Generate"}),
         (worker_pb2, "Prefill", {"Prefill", "ReleaseKV"}),
-        (worker_pb2, "Worker", {"GetLoad", "Watch"}),
+        (worker_pb2, "Worker", {"GetLoad", "Watch", "CheckIntegrity"}),
         (tokenizer_pb2, "Tokenizer", {"Tokenize", "ApplyChatTemplate", "Detokenize", "DetokenizeStream", "GetInfo"}),
     ],
 )

@@ -63,6 +63,18 @@ class GetLoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class CheckIntegrityRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckIntegrityResponse(_message.Message):
+    __slots__ = ("ok", "problem")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    problem: str
+    def __init__(self, ok: _Optional[bool] = ..., problem: _Optional[str] = ...) -> None: ...
+
 class LoadSnapshot(_message.Message):
     __slots__ = ("worker_id", "num_requests_running", "num_requests_waiting", "kv_cache_usage", "num_used_blocks", "num_total_blocks", "kv_event_sequence", "timestamp_unix_ms")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]

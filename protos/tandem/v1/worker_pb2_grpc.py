@@ -244,6 +244,11 @@ class WorkerStub:
                 request_serializer=protos_dot_tandem_dot_v1_dot_worker__pb2.WatchRequest.SerializeToString,
                 response_deserializer=protos_dot_tandem_dot_v1_dot_worker__pb2.WorkerEvent.FromString,
                 _registered_method=True)
+        self.CheckIntegrity = channel.unary_unary(
+                '/tandem.v1.Worker/CheckIntegrity',
+                request_serializer=protos_dot_tandem_dot_v1_dot_worker__pb2.CheckIntegrityRequest.SerializeToString,
+                response_deserializer=protos_dot_tandem_dot_v1_dot_worker__pb2.CheckIntegrityResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -262,6 +267,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckIntegrity(self, request, context):
+        """Run the worker's invariant checks (KV block pool, prefix cache, leases, event log) between
+        engine steps; for operators and tests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -274,6 +287,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=protos_dot_tandem_dot_v1_dot_worker__pb2.WatchRequest.FromString,
                     response_serializer=protos_dot_tandem_dot_v1_dot_worker__pb2.WorkerEvent.SerializeToString,
+            ),
+            'CheckIntegrity': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckIntegrity,
+                    request_deserializer=protos_dot_tandem_dot_v1_dot_worker__pb2.CheckIntegrityRequest.FromString,
+                    response_serializer=protos_dot_tandem_dot_v1_dot_worker__pb2.CheckIntegrityResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -331,6 +349,33 @@ class Worker:
             '/tandem.v1.Worker/Watch',
             protos_dot_tandem_dot_v1_dot_worker__pb2.WatchRequest.SerializeToString,
             protos_dot_tandem_dot_v1_dot_worker__pb2.WorkerEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckIntegrity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Worker/CheckIntegrity',
+            protos_dot_tandem_dot_v1_dot_worker__pb2.CheckIntegrityRequest.SerializeToString,
+            protos_dot_tandem_dot_v1_dot_worker__pb2.CheckIntegrityResponse.FromString,
             options,
             channel_credentials,
             insecure,
