@@ -80,7 +80,7 @@ def print_stream(address: str, request, timeout: float | None) -> int:
 def cmd_generate(args) -> int:
     from .client import build_request
 
-    request = build_request(args.prompt, args.chat, args.max_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.stop)
+    request = build_request(args.prompt, args.chat, args.max_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.stop, args.mode)
     return print_stream(args.gateway, request, args.timeout)
 
 
@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    gen.add_argument("--mode", choices=["auto", "aggregated", "disaggregated"], default="auto",
+                     help="force where the prompt is prefilled (default: the gateway decides by prompt length)")
     gen.set_defaults(func=cmd_generate)
 
     health = sub.add_parser("health", help="grpc.health.v1 Check; exit 0 when SERVING")

@@ -11,15 +11,16 @@ from protos.tandem.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 def build_request(prompt: str, chat: bool, max_tokens: int | None = None, temperature: float | None = None,
                   top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                  stop: list[str] | None = None) -> gateway_pb2.GenerateRequest:  # fmt: skip
+                  stop: list[str] | None = None, mode: str = "auto") -> gateway_pb2.GenerateRequest:  # fmt: skip
     sampling = common_pb2.SamplingParams(stop=stop or [])
     for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
         if value is not None:
             setattr(sampling, name, value)
+    serving_mode = gateway_pb2.ServingMode.Value("SERVING_MODE_" + mode.upper())
     if chat:
         messages = common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=prompt)])
-        return gateway_pb2.GenerateRequest(chat=messages, sampling=sampling)
-    return gateway_pb2.GenerateRequest(text=prompt, sampling=sampling)
+        return gateway_pb2.GenerateRequest(chat=messages, sampling=sampling, mode=serving_mode)
+    return gateway_pb2.GenerateRequest(text=prompt, sampling=sampling, mode=serving_mode)
 
 
 def stream_generate(address: str, request: gateway_pb2.GenerateRequest, timeout: float | None = None) -> Iterator[common_pb2.GenerateResponse]:
