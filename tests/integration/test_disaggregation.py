@@ -251,3 +251,15 @@ def test_disaggregated_equals_aggregated_on_a_tiny_model(tmp_path, tiny_llama):
             disagg, agg = generate(c, prompt, DISAGG), generate(c, prompt, AGG)
             assert tokens(disagg) == tokens(agg) and len(tokens(agg)) == 12, n
         wait_idle(c, "prefill-0", "decode-0")
+
+
+def test_policy_fail_turns_a_failed_pull_into_unavailable(tmp_path, default_model_dir):
+    role_args = {**ROLE_ARGS, "decode": ["--kv-transfer-timeout", "3", "--kv-transfer-policy", "fail"]}
+    with running_cluster(tmp_path, role_args=role_args, num_prefill=1, num_decode=1) as c:
+        prompt = ids(50, start=51)
+        reply = prefill_directly(c, prompt, "policy-fail")
+        reply.kv_handle.transfer_token = bytes(16)
+        with pytest.raises(grpc.RpcError) as err:
+            decode_directly(c, prompt, reply, "policy-fail")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "KV transfer" in err.value.details()
+        wait_idle(c, "decode-0", "prefill-0")  # the request's blocks on decode, the lease on prefill
