@@ -245,7 +245,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
     async def ListWorkers(self, request, context):
         reply = gateway_pb2.ListWorkersResponse()
         for h in self.pool.workers.values():
-            status = gateway_pb2.WorkerStatus(registration=h.registration, num_in_flight=h.num_in_flight)
+            status = gateway_pb2.WorkerStatus(
+                registration=h.registration, num_in_flight=h.num_in_flight, num_indexed_blocks=len(self.pool.index.held(h.worker_id))
+            )
             if h.load is not None:
                 status.load.CopyFrom(h.load)
             reply.workers.append(status)

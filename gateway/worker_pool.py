@@ -19,6 +19,8 @@ import grpc
 
 from protos.tandem.v1 import common_pb2, tokenizer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.registry import RegistryWatcher, WatchEvent
+
+from .prefix_index import PrefixIndex
 from services.common.telemetry import client_interceptors
 
 log = logging.getLogger(__name__)
@@ -76,9 +78,11 @@ class WorkerHandle:
                         self.load = event.load
                     else:
                         batch = event.kv_events
+                        if self._on_kv_events is not None and not self._on_kv_events(self, batch):
+                            # a gap in the sequence: resubscribe from the last batch applied, so
+                            # the worker replays what was missed (or sends a snapshot)
+                            raise ConnectionError(f"KV event batch {batch.sequence} does not follow {self.kv_sequence}")
                         self.kv_sequence = batch.sequence
-                        if self._on_kv_events is not None:
-                            self._on_kv_events(self, batch)
                 raise ConnectionError("Watch stream ended")
             except asyncio.CancelledError:
                 raise
@@ -115,9 +119,9 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, etcd: str, cluster: str, on_kv_events: Callable | None = None, on_change: Callable | None = None):
+    def __init__(self, etcd: str, cluster: str, on_change: Callable | None = None, index: PrefixIndex | None = None):
         self.workers: dict[str, WorkerHandle] = {}
-        self._on_kv_events = on_kv_events
+        self.index = index or PrefixIndex()  # which worker holds which KV blocks, from their events
         self._on_change = on_change
         self._grace_tasks: set[asyncio.Task] = set()
         self.watcher = RegistryWatcher(etcd, cluster, self._apply)
@@ -164,18 +168,24 @@ class WorkerPool:
 
     async def _put(self, key: str, reg: common_pb2.WorkerRegistration) -> None:
         old = self.workers.get(key)
-        if old is not None and old.registration.grpc_address == reg.grpc_address and old.worker_id == reg.worker_id:
+        same_process = old is not None and (old.registration.grpc_address, old.worker_id, old.registration.started_unix_ms) == (
+            reg.grpc_address, reg.worker_id, reg.started_unix_ms)  # fmt: skip
+        if same_process:
             old.registration = reg  # a re-registration after an etcd outage: same worker, keep its state
             old.unlisted_since = None
             return
         if old is not None:
             await self._remove(key)
-        self.workers[key] = WorkerHandle(key, reg, self._on_kv_events)
+        self.workers[key] = WorkerHandle(key, reg, self._apply_kv_events)
         log.info("discovered %s %s at %s", reg.role, reg.worker_id, reg.grpc_address)
+
+    def _apply_kv_events(self, handle: WorkerHandle, batch) -> bool:
+        return self.index.apply(handle.worker_id, batch)
 
     async def _remove(self, key: str) -> None:
         handle = self.workers.pop(key, None)
         if handle is not None:
+            self.index.remove_worker(handle.worker_id)
             log.info("%s %s left the cluster", handle.role, handle.worker_id)
             await handle.retire()
 

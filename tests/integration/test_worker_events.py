@@ -67,6 +67,12 @@ def test_watch_streams_kv_events_with_the_gateways_hashes_and_replays_after_reco
         assert len(expected) == 5
         wait_for(lambda: expected <= stored_hashes(watcher.batches()), "the prompt's blocks in the KV event stream")
         wait_for(lambda: len([b for b in watcher.batches() if not b.snapshot]) >= 2, "the second prompt's batch")
+        # the gateway's own prefix index learned the same blocks from its Watch stream
+        def indexed():
+            reply = gateway_pb2_grpc.GatewayStub(gateway_channel).ListWorkers(gateway_pb2.ListWorkersRequest(), timeout=5)
+            return next(w.num_indexed_blocks for w in reply.workers if w.registration.worker_id == "decode-0") >= len(expected)
+
+        wait_for(indexed, "the gateway's prefix index to hold the prompt's blocks on decode-0")
         seqs = [b.sequence for b in watcher.batches() if not b.snapshot]
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"sequence numbers must be consecutive: {seqs}"
         assert any(load.num_requests_running == 1 for load in watcher.loads()), "a load snapshot while the request ran"

@@ -26,23 +26,23 @@ from protos.tandem.v1 import common_pb2 as protos_dot_tandem_dot_v1_dot_common__
 from protos.tandem.v1 import worker_pb2 as protos_dot_tandem_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/tandem/v1/gateway.proto\x12\ttandem.v1\x1a\x1dprotos/tandem/v1/common.proto\x1a\x1dprotos/tandem/v1/worker.proto\"\x88\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\r\n\x05model\x18\x06 \x01(\t\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12$\n\x04mode\x18\x08 \x01(\x0e\x32\x16.tandem.v1.ServingModeB\x08\n\x06prompt\"\x14\n\x12ListWorkersRequest\"\x81\x01\n\x0cWorkerStatus\x12\x33\n\x0cregistration\x18\x01 \x01(\x0b\x32\x1d.tandem.v1.WorkerRegistration\x12%\n\x04load\x18\x02 \x01(\x0b\x32\x17.tandem.v1.LoadSnapshot\x12\x15\n\rnum_in_flight\x18\x03 \x01(\r\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.tandem.v1.WorkerStatus*a\n\x0bServingMode\x12\x15\n\x11SERVING_MODE_AUTO\x10\x00\x12\x1b\n\x17SERVING_MODE_AGGREGATED\x10\x01\x12\x1e\n\x1aSERVING_MODE_DISAGGREGATED\x10\x02\x32\x9e\x01\n\x07Gateway\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12L\n\x0bListWorkers\x12\x1d.tandem.v1.ListWorkersRequest\x1a\x1e.tandem.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/tandem/v1/gateway.proto\x12\ttandem.v1\x1a\x1dprotos/tandem/v1/common.proto\x1a\x1dprotos/tandem/v1/worker.proto\"\x88\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\r\n\x05model\x18\x06 \x01(\t\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12$\n\x04mode\x18\x08 \x01(\x0e\x32\x16.tandem.v1.ServingModeB\x08\n\x06prompt\"\x14\n\x12ListWorkersRequest\"\x9d\x01\n\x0cWorkerStatus\x12\x33\n\x0cregistration\x18\x01 \x01(\x0b\x32\x1d.tandem.v1.WorkerRegistration\x12%\n\x04load\x18\x02 \x01(\x0b\x32\x17.tandem.v1.LoadSnapshot\x12\x15\n\rnum_in_flight\x18\x03 \x01(\r\x12\x1a\n\x12num_indexed_blocks\x18\x04 \x01(\r\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.tandem.v1.WorkerStatus*a\n\x0bServingMode\x12\x15\n\x11SERVING_MODE_AUTO\x10\x00\x12\x1b\n\x17SERVING_MODE_AGGREGATED\x10\x01\x12\x1e\n\x1aSERVING_MODE_DISAGGREGATED\x10\x02\x32\x9e\x01\n\x07Gateway\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12L\n\x0bListWorkers\x12\x1d.tandem.v1.ListWorkersRequest\x1a\x1e.tandem.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.tandem.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SERVINGMODE']._serialized_start=593
-  _globals['_SERVINGMODE']._serialized_end=690
+  _globals['_SERVINGMODE']._serialized_start=621
+  _globals['_SERVINGMODE']._serialized_end=718
   _globals['_GENERATEREQUEST']._serialized_start=108
   _globals['_GENERATEREQUEST']._serialized_end=372
   _globals['_LISTWORKERSREQUEST']._serialized_start=374
   _globals['_LISTWORKERSREQUEST']._serialized_end=394
   _globals['_WORKERSTATUS']._serialized_start=397
-  _globals['_WORKERSTATUS']._serialized_end=526
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=528
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=591
-  _globals['_GATEWAY']._serialized_start=693
-  _globals['_GATEWAY']._serialized_end=851
+  _globals['_WORKERSTATUS']._serialized_end=554
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=556
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=619
+  _globals['_GATEWAY']._serialized_start=721
+  _globals['_GATEWAY']._serialized_end=879
 # @@protoc_insertion_point(module_scope)

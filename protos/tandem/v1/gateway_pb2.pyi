@@ -43,14 +43,16 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("registration", "load", "num_in_flight")
+    __slots__ = ("registration", "load", "num_in_flight", "num_indexed_blocks")
     REGISTRATION_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     NUM_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    NUM_INDEXED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     registration: _common_pb2.WorkerRegistration
     load: _worker_pb2.LoadSnapshot
     num_in_flight: int
-    def __init__(self, registration: _Optional[_Union[_common_pb2.WorkerRegistration, _Mapping]] = ..., load: _Optional[_Union[_worker_pb2.LoadSnapshot, _Mapping]] = ..., num_in_flight: _Optional[int] = ...) -> None: ...
+    num_indexed_blocks: int
+    def __init__(self, registration: _Optional[_Union[_common_pb2.WorkerRegistration, _Mapping]] = ..., load: _Optional[_Union[_worker_pb2.LoadSnapshot, _Mapping]] = ..., num_in_flight: _Optional[int] = ..., num_indexed_blocks: _Optional[int] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers",)
