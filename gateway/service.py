@@ -142,15 +142,17 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         try:
             reply = await handle.prefill_stub().Prefill(prefill_request, timeout=self._remaining(context))
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.UNAVAILABLE and not forced:
-                log.warning("prefill worker %s unreachable (%s); serving %s aggregated", handle.worker_id, e.details(), worker_request.request_id)
-                handle.mark_unreachable()
-                async for chunk in self._decode(worker_request, context):
-                    yield chunk
-                return
-            raise RequestError(e.code(), e.details() or e.code().name) from None
+            if e.code() != grpc.StatusCode.UNAVAILABLE or forced:
+                raise RequestError(e.code(), e.details() or e.code().name) from None
+            log.warning("prefill worker %s unreachable (%s); serving %s aggregated", handle.worker_id, e.details(), worker_request.request_id)
+            handle.mark_unreachable()
+            reply = None
         finally:
             handle.release()
+        if reply is None:
+            async for chunk in self._decode(worker_request, context):
+                yield chunk
+            return
         yield reply.first  # the first token reaches the client before decode starts
         if reply.first.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
             return
