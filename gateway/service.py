@@ -26,14 +26,18 @@ from services.common.metrics import GatewayMetrics
 from services.common.registry import workers_prefix
 from services.common.telemetry import tracer
 
+from kvtransfer.block_hash import hash_blocks
+
 from .least_loaded import pick_least_loaded
 from .pd_decider import should_disaggregate
+from .scheduling.base import RequestContext
+from .scheduling.policies import Router
 from .request_validation import check_prompt_length, validate_request
 from .worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
-ROUTING_POLICY = "least-loaded"
+PREFILL_POLICY = "least-loaded"  # prefill workers: the endpoint picker makes this prefix-aware too
 
 
 class GatewayService(gateway_pb2_grpc.GatewayServicer):
@@ -45,6 +49,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self.metrics_registry = self.metrics.registry
         self.pool = WorkerPool(config.etcd, config.cluster, on_change=self._count_workers)
         self._rng = random.Random()
+        self.router = Router(config.routing_policy, self.pool.index, self._rng)
         self._tasks: set[asyncio.Task] = set()  # fire-and-forget cleanups, held until done
         self._tokenizer_turn = 0
 
@@ -117,21 +122,32 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         worker_request = worker_pb2.WorkerGenerateRequest(
             request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling, cache_salt=request.cache_salt
         )
+        route = self._routing_context(request_id, prompt_ids, request.cache_salt, decoders)
         num_prefill = len(self.pool.ready("prefill"))
         if should_disaggregate(request.mode, len(prompt_ids), self.config.disagg_min_prompt_tokens, num_prefill):
-            stream = self._disaggregated(worker_request, context, forced=request.mode == gateway_pb2.SERVING_MODE_DISAGGREGATED)
+            stream = self._disaggregated(worker_request, context, route, forced=request.mode == gateway_pb2.SERVING_MODE_DISAGGREGATED)
         else:
-            stream = self._decode(worker_request, context)
+            stream = self._decode(worker_request, context, route)
         async for chunk in stream:
             yield chunk
 
-    async def _disaggregated(self, worker_request: worker_pb2.WorkerGenerateRequest, context, forced: bool):
+    def _routing_context(self, request_id: str, prompt_ids: list[int], cache_salt: str, decoders) -> RequestContext:
+        """What the router needs to know of the request; the prompt's block hashes only when the
+        policy uses them (hashed as the workers do: their model id and block size)."""
+        ctx = RequestContext(request_id, len(prompt_ids))
+        if self.router.needs_block_hashes:
+            layout = decoders[0].registration.kv_layout
+            if layout.block_size:
+                ctx.block_hashes = hash_blocks(prompt_ids, layout.block_size, layout.model_id, cache_salt or None)
+        return ctx
+
+    async def _disaggregated(self, worker_request: worker_pb2.WorkerGenerateRequest, context, route: RequestContext, forced: bool):
         """Prefill on a prefill worker, stream its first token at once, then decode with its KV handle.
 
         A prefill worker that cannot be reached makes an AUTO request fall back to aggregated
         serving (the client has seen nothing yet); a forced one fails with UNAVAILABLE."""
         handle = pick_least_loaded(self.pool.ready("prefill"), self._rng)
-        self.metrics.decisions.labels(handle.worker_id, ROUTING_POLICY).inc()
+        self.metrics.decisions.labels(handle.worker_id, PREFILL_POLICY).inc()
         prefill_request = worker_pb2.PrefillRequest(
             request_id=worker_request.request_id,
             prompt_token_ids=worker_request.prompt_token_ids,
@@ -150,7 +166,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         finally:
             handle.release()
         if reply is None:
-            async for chunk in self._decode(worker_request, context):
+            async for chunk in self._decode(worker_request, context, route):
                 yield chunk
             return
         yield reply.first  # the first token reaches the client before decode starts
@@ -159,7 +175,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         worker_request.kv_handle.CopyFrom(reply.kv_handle)
         worker_request.first_token_id = reply.first.token_ids[0]
         try:
-            async for chunk in self._decode(worker_request, context, cached_prompt_tokens=reply.num_cached_tokens):
+            async for chunk in self._decode(worker_request, context, route, cached_prompt_tokens=reply.num_cached_tokens):
                 yield chunk
         finally:
             # normally the decode worker's pull has released the blocks already; when the request
@@ -200,7 +216,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 last_error = e
         raise unavailable(f"no tokenizer could be reached ({len(tokenizers)} registered): {last_error.details()}")
 
-    async def _decode(self, worker_request: worker_pb2.WorkerGenerateRequest, context, cached_prompt_tokens: int | None = None):
+    async def _decode(self, worker_request: worker_pb2.WorkerGenerateRequest, context, route: RequestContext, cached_prompt_tokens: int | None = None):
         """Stream the request from a decode worker. `cached_prompt_tokens`: the prefill worker's
         count, which the usage reports for a disaggregated request (the tokens no worker computed)."""
         tried: set[str] = set()
@@ -209,15 +225,15 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             candidates = [h for h in self.pool.ready("decode") if h.key not in tried]
             with tracer().start_as_current_span("gateway.route") as span:
                 t = time.perf_counter()
-                handle = pick_least_loaded(candidates, self._rng)
-                self.metrics.plugin_latency.labels(ROUTING_POLICY).observe(time.perf_counter() - t)
+                handle = self.router.pick(route, candidates, observe=lambda plugin, sec: self.metrics.plugin_latency.labels(plugin).observe(sec))
+                self.metrics.plugin_latency.labels(self.router.policy).observe(time.perf_counter() - t)
                 span.set_attribute("tandem.candidates", len(candidates))
                 if handle is not None:
                     span.set_attribute("tandem.worker_id", handle.worker_id)
             if handle is None:
                 detail = f"; last error: {last_error.details()}" if last_error is not None else ""
                 raise unavailable(f"no decode worker is reachable ({len(self.pool.registered('decode'))} registered, {len(tried)} tried){detail}")
-            self.metrics.decisions.labels(handle.worker_id, ROUTING_POLICY).inc()
+            self.metrics.decisions.labels(handle.worker_id, self.router.policy).inc()
             handle.acquire()
             call = handle.decode_stub().Generate(worker_request, timeout=self._remaining(context))
             streamed = False

@@ -98,7 +98,7 @@ def cmd_up(args) -> int:
     spec = ClusterSpec(
         model=args.model, num_prefill=args.prefill, num_decode=args.decode, cluster=args.cluster,
         etcd=args.etcd, base_port=args.base_port, worker_args=worker_args,
-        role_args={"gateway": ["--disagg-min-prompt-tokens", str(args.disagg_min_prompt_tokens)]},
+        role_args={"gateway": ["--disagg-min-prompt-tokens", str(args.disagg_min_prompt_tokens), "--routing-policy", args.routing_policy]},
         workdir=Path(args.workdir) if args.workdir else None,
     )  # fmt: skip
     cluster = LocalCluster(spec)
@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kv-cache-gb", type=float, default=0.5, help="KV cache memory per worker")
     up.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
     up.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = the cores divided among the workers)")
+    up.add_argument("--routing-policy", default="least-loaded", choices=["least-loaded", "prefix-aware", "random", "round-robin"],
+                    help="how the gateway picks a decode worker")
     up.add_argument("--disagg-min-prompt-tokens", type=int, default=512,
                     help="prompts this long or longer are prefilled on a prefill worker and their KV pulled by decode over UCX (0 = never)")
     up.add_argument("--workdir", default=None, help="where logs and etcd data go (default: a new temp dir)")

@@ -60,6 +60,7 @@ class ServiceConfig:
     kv_transfer_timeout: float = _opt(10.0, "decode: seconds a KV pull may take before it counts as failed", ("decode",))
     kv_transfer_policy: str = _opt("recompute", "decode: when a KV pull fails, recompute the prompt here (recompute) or fail the request (fail)", ("decode",))
     # ---- the gateway --------------------------------------------------------------------------
+    routing_policy: str = _opt("least-loaded", "how decode workers are chosen: least-loaded | prefix-aware | random | round-robin", ("gateway",))
     disagg_min_prompt_tokens: int = _opt(512, "prompts at least this long go to a prefill worker first (AUTO mode); 0 = never", ("gateway",))
     max_prompt_tokens: int = _opt(0, "reject prompts longer than this; 0 = only the workers' context length limits them", ("gateway",))
     default_max_tokens: int = _opt(256, "max_tokens when a request leaves it unset", ("gateway",))
@@ -77,6 +78,8 @@ class ServiceConfig:
             self.worker_id = f"{self.role}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         if self.lease_ttl < 2:
             raise ValueError(f"lease_ttl must be >= 2 seconds (the keep-alive runs every ttl/3), got {self.lease_ttl}")
+        if self.routing_policy not in ("least-loaded", "prefix-aware", "random", "round-robin"):
+            raise ValueError(f"routing_policy must be least-loaded, prefix-aware, random or round-robin, got {self.routing_policy!r}")
         if self.kv_transfer_policy not in ("recompute", "fail"):
             raise ValueError(f"kv_transfer_policy must be recompute or fail, got {self.kv_transfer_policy!r}")
         if self.kv_lease_seconds <= 0 or self.kv_transfer_timeout <= 0:

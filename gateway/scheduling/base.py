@@ -1,0 +1,64 @@
+"""What every routing plugin sees, and how scorers and a picker make one decision.
+
+    candidates ──► scorer₁ … scorerₙ (each: a score in [0, 1] per candidate)
+               ──► Σ weightᵢ · scoreᵢ ──► picker ──► one candidate
+
+A candidate is a gateway WorkerHandle (registration, last load snapshot, in-flight count). The
+request context carries the prompt's block hashes, computed once per request, so every scorer
+that needs them shares one hashing.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class RequestContext:
+    request_id: str
+    num_prompt_tokens: int
+    block_hashes: list[int] = field(default_factory=list)  # the prompt's full blocks, chained
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(self, ctx: RequestContext, candidates: Sequence) -> list[float]:
+        """One score in [0, 1] per candidate, higher is better. Does not mutate."""
+
+
+class Picker(Protocol):
+    name: str
+
+    def pick(self, candidates: Sequence, scores: list[float], rng: random.Random):
+        """One candidate (None when there is none). Does not mutate."""
+
+
+@dataclass
+class Profile:
+    """Weighted scorers and a picker: one routing policy."""
+
+    name: str
+    scorers: list[tuple[Scorer, float]]
+    picker: Picker
+
+    def schedule(self, ctx: RequestContext, candidates: Sequence, rng: random.Random, observe=None):
+        """The chosen candidate, or None. `observe(plugin name, seconds)` gets each plugin's time."""
+        if not candidates:
+            return None
+        totals = [0.0] * len(candidates)
+        for scorer, weight in self.scorers:
+            t = time.perf_counter()
+            for i, s in enumerate(scorer.score(ctx, candidates)):
+                totals[i] += weight * s
+            if observe is not None:
+                observe(scorer.name, time.perf_counter() - t)
+        t = time.perf_counter()
+        chosen = self.picker.pick(candidates, totals, rng)
+        if observe is not None:
+            observe(self.picker.name, time.perf_counter() - t)
+        return chosen
