@@ -73,6 +73,11 @@ class PrefixIndex:
         w = self._workers.get(worker_id)
         return w.sequence if w is not None else 0
 
+    def num_held(self, worker_id: str) -> int:
+        """How many hashes are indexed for `worker_id` (0 when unknown), without copying them."""
+        w = self._workers.get(worker_id)
+        return len(w.hashes) if w is not None else 0
+
     def held(self, worker_id: str) -> set[int]:
         """A copy of the hashes indexed for `worker_id` (empty when unknown). Does not mutate."""
         w = self._workers.get(worker_id)

@@ -264,7 +264,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         reply = gateway_pb2.ListWorkersResponse()
         for h in self.pool.workers.values():
             status = gateway_pb2.WorkerStatus(
-                registration=h.registration, num_in_flight=h.num_in_flight, num_indexed_blocks=len(self.pool.index.held(h.worker_id))
+                registration=h.registration, num_in_flight=h.num_in_flight, num_indexed_blocks=self.pool.index.num_held(h.worker_id)
             )
             if h.load is not None:
                 status.load.CopyFrom(h.load)

@@ -96,6 +96,7 @@ def test_snapshot_replaces_what_was_known():
     assert index.apply("w", batch(9, stored(3, 4, 5), snapshot=True))
     assert index.held("w") == {3, 4, 5}
     assert index.held("other") == {2, 3}
+    assert (index.num_held("w"), index.num_held("other"), index.num_held("nobody")) == (3, 2, 0)
     assert index.sequence("w") == 9
     assert index.apply("w", batch(10, removed(5)))
     assert index.held("w") == {3, 4}
