@@ -144,6 +144,7 @@ class EngineHost:
             num_used_blocks=s.num_used_blocks,
             num_total_blocks=s.num_total_blocks,
             kv_event_sequence=self.kv_log.sequence,
+            num_pending_prefill_tokens=s.num_pending_prefill_tokens,
             timestamp_unix_ms=int(time.time() * 1000),
         )
 
@@ -155,7 +156,7 @@ class EngineHost:
         batch = self.kv_log.append(events)
         if batch is not None:
             self._broadcast(worker_pb2.WorkerEvent(kv_events=batch))
-        load_key = (stats.num_running, stats.num_waiting, stats.num_used_blocks)
+        load_key = (stats.num_running, stats.num_waiting, stats.num_used_blocks, stats.num_pending_prefill_tokens)
         if load_key != self._last_load_key:  # one snapshot per change, not one per engine step
             self._last_load_key = load_key
             self._broadcast(worker_pb2.WorkerEvent(load=self.load_snapshot()))

@@ -33,6 +33,7 @@ class EngineStats:
     num_waiting: int
     num_used_blocks: int
     num_total_blocks: int
+    num_pending_prefill_tokens: int = 0  # prompt tokens not computed yet, waiting or running
 
     @property
     def kv_cache_usage(self) -> float:
@@ -130,8 +131,10 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         core = self.core
         pool = core.kv.pool
-        waiting = len(core.scheduler.waiting) + len(core.importing)
-        return EngineStats(len(core.scheduler.running), waiting, pool.num_used_blocks, pool.num_blocks)
+        sched = core.scheduler
+        waiting = len(sched.waiting) + len(core.importing)
+        pending = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in (*sched.waiting, *sched.running))
+        return EngineStats(len(sched.running), waiting, pool.num_used_blocks, pool.num_blocks, pending)
 
     async def shutdown(self) -> None:
         self._stopping = True

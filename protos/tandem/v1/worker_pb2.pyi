@@ -76,7 +76,7 @@ class CheckIntegrityResponse(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., problem: _Optional[str] = ...) -> None: ...
 
 class LoadSnapshot(_message.Message):
-    __slots__ = ("worker_id", "num_requests_running", "num_requests_waiting", "kv_cache_usage", "num_used_blocks", "num_total_blocks", "kv_event_sequence", "timestamp_unix_ms")
+    __slots__ = ("worker_id", "num_requests_running", "num_requests_waiting", "kv_cache_usage", "num_used_blocks", "num_total_blocks", "kv_event_sequence", "timestamp_unix_ms", "num_pending_prefill_tokens")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class LoadSnapshot(_message.Message):
     NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     KV_EVENT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PENDING_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     num_requests_running: int
     num_requests_waiting: int
@@ -93,7 +94,8 @@ class LoadSnapshot(_message.Message):
     num_total_blocks: int
     kv_event_sequence: int
     timestamp_unix_ms: int
-    def __init__(self, worker_id: _Optional[str] = ..., num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_used_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., kv_event_sequence: _Optional[int] = ..., timestamp_unix_ms: _Optional[int] = ...) -> None: ...
+    num_pending_prefill_tokens: int
+    def __init__(self, worker_id: _Optional[str] = ..., num_requests_running: _Optional[int] = ..., num_requests_waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_used_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., kv_event_sequence: _Optional[int] = ..., timestamp_unix_ms: _Optional[int] = ..., num_pending_prefill_tokens: _Optional[int] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("last_sequence",)
