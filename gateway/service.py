@@ -1,7 +1,8 @@
 """The gateway: the public Gateway.Generate stream, in front of tokenizers and decode workers.
 
-    Generate: validate → Tokenize (text/chat) → check the length → pick a decode worker
-              → Decode.Generate, streamed back chunk by chunk
+    Generate: validate → Tokenize (text/chat) → check the length → hash the prompt's blocks
+              → pick a decode worker (routing policy) → P/D decider: prefill elsewhere first?
+              → [Prefill.Prefill, first token streamed] → Decode.Generate, streamed back
 
 Deadlines: every downstream call gets the client's remaining time. Cancellation: when the client
 goes away the handler is cancelled and the downstream call with it, so the worker aborts the
@@ -28,16 +29,15 @@ from services.common.telemetry import tracer
 
 from kvtransfer.block_hash import hash_blocks
 
-from .least_loaded import pick_least_loaded
-from .pd_decider import should_disaggregate
+from .pd_decider import PDDecision, decide, uncached_tokens
 from .scheduling.base import RequestContext
+from .scheduling.live_config import LiveSchedulingConfig
 from .scheduling.policies import Router
+from .scheduling.scheduling_config import DisaggregationConfig, SchedulingConfig, load_file
 from .request_validation import check_prompt_length, validate_request
 from .worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
-
-PREFILL_POLICY = "least-loaded"  # prefill workers: the endpoint picker makes this prefix-aware too
 
 
 class GatewayService(gateway_pb2_grpc.GatewayServicer):
@@ -49,7 +49,11 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self.metrics_registry = self.metrics.registry
         self.pool = WorkerPool(config.etcd, config.cluster, on_change=self._count_workers)
         self._rng = random.Random()
-        self.router = Router(config.routing_policy, self.pool.index, self._rng)
+        base = SchedulingConfig(policy=config.routing_policy, disaggregation=DisaggregationConfig(min_uncached_tokens=config.disagg_min_uncached_tokens))
+        if config.scheduling_config:
+            base = load_file(config.scheduling_config, base)
+        self.router = Router(base, self.pool.index, self._rng)
+        self.live_config = LiveSchedulingConfig(config.etcd, config.cluster, base, self.router.configure)
         self._tasks: set[asyncio.Task] = set()  # fire-and-forget cleanups, held until done
         self._tokenizer_turn = 0
 
@@ -58,12 +62,15 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     async def start(self) -> None:
         await self.pool.start()
+        self.live_config.start()
+        await asyncio.wait_for(self.live_config.synced.wait(), 30)
 
     def fill_registration(self, reg) -> None:
         pass
 
     async def close(self) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.live_config.stop()
         await self.pool.close()
 
     def _count_workers(self, pool: WorkerPool) -> None:
@@ -122,39 +129,70 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         worker_request = worker_pb2.WorkerGenerateRequest(
             request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling, cache_salt=request.cache_salt
         )
-        route = self._routing_context(request_id, prompt_ids, request.cache_salt, decoders)
-        num_prefill = len(self.pool.ready("prefill"))
-        if should_disaggregate(request.mode, len(prompt_ids), self.config.disagg_min_prompt_tokens, num_prefill):
-            stream = self._disaggregated(worker_request, context, route, forced=request.mode == gateway_pb2.SERVING_MODE_DISAGGREGATED)
-        else:
-            stream = self._decode(worker_request, context, route)
-        async for chunk in stream:
-            yield chunk
+        route = self._routing_context(request, request_id, prompt_ids, decoders, context)
+        decode, decision = self._schedule(request.mode, route)
+        forced = request.mode == gateway_pb2.SERVING_MODE_DISAGGREGATED
+        stream = self._disaggregated(worker_request, context, route, decision, decode, forced) if decision.disaggregate else self._decode(worker_request, context, route, decode)
+        decode.acquire()  # counted from the decision (a disaggregated request's prefill included), so a burst spreads
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            decode.release()
 
-    def _routing_context(self, request_id: str, prompt_ids: list[int], cache_salt: str, decoders) -> RequestContext:
-        """What the router needs to know of the request; the prompt's block hashes only when the
-        policy uses them (hashed as the workers do: their model id and block size)."""
-        ctx = RequestContext(request_id, len(prompt_ids))
-        if self.router.needs_block_hashes:
+    def _routing_context(self, request, request_id: str, prompt_ids: list[int], decoders, context) -> RequestContext:
+        """What the scheduler needs to know of the request. The prompt's block hashes (hashed as
+        the workers do: their model id, block size and the cache salt) when the routing policy or
+        the P/D decider will look them up in the prefix index."""
+        metadata = dict(context.invocation_metadata() or ())
+        session = metadata.get(self.router.config.session_header, "")
+        ctx = RequestContext(request_id, len(prompt_ids), model=request.model, session_id=session if isinstance(session, str) else "")
+        may_disaggregate = request.mode != gateway_pb2.SERVING_MODE_AGGREGATED and bool(self.pool.registered("prefill"))
+        if self.router.needs_block_hashes or may_disaggregate:
             layout = decoders[0].registration.kv_layout
             if layout.block_size:
-                ctx.block_hashes = hash_blocks(prompt_ids, layout.block_size, layout.model_id, cache_salt or None)
+                ctx.block_hashes = hash_blocks(prompt_ids, layout.block_size, layout.model_id, request.cache_salt or None)
+                ctx.block_size = layout.block_size
         return ctx
 
-    async def _disaggregated(self, worker_request: worker_pb2.WorkerGenerateRequest, context, route: RequestContext, forced: bool):
-        """Prefill on a prefill worker, stream its first token at once, then decode with its KV handle.
+    def _schedule(self, mode: int, route: RequestContext):
+        """The decode worker (routing policy) and the P/D decision for it, timed and traced."""
+        observe = self._observe_plugin
+        with tracer().start_as_current_span("gateway.schedule") as span:
+            t = time.perf_counter()
+            workers = self.pool.workers.values()
+            decode = self.router.pick(route, workers, observe=observe)
+            if decode is None:
+                raise unavailable(f"no decode worker can take the request ({len(self.pool.registered('decode'))} registered, none ready for model {route.model or 'any'})")
+            decision = decide(mode, route, decode, workers, self.router, observe=observe)
+            self.metrics.decision_latency.observe(time.perf_counter() - t)
+            self.metrics.pd_decisions.labels(decision.reason).inc()
+            span.set_attribute("tandem.decode_worker_id", decode.worker_id)
+            span.set_attribute("tandem.pd_decision", decision.reason)
+            span.set_attribute("tandem.uncached_tokens", decision.num_uncached_tokens)
+            if decision.prefill is not None:
+                span.set_attribute("tandem.prefill_worker_id", decision.prefill.worker_id)
+        return decode, decision
+
+    def _observe_plugin(self, plugin: str, seconds: float) -> None:
+        self.metrics.plugin_latency.labels(plugin).observe(seconds)
+
+    async def _disaggregated(self, worker_request: worker_pb2.WorkerGenerateRequest, context, route: RequestContext, decision: PDDecision, decode, forced: bool):
+        """Prefill on the decided prefill worker, stream its first token at once, then decode on
+        `decode` (pulling only the blocks it lacks) with the KV handle.
 
         A prefill worker that cannot be reached makes an AUTO request fall back to aggregated
         serving (the client has seen nothing yet); a forced one fails with UNAVAILABLE."""
-        handle = pick_least_loaded(self.pool.ready("prefill"), self._rng)
-        self.metrics.decisions.labels(handle.worker_id, PREFILL_POLICY).inc()
+        handle = decision.prefill
+        self.metrics.decisions.labels(handle.worker_id, "prefill").inc()
+        num_prefill_tokens = uncached_tokens(route, self.pool.index, handle)
         prefill_request = worker_pb2.PrefillRequest(
             request_id=worker_request.request_id,
             prompt_token_ids=worker_request.prompt_token_ids,
             sampling=worker_request.sampling,
             cache_salt=worker_request.cache_salt,
         )
-        handle.acquire()
+        handle.acquire(num_prefill_tokens)
         try:
             reply = await handle.prefill_stub().Prefill(prefill_request, timeout=self._remaining(context))
         except grpc.aio.AioRpcError as e:
@@ -164,9 +202,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             handle.mark_unreachable()
             reply = None
         finally:
-            handle.release()
+            handle.release(num_prefill_tokens)
         if reply is None:
-            async for chunk in self._decode(worker_request, context, route):
+            async for chunk in self._decode(worker_request, context, route, decode):
                 yield chunk
             return
         yield reply.first  # the first token reaches the client before decode starts
@@ -175,7 +213,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         worker_request.kv_handle.CopyFrom(reply.kv_handle)
         worker_request.first_token_id = reply.first.token_ids[0]
         try:
-            async for chunk in self._decode(worker_request, context, route, cached_prompt_tokens=reply.num_cached_tokens):
+            async for chunk in self._decode(worker_request, context, route, decode, cached_prompt_tokens=reply.num_cached_tokens):
                 yield chunk
         finally:
             # normally the decode worker's pull has released the blocks already; when the request
@@ -216,25 +254,29 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 last_error = e
         raise unavailable(f"no tokenizer could be reached ({len(tokenizers)} registered): {last_error.details()}")
 
-    async def _decode(self, worker_request: worker_pb2.WorkerGenerateRequest, context, route: RequestContext, cached_prompt_tokens: int | None = None):
-        """Stream the request from a decode worker. `cached_prompt_tokens`: the prefill worker's
-        count, which the usage reports for a disaggregated request (the tokens no worker computed)."""
+    async def _decode(self, worker_request: worker_pb2.WorkerGenerateRequest, context, route: RequestContext, first_choice, cached_prompt_tokens: int | None = None):
+        """Stream the request from `first_choice`, or from another decode worker (routing policy)
+        when it is unreachable before it sent anything. `cached_prompt_tokens`: the prefill
+        worker's count, which the usage reports for a disaggregated request (the tokens no
+        worker computed)."""
         tried: set[str] = set()
         last_error = None
+        handle = first_choice
         while True:
-            candidates = [h for h in self.pool.ready("decode") if h.key not in tried]
-            with tracer().start_as_current_span("gateway.route") as span:
-                t = time.perf_counter()
-                handle = self.router.pick(route, candidates, observe=lambda plugin, sec: self.metrics.plugin_latency.labels(plugin).observe(sec))
-                self.metrics.plugin_latency.labels(self.router.policy).observe(time.perf_counter() - t)
-                span.set_attribute("tandem.candidates", len(candidates))
-                if handle is not None:
-                    span.set_attribute("tandem.worker_id", handle.worker_id)
+            if handle is None or handle.key in tried:
+                handle = None
+                with tracer().start_as_current_span("gateway.route") as span:
+                    candidates = [h for h in self.pool.workers.values() if h.key not in tried]
+                    handle = self.router.pick(route, candidates, observe=self._observe_plugin)
+                    span.set_attribute("tandem.candidates", len(candidates))
+                    if handle is not None:
+                        span.set_attribute("tandem.worker_id", handle.worker_id)
             if handle is None:
                 detail = f"; last error: {last_error.details()}" if last_error is not None else ""
                 raise unavailable(f"no decode worker is reachable ({len(self.pool.registered('decode'))} registered, {len(tried)} tried){detail}")
             self.metrics.decisions.labels(handle.worker_id, self.router.policy).inc()
-            handle.acquire()
+            if handle is not first_choice:  # the first choice is counted by _generate, from the decision on
+                handle.acquire()
             call = handle.decode_stub().Generate(worker_request, timeout=self._remaining(context))
             streamed = False
             try:
@@ -256,7 +298,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 raise RequestError(e.code(), e.details() or e.code().name) from None
             finally:
                 call.cancel()  # no-op when it finished; otherwise the worker aborts and frees the KV
-                handle.release()
+                if handle is not first_choice:
+                    handle.release()
 
     # ---- ListWorkers ----------------------------------------------------------------------------
 

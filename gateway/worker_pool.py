@@ -42,6 +42,7 @@ class WorkerHandle:
         self.load: worker_pb2.LoadSnapshot | None = None
         self.kv_sequence = 0
         self.num_in_flight = 0  # requests this gateway sent here that have not finished
+        self.num_in_flight_tokens = 0  # their prompt tokens to compute (prefill backlog, at decision time)
         self.connected = registration.role not in ("prefill", "decode")  # workers: once Watch answers
         self.retired = False
         self.unlisted_since: float | None = None  # missing from etcd after a resync (see RESYNC_GRACE_S)
@@ -93,13 +94,16 @@ class WorkerHandle:
                 await asyncio.sleep(WATCH_RETRY_S[min(attempt, len(WATCH_RETRY_S) - 1)])
                 attempt += 1
 
-    def acquire(self) -> None:
-        """A request is being sent here (counted at decision time, so a burst spreads out)."""
+    def acquire(self, num_tokens: int = 0) -> None:
+        """A request is being sent here (counted at decision time, so a burst spreads out), with
+        `num_tokens` prompt tokens for it to compute. Mutates."""
         self.num_in_flight += 1
+        self.num_in_flight_tokens += num_tokens
 
-    def release(self) -> None:
+    def release(self, num_tokens: int = 0) -> None:
         """That request finished; a retired handle closes its channel after its last request."""
         self.num_in_flight -= 1
+        self.num_in_flight_tokens -= num_tokens
         if self.retired and self.num_in_flight == 0:
             self._closing = asyncio.create_task(self.channel.close())  # held so it is not collected mid-close
 

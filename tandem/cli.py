@@ -98,7 +98,8 @@ def cmd_up(args) -> int:
     spec = ClusterSpec(
         model=args.model, num_prefill=args.prefill, num_decode=args.decode, cluster=args.cluster,
         etcd=args.etcd, base_port=args.base_port, worker_args=worker_args,
-        role_args={"gateway": ["--disagg-min-prompt-tokens", str(args.disagg_min_prompt_tokens), "--routing-policy", args.routing_policy]},
+        role_args={"gateway": ["--disagg-min-uncached-tokens", str(args.disagg_min_uncached_tokens), "--routing-policy", args.routing_policy,
+                               *(["--scheduling-config", os.path.abspath(args.scheduling_config)] if args.scheduling_config else [])]},
         workdir=Path(args.workdir) if args.workdir else None,
     )  # fmt: skip
     cluster = LocalCluster(spec)
@@ -163,10 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kv-cache-gb", type=float, default=0.5, help="KV cache memory per worker")
     up.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
     up.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = the cores divided among the workers)")
-    up.add_argument("--routing-policy", default="least-loaded", choices=["least-loaded", "prefix-aware", "random", "round-robin"],
+    up.add_argument("--routing-policy", default="prefix-aware", choices=["prefix-aware", "least-loaded", "random", "round-robin"],
                     help="how the gateway picks a decode worker")
-    up.add_argument("--disagg-min-prompt-tokens", type=int, default=512,
-                    help="prompts this long or longer are prefilled on a prefill worker and their KV pulled by decode over UCX (0 = never)")
+    up.add_argument("--disagg-min-uncached-tokens", type=int, default=512,
+                    help="a prompt whose uncached part on the chosen decode worker is this long or longer is prefilled on a prefill "
+                         "worker and its KV pulled by decode over UCX (0 = never)")
+    up.add_argument("--scheduling-config", default=None, help="a TOML file of scheduling weights and thresholds for the gateway")
     up.add_argument("--workdir", default=None, help="where logs and etcd data go (default: a new temp dir)")
     up.add_argument("--ask", metavar="PROMPT", default=None, help="send this chat prompt once everything is up, print the answer, and stop")
     up.add_argument("--max-tokens", type=int, default=64, help="max_tokens for --ask")
@@ -193,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mode", choices=["auto", "aggregated", "disaggregated"], default="auto",
                      help="force where the prompt is prefilled (default: the gateway decides by prompt length)")
     gen.set_defaults(func=cmd_generate)
+
+    from .scheduling_cli import add_parser as add_scheduling_parser
+
+    add_scheduling_parser(sub, "127.0.0.1:2379")
 
     health = sub.add_parser("health", help="grpc.health.v1 Check; exit 0 when SERVING")
     health.add_argument("address", help="host:port")

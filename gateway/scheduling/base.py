@@ -1,7 +1,8 @@
-"""What every routing plugin sees, and how scorers and a picker make one decision.
+"""What every routing plugin sees, and how filters, scorers and a picker make one decision.
 
-    candidates ──► scorer₁ … scorerₙ (each: a score in [0, 1] per candidate)
-               ──► Σ weightᵢ · scoreᵢ ──► picker ──► one candidate
+    candidates ──► filter₁ … filterₖ (each drops the ones that must not take the request)
+               ──► scorer₁ … scorerₙ (each: a score in [0, 1] per candidate)
+               ──► Σ weightᵢ · scoreᵢ ──► picker ──► one candidate ──► scorers' on_picked
 
 A candidate is a gateway WorkerHandle (registration, last load snapshot, in-flight count). The
 request context carries the prompt's block hashes, computed once per request, so every scorer
@@ -22,6 +23,16 @@ class RequestContext:
     request_id: str
     num_prompt_tokens: int
     block_hashes: list[int] = field(default_factory=list)  # the prompt's full blocks, chained
+    block_size: int = 0  # tokens per block of those hashes (0: not hashed)
+    model: str = ""  # the model asked for ("" = whatever the workers serve)
+    session_id: str = ""  # the session header's value, when the client sent one
+
+
+class Filter(Protocol):
+    name: str
+
+    def filter(self, ctx: RequestContext, candidates: Sequence) -> list:
+        """The candidates that may take the request (a subset, order kept). Does not mutate."""
 
 
 class Scorer(Protocol):
@@ -40,18 +51,27 @@ class Picker(Protocol):
 
 @dataclass
 class Profile:
-    """Weighted scorers and a picker: one routing policy."""
+    """Filters, weighted scorers and a picker: one routing policy. A scorer of weight 0 is skipped."""
 
     name: str
+    filters: list[Filter]
     scorers: list[tuple[Scorer, float]]
     picker: Picker
 
     def schedule(self, ctx: RequestContext, candidates: Sequence, rng: random.Random, observe=None):
-        """The chosen candidate, or None. `observe(plugin name, seconds)` gets each plugin's time."""
+        """The chosen candidate, or None. `observe(plugin name, seconds)` gets each plugin's time.
+        Mutates only the scorers that remember decisions (session affinity), through on_picked."""
+        for f in self.filters:
+            t = time.perf_counter()
+            candidates = f.filter(ctx, candidates)
+            if observe is not None:
+                observe(f.name, time.perf_counter() - t)
         if not candidates:
             return None
         totals = [0.0] * len(candidates)
         for scorer, weight in self.scorers:
+            if weight == 0:
+                continue
             t = time.perf_counter()
             for i, s in enumerate(scorer.score(ctx, candidates)):
                 totals[i] += weight * s
@@ -61,4 +81,9 @@ class Profile:
         chosen = self.picker.pick(candidates, totals, rng)
         if observe is not None:
             observe(self.picker.name, time.perf_counter() - t)
+        if chosen is not None:
+            for scorer, _ in self.scorers:
+                on_picked = getattr(scorer, "on_picked", None)
+                if on_picked is not None:
+                    on_picked(ctx, chosen)
         return chosen

@@ -60,8 +60,10 @@ class ServiceConfig:
     kv_transfer_timeout: float = _opt(10.0, "decode: seconds a KV pull may take before it counts as failed", ("decode",))
     kv_transfer_policy: str = _opt("recompute", "decode: when a KV pull fails, recompute the prompt here (recompute) or fail the request (fail)", ("decode",))
     # ---- the gateway --------------------------------------------------------------------------
-    routing_policy: str = _opt("least-loaded", "how decode workers are chosen: least-loaded | prefix-aware | random | round-robin", ("gateway",))
-    disagg_min_prompt_tokens: int = _opt(512, "prompts at least this long go to a prefill worker first (AUTO mode); 0 = never", ("gateway",))
+    routing_policy: str = _opt("prefix-aware", "how decode workers are chosen: prefix-aware | least-loaded | random | round-robin", ("gateway",))
+    disagg_min_uncached_tokens: int = _opt(
+        512, "AUTO mode: prefill on a prefill worker first when the chosen decode worker lacks at least this many prompt tokens in its cache; 0 = never", ("gateway",))  # fmt: skip
+    scheduling_config: str = _opt("", "a TOML file of scheduling weights and thresholds (see docs/architecture.md); the etcd key /tandem/<cluster>/config/scheduling overrides it live", ("gateway",))
     max_prompt_tokens: int = _opt(0, "reject prompts longer than this; 0 = only the workers' context length limits them", ("gateway",))
     default_max_tokens: int = _opt(256, "max_tokens when a request leaves it unset", ("gateway",))
 

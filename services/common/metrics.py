@@ -77,5 +77,8 @@ class GatewayMetrics:
                                           buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0), registry=r)
         self.time_to_first_token = Histogram("tandem_time_to_first_token_seconds", "Time to first token at the gateway", buckets=TTFT_BUCKETS, registry=r)
         self.request_duration = Histogram("tandem_request_duration_seconds", "Generate duration at the gateway", buckets=E2E_BUCKETS, registry=r)
+        self.pd_decisions = Counter("tandem_pd_decisions", "P/D decisions, by outcome (disaggregated, below-threshold, prefill-unavailable, forced-*)", ["reason"], registry=r)
+        self.decision_latency = Histogram("tandem_scheduling_decision_seconds", "Time to choose a request's workers (decode pick and P/D decision)",
+                                          buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2), registry=r)
         self.plugin_latency = Histogram("tandem_scheduler_plugin_duration_seconds", "Time spent in each routing plugin", ["plugin"],
                                         buckets=(1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2), registry=r)

@@ -148,9 +148,12 @@ class RegistryWatcher:
     revision after it, so nothing between the two is missed. While etcd is unreachable no event
     is reported: the caller keeps what it knew (workers keep serving through an etcd outage)."""
 
-    def __init__(self, endpoint: str, cluster: str, on_event: Callable[[WatchEvent], Awaitable[None] | None]):
+    def __init__(self, endpoint: str, cluster: str, on_event: Callable[[WatchEvent], Awaitable[None] | None], prefix: str | None = None, decode=None):
+        """`prefix` and `decode(key, value) → value or None` watch other keys (default: the
+        cluster's workers, decoded as WorkerRegistrations; the event's `registration(s)`)."""
         self._endpoint = endpoint
-        self.prefix = workers_prefix(cluster)
+        self.prefix = prefix if prefix is not None else workers_prefix(cluster)
+        self._decode = decode if decode is not None else self._decode_registration
         self._on_event = on_event
         self._task: asyncio.Task | None = None
         self.synced = asyncio.Event()  # set after the first snapshot
@@ -209,7 +212,7 @@ class RegistryWatcher:
                     pass
 
     @staticmethod
-    def _decode(key: bytes, value: bytes) -> common_pb2.WorkerRegistration | None:
+    def _decode_registration(key: bytes, value: bytes) -> common_pb2.WorkerRegistration | None:
         try:
             return decode_registration(value)
         except Exception as e:  # noqa: BLE001 - one malformed key must not stop discovery

@@ -27,7 +27,7 @@ LEASE_S = 3
 ROLE_ARGS = {
     "prefill": ["--kv-lease-seconds", str(LEASE_S)],
     "decode": ["--kv-transfer-timeout", "3"],
-    "gateway": ["--disagg-min-prompt-tokens", "0"],  # AUTO stays aggregated: tests choose the mode
+    "gateway": ["--disagg-min-uncached-tokens", "0"],  # AUTO stays aggregated: tests choose the mode
 }
 
 
