@@ -1,7 +1,7 @@
 """EngineHost: one AsyncEngine inside a worker service, with what every worker adds around it.
 
-It loads the engine off the event loop, turns the engine's stats and KV events into load
-snapshots and KVEventLog batches, fans them out to Worker.Watch subscribers, keeps the
+It loads the engine off the event loop, publishes the engine's stats and KV events to
+Worker.Watch subscribers through a WatchHub (load snapshots, KVEventLog batches), keeps the
 vLLM-named metrics current, and wraps each generation with its latency metrics and a span.
 Prefill and decode workers both use it. Runs on the event loop only.
 """
@@ -17,48 +17,18 @@ from protos.tandem.v1 import common_pb2, worker_pb2
 from services.engine.kv_handoff import KVImport
 
 from .config import ServiceConfig
-from .kv_event_log import KVEventLog
 from .metrics import WorkerMetrics
+from .watch_hub import WatchHub
 from .telemetry import tracer
 
 log = logging.getLogger(__name__)
-
-SUBSCRIBER_QUEUE_SIZE = 4096
-
-
-class SubscriberOverflow(Exception):
-    """A Worker.Watch consumer fell so far behind that its queue filled up."""
-
-
-class Subscriber:
-    def __init__(self):
-        self.queue: asyncio.Queue[worker_pb2.WorkerEvent] = asyncio.Queue(SUBSCRIBER_QUEUE_SIZE)
-        self.overflowed = False
-
-    def put(self, event: worker_pb2.WorkerEvent) -> None:
-        if self.overflowed:
-            return
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
-            # it must reconnect with its last sequence number and catch up by replay or snapshot
-            self.overflowed = True
-
-    async def get(self) -> worker_pb2.WorkerEvent:
-        if self.overflowed:
-            raise SubscriberOverflow("the watcher fell behind; reconnect with last_sequence to catch up")
-        return await self.queue.get()
-
 
 class EngineHost:
     def __init__(self, config: ServiceConfig):
         self.config = config
         self.engine = None
-        self.kv_log = KVEventLog()
+        self.hub = WatchHub(config.worker_id)  # Worker.Watch: load snapshots and KV events
         self.metrics = WorkerMetrics(config.model)
-        self._subscribers: set[Subscriber] = set()
-        self._stats = None
-        self._last_load_key = None
 
     async def start(self) -> None:
         """Load the model (seconds; runs in a thread so health checks keep answering)."""
@@ -78,7 +48,7 @@ class EngineHost:
             num_threads=c.threads or None,
         )
         self.engine = await asyncio.get_running_loop().run_in_executor(None, AsyncEngine, engine_config)
-        self._stats = self.engine.stats()
+        self.hub.stats = self.engine.stats()
         self.kv_layout = self._layout()
         self.engine.set_observer(self._on_engine_update)
         core = self.engine.core
@@ -134,48 +104,15 @@ class EngineHost:
 
     # ---- load and KV events -------------------------------------------------------------------
 
-    def load_snapshot(self) -> worker_pb2.LoadSnapshot:
-        s = self._stats
-        return worker_pb2.LoadSnapshot(
-            worker_id=self.config.worker_id,
-            num_requests_running=s.num_running,
-            num_requests_waiting=s.num_waiting,
-            kv_cache_usage=s.kv_cache_usage,
-            num_used_blocks=s.num_used_blocks,
-            num_total_blocks=s.num_total_blocks,
-            kv_event_sequence=self.kv_log.sequence,
-            num_pending_prefill_tokens=s.num_pending_prefill_tokens,
-            timestamp_unix_ms=int(time.time() * 1000),
-        )
+    async def engine_check_integrity(self) -> None:
+        """The engine's invariants, checked between steps (AssertionError names the problem)."""
+        await self.engine.check_integrity_live()
 
     def _on_engine_update(self, stats, events) -> None:
-        self._stats = stats
         self.metrics.num_requests_running.set(stats.num_running)
         self.metrics.num_requests_waiting.set(stats.num_waiting)
         self.metrics.kv_cache_usage.set(stats.kv_cache_usage)
-        batch = self.kv_log.append(events)
-        if batch is not None:
-            self._broadcast(worker_pb2.WorkerEvent(kv_events=batch))
-        load_key = (stats.num_running, stats.num_waiting, stats.num_used_blocks, stats.num_pending_prefill_tokens)
-        if load_key != self._last_load_key:  # one snapshot per change, not one per engine step
-            self._last_load_key = load_key
-            self._broadcast(worker_pb2.WorkerEvent(load=self.load_snapshot()))
-
-    def _broadcast(self, event: worker_pb2.WorkerEvent) -> None:
-        for sub in self._subscribers:
-            sub.put(event)
-
-    def subscribe(self, last_sequence: int) -> tuple[Subscriber, list[worker_pb2.WorkerEvent]]:
-        """A new Watch consumer: its queue, and what it must receive first (catch-up KV batches,
-        then the current load). Atomic on the event loop, so nothing falls between the two."""
-        sub = Subscriber()
-        self._subscribers.add(sub)
-        first = [worker_pb2.WorkerEvent(kv_events=b) for b in self.kv_log.since(last_sequence)]
-        first.append(worker_pb2.WorkerEvent(load=self.load_snapshot()))
-        return sub, first
-
-    def unsubscribe(self, sub: Subscriber) -> None:
-        self._subscribers.discard(sub)
+        self.hub.publish(stats, events)
 
     # ---- generation -----------------------------------------------------------------------------
 

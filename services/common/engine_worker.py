@@ -28,7 +28,7 @@ class EngineWorker:
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         self.add_role_servicer(server)
-        worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(self.host, self.integrity_checks()), server)
+        worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(self.host.hub, [self.host.engine_check_integrity, *self.integrity_checks()]), server)
 
     def integrity_checks(self) -> list:
         """The role's own check_integrity() callables, beyond the engine's and the event log's."""

@@ -1,37 +1,43 @@
-"""The Worker service every prefill and decode worker serves: its load, and a stream of load
-snapshots and KV cache events (replayed from a sequence number after a reconnect)."""
+"""The Worker service every prefill and decode worker serves (real or simulated): its load, its
+invariant checks, and a stream of load snapshots and KV cache events (replayed from a sequence
+number after a reconnect)."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
 
 import grpc
 
 from protos.tandem.v1 import worker_pb2, worker_pb2_grpc
 
-from .engine_host import EngineHost, SubscriberOverflow
+from .watch_hub import SubscriberOverflow, WatchHub
 
 WORKER_SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, host: EngineHost, extra_checks=()):
-        self.host = host
-        self._extra_checks = extra_checks  # more check_integrity() callables of the role (leases)
+    def __init__(self, hub: WatchHub, checks: Sequence[Callable] = ()):
+        """`checks`: check_integrity() callables (sync, or returning an awaitable) that raise
+        AssertionError naming what is wrong: the engine's, the role's (leases)."""
+        self.hub = hub
+        self._checks = checks
 
     async def GetLoad(self, request, context):
-        return self.host.load_snapshot()
+        return self.hub.load_snapshot()
 
     async def CheckIntegrity(self, request, context):
         try:
-            await self.host.engine.check_integrity_live()
-            self.host.kv_log.check_integrity()
-            for check in self._extra_checks:
-                check()
+            for check in (*self._checks, self.hub.kv_log.check_integrity):
+                result = check()
+                if asyncio.iscoroutine(result):
+                    await result
         except AssertionError as e:
             return worker_pb2.CheckIntegrityResponse(ok=False, problem=str(e) or repr(e))
         return worker_pb2.CheckIntegrityResponse(ok=True)
 
     async def Watch(self, request, context):
-        sub, first = self.host.subscribe(request.last_sequence)
+        sub, first = self.hub.subscribe(request.last_sequence)
         try:
             for event in first:
                 yield event
@@ -40,4 +46,4 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except SubscriberOverflow as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         finally:
-            self.host.unsubscribe(sub)
+            self.hub.unsubscribe(sub)

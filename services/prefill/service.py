@@ -9,6 +9,8 @@ pulls the blocks with it (which ends the lease), or the gateway releases it, or 
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
 
 from kvtransfer.ucx_transport import KVTransportServer
@@ -47,13 +49,23 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         # the request's own parameters, so the first token's finish (EOS, a stop, max_tokens=1) is
         # decided exactly as a single engine would
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex  # the id the engine pins the blocks under
         stream = await self.open_stream(request, context, prefill_only=True)
+        handed_over = False
         try:
             async for out in stream:
                 if out.finished:
-                    return self._reply(out)
+                    reply = self._reply(out)  # from here a lease owns the pinned blocks
+                    handed_over = True
+                    return reply
         finally:
             await stream.aclose()  # a cancelled Prefill aborts the request and frees its blocks
+            if not handed_over:
+                # cancelled after the engine pinned the prompt but before we read that output:
+                # no lease will ever own those blocks, so let go of them now (a no-op otherwise;
+                # the engine applies it after the abort, in order)
+                self.host.engine.release_pinned(request.request_id)
         await context.abort(grpc.StatusCode.INTERNAL, "the engine ended the request without a token")
 
     def _reply(self, out) -> worker_pb2.PrefillResponse:

@@ -11,7 +11,8 @@ import contextlib
 import grpc
 import pytest
 
-from tandem.launcher import ClusterSpec, LocalCluster
+from tandem.etcd_process import EtcdProcess
+from tandem.launcher import ClusterSpec, LocalCluster, free_ports
 from tests.helpers.otlp_collector import InMemoryCollector
 
 pytestmark = pytest.mark.slow
@@ -63,3 +64,16 @@ def offline_llm(default_model_dir):
     from services.engine import LLM
 
     return LLM(model="default", num_threads=1, kv_cache_memory_gb=0.25)
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    """A real etcd on free ports, shared by one test module (tests use distinct cluster names)."""
+    client_port, peer_port = free_ports(2)
+    proc = EtcdProcess(tmp_path_factory.mktemp("etcd") / "data", client_port, peer_port)
+    proc.start()
+    try:
+        proc.wait_healthy()
+        yield proc.endpoint
+    finally:
+        proc.stop()

@@ -12,20 +12,6 @@ from gateway.scheduling.live_config import LiveSchedulingConfig, delete_scheduli
 from gateway.scheduling.scheduling_config import SchedulingConfig
 from services.common.registry import make_client
 from tandem.cli import main as tandem_main
-from tandem.etcd_process import EtcdProcess
-from tandem.launcher import free_ports
-
-
-@pytest.fixture
-def etcd(tmp_path):
-    client_port, peer_port = free_ports(2)
-    proc = EtcdProcess(tmp_path / "etcd", client_port, peer_port, tmp_path / "etcd.log")
-    proc.start()
-    try:
-        proc.wait_healthy()
-        yield proc.endpoint
-    finally:
-        proc.stop()
 
 
 async def until(predicate, what: str, timeout: float = 10.0) -> None:
@@ -51,7 +37,7 @@ async def test_live_config_applies_rejects_and_reverts(etcd):
 
         client = make_client(etcd)  # an invalid document written behind the CLI's back
         await client.put(live.key.encode(), b'{"policy": "fastest"}')
-        await client.put(f"/tandem/c1/config/scheduling-other".encode(), b"ignored")  # shares the prefix only
+        await client.put(b"/tandem/c1/config/scheduling-other", b"ignored")  # shares the prefix only
         await client.close()
         await until(lambda: live.num_rejected == 1, "the invalid document to be rejected")
         assert live.current.policy == "round-robin"  # the last good config stays
