@@ -51,9 +51,9 @@ def uncached_tokens(ctx: RequestContext, index: PrefixIndex, decode_handle) -> i
 def decide(mode: int, ctx: RequestContext, decode_handle, prefill_candidates: Iterable, router: Router, observe=None) -> PDDecision:
     """Where to prefill. Raises RequestError(UNAVAILABLE) when disaggregation is forced and no
     prefill worker can take it. Mutates nothing but the router's session table."""
-    if mode == gateway_pb2.SERVING_MODE_AGGREGATED:
-        return PDDecision(None, ctx.num_prompt_tokens, "forced-aggregated")
     uncached = uncached_tokens(ctx, router.index, decode_handle)
+    if mode == gateway_pb2.SERVING_MODE_AGGREGATED:
+        return PDDecision(None, uncached, "forced-aggregated")
     if mode == gateway_pb2.SERVING_MODE_DISAGGREGATED:
         prefill = router.pick_prefill(ctx, prefill_candidates, respect_limit=False, observe=observe)
         if prefill is None:

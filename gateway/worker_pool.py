@@ -100,6 +100,11 @@ class WorkerHandle:
         self.num_in_flight += 1
         self.num_in_flight_tokens += num_tokens
 
+    def computed(self, num_tokens: int) -> None:
+        """Those prompt tokens have been computed (the first token arrived); the request stays in
+        flight. Mutates."""
+        self.num_in_flight_tokens -= num_tokens
+
     def release(self, num_tokens: int = 0) -> None:
         """That request finished; a retired handle closes its channel after its last request."""
         self.num_in_flight -= 1

@@ -41,6 +41,7 @@ from kvtransfer.layout import layout_fingerprint
 from protos.tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common.registry import Registration, encode_registration, worker_key
 from services.common.server import GRPC_OPTIONS, VERSION
+from services.common.kv_handle_check import kv_handle_problem
 from services.common.worker_servicer import WORKER_SERVICE_NAME, WorkerServicer
 
 from .sim_engine import SimEngine, SimOutput
@@ -290,19 +291,9 @@ class SimWorker(worker_pb2_grpc.PrefillServicer, worker_pb2_grpc.DecodeServicer)
 
     async def _open_disaggregated(self, request: worker_pb2.WorkerGenerateRequest, context):
         handle, mine = request.kv_handle, self.layout
-        if handle.layout_fingerprint != mine.fingerprint:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"KV layout mismatch: prefill worker {handle.prefill_worker_id} has layout {handle.layout_fingerprint}, this decode worker "
-                f"has {mine.fingerprint} (model {mine.model_id}, {mine.dtype}, {mine.num_layers} layers, {mine.num_kv_heads} KV heads, "
-                f"head dim {mine.head_dim}, block size {mine.block_size}); pair workers that serve the same model the same way",
-            )
-        if not request.HasField("first_token_id"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first_token_id is required with kv_handle (the token the prefill worker sampled)")
-        if handle.num_tokens != len(request.prompt_token_ids):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"kv_handle covers {handle.num_tokens} tokens but the prompt has {len(request.prompt_token_ids)}"
-            )
+        problem = kv_handle_problem(request, mine)
+        if problem is not None:
+            await context.abort(*problem)
         stream = await self._open(request, context, output_token_ids=[request.first_token_id], import_kv=True)
         try:
             target = await anext(stream)

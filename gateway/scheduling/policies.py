@@ -1,8 +1,9 @@
 """The routing policies the gateway can run, built from a SchedulingConfig (and rebuilt live).
 
     every policy     role → health → model filters (a worker must be able to serve the request)
-    prefix-aware     + overload filter; weighted scorers: prefix affinity, queue depth, KV usage,
-                     in-flight, session affinity; max-score or weighted-random picker
+    prefix-aware     + overload filter; weighted scorers: prefix affinity, prefill work (backlog +
+                     uncached tokens), queue depth, KV usage, in-flight, session affinity;
+                     max-score or weighted-random picker
     least-loaded     fewest requests, then emptiest KV cache (gateway/least_loaded.py)
     random           any worker that passed the filters
     round-robin      each such worker in turn
@@ -59,6 +60,7 @@ class Router:
             [*self._eligible, OverloadFilter(t.overload_queue_depth, t.overload_kv_usage)],
             [
                 (PrefixAffinityScorer(self.index), w.prefix_affinity),
+                (PrefillWorkScorer(self.index, min_scale=t.prefill_work_scale), w.prefill_work),
                 (QueueDepthScorer(t.queue_saturation), w.queue_depth),
                 (KVUsageScorer(), w.kv_usage),
                 (InFlightScorer(), w.in_flight),

@@ -13,10 +13,12 @@ The file and the key hold the same document, every field optional:
     session_header = "x-session-id"    # request metadata key that pins a session to a worker
 
     [weights]                          # prefix-aware scorers; 0 turns one off
-    prefix_affinity = 1.0   queue_depth = 2.0   kv_usage = 0.5   in_flight = 0.0   session_affinity = 3.0
+    prefix_affinity = 1.0   prefill_work = 1.0   queue_depth = 2.0   kv_usage = 0.5
+    in_flight = 0.0   session_affinity = 3.0
 
     [thresholds]
     queue_saturation = 8               # queue depth at which the queue-depth score reaches 0
+    prefill_work_scale = 2048          # prompt tokens of prefill work worth the whole prefill-work score (at least)
     overload_queue_depth = 64          # filter out workers this deep (unless all are); 0 = off
     overload_kv_usage = 0.98           # ... or with this much KV in use; 1.0 = off
 
@@ -42,6 +44,7 @@ PICKERS = ("max-score", "weighted-random")
 @dataclass(frozen=True)
 class ScorerWeights:
     prefix_affinity: float = 1.0
+    prefill_work: float = 1.0
     queue_depth: float = 2.0
     kv_usage: float = 0.5
     in_flight: float = 0.0
@@ -51,6 +54,7 @@ class ScorerWeights:
 @dataclass(frozen=True)
 class Thresholds:
     queue_saturation: int = 8
+    prefill_work_scale: int = 2048
     overload_queue_depth: int = 64
     overload_kv_usage: float = 0.98
 
@@ -79,6 +83,7 @@ class SchedulingConfig:
             _check_number(f"weights.{f.name}", getattr(self.weights, f.name), low=0.0)
         t, d = self.thresholds, self.disaggregation
         _check_number("thresholds.queue_saturation", t.queue_saturation, low=1, integer=True)
+        _check_number("thresholds.prefill_work_scale", t.prefill_work_scale, low=1, integer=True)
         _check_number("thresholds.overload_queue_depth", t.overload_queue_depth, low=0, integer=True)
         _check_number("thresholds.overload_kv_usage", t.overload_kv_usage, low=0.0, high=1.0)
         _check_number("disaggregation.min_uncached_tokens", d.min_uncached_tokens, low=0, integer=True)

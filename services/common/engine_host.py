@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from protos.tandem.v1 import common_pb2, worker_pb2
+from protos.tandem.v1 import common_pb2
 from services.engine.kv_handoff import KVImport
 
 from .config import ServiceConfig

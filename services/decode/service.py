@@ -17,6 +17,7 @@ import grpc
 from kvtransfer.ucx_transport import KVTransferError, KVTransportClient
 from protos.tandem.v1 import worker_pb2, worker_pb2_grpc
 from services.common.engine_worker import EngineWorker
+from services.common.kv_handle_check import kv_handle_problem
 from services.common.telemetry import tracer
 from services.common.translate import response_from_output
 
@@ -48,22 +49,9 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
             num_logprobs_sent = len(out.logprobs)
 
     async def _open_disaggregated(self, request: worker_pb2.WorkerGenerateRequest, context):
-        handle = request.kv_handle
-        mine = self.host.kv_layout
-        if handle.layout_fingerprint != mine.fingerprint:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"KV layout mismatch: prefill worker {handle.prefill_worker_id} has layout {handle.layout_fingerprint}, this decode worker "
-                f"has {mine.fingerprint} (model {mine.model_id}, {mine.dtype}, {mine.num_layers} layers, {mine.num_kv_heads} KV heads, "
-                f"head dim {mine.head_dim}, block size {mine.block_size}); pair workers that serve the same model the same way",
-            )
-        if not request.HasField("first_token_id"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first_token_id is required with kv_handle (the token the prefill worker sampled)")
-        if handle.num_tokens != len(request.prompt_token_ids):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"kv_handle covers {handle.num_tokens} tokens but the prompt has {len(request.prompt_token_ids)}",
-            )
+        problem = kv_handle_problem(request, self.host.kv_layout)
+        if problem is not None:
+            await context.abort(*problem)
         stream = await self.open_stream(request, context, output_token_ids=[request.first_token_id], import_kv=True)
         try:
             target = await anext(stream)

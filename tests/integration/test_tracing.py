@@ -25,7 +25,7 @@ def test_one_trace_covers_gateway_tokenizer_and_worker(gateway_channel, otlp_col
         ("tandem-gateway", "/tandem.v1.Gateway/Generate"),  # the gateway's server span: the root
         ("tandem-gateway", "/tandem.v1.Tokenizer/Tokenize"),  # its client calls
         ("tandem-gateway", "/tandem.v1.Decode/Generate"),
-        ("tandem-gateway", "gateway.route"),
+        ("tandem-gateway", "gateway.schedule"),  # the decode pick and the P/D decision
         ("tandem-tokenizer", "/tandem.v1.Tokenizer/Tokenize"),
         ("tandem-decode", "/tandem.v1.Decode/Generate"),
         ("tandem-decode", "engine.generate"),

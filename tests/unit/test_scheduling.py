@@ -133,7 +133,7 @@ def test_profile_reports_each_plugins_time():
     seen = []
     r = router("prefix-aware", index_with({"a": PROMPT}))
     r.pick(RequestContext("r", 64, PROMPT), [worker("a")], observe=lambda name, sec: seen.append(name))
-    assert seen == ["role-filter[decode]", "health-filter", "model-filter", "overload-filter", "prefix-affinity", "queue-depth", "kv-usage", "session-affinity", "max-score"]
+    assert seen == ["role-filter[decode]", "health-filter", "model-filter", "overload-filter", "prefix-affinity", "prefill-work", "queue-depth", "kv-usage", "session-affinity", "max-score"]
 
 
 # ---- filters ------------------------------------------------------------------------------------
@@ -242,3 +242,26 @@ def test_configure_switches_policy_and_weights_live():
     assert {r.pick(ctx, [worker("cold"), worker("warm", running=1)]).worker_id for _ in range(10)} == {"cold"}
     r.configure(SchedulingConfig(policy="round-robin"))
     assert r.policy == "round-robin" and not r.needs_block_hashes
+
+
+@pytest.mark.parametrize(
+    "prompt_tokens, warm_pending, expected",
+    [
+        (64, 0, [pytest.approx(1 - 0 / 2048), pytest.approx(1 - 64 / 2048)]),  # short prompt: the floor scale, scores barely differ
+        (4096, 0, [pytest.approx(1 - 1024 / 4096), 0.0]),  # a long prompt: the largest work sets the scale
+        (4096, 4000, [pytest.approx(1 - 5024 / 5024), pytest.approx(1 - 4096 / 5024)]),  # the warm worker's backlog outweighs its hit
+    ],
+)
+def test_decode_prefill_work_is_relative_with_a_floor(prompt_tokens, warm_pending, expected):
+    blocks = prompt_tokens // 16
+    prompt = list(range(1000, 1000 + blocks))
+    held = prompt if prompt_tokens == 64 else prompt[: blocks * 3 // 4]  # 64: all 4 blocks; else three quarters
+    scorer = PrefillWorkScorer(index_with({"warm": held}))
+    ctx = RequestContext("r", prompt_tokens, prompt, block_size=16)
+    assert scorer.score(ctx, [worker("warm", pending=warm_pending), worker("cold")]) == expected
+
+
+def test_decode_backlog_counts_this_gateways_in_flight_prompt_tokens():
+    scorer = PrefillWorkScorer(PrefixIndex())
+    ctx = RequestContext("r", 100, [], block_size=16)
+    assert scorer.work(ctx, [worker("a", pending=50, in_flight_tokens=300), worker("b", pending=500, in_flight_tokens=20)]) == [400, 600]
