@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loadtest.run_info import cpu_model
 from loadtest.sim_timing import TimingModel
 
 COLUMNS = ("step_base_s", "prefill_s_per_token", "prefill_s_per_token_context", "decode_s_per_seq", "decode_s_per_seq_context")
@@ -136,16 +136,6 @@ def fit(rows: list[dict]) -> dict[str, float]:
     return full
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
@@ -188,7 +178,7 @@ def main() -> None:
             "timing": timing.to_dict(),
             "observations": cal.rows,
             "median_abs_error": statistics.median(errors),
-            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
+            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
                         "model": args.model, "dtype": str(cal.core.dtype), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())},
             "wall_s": wall,
             "cpu_s": cpu,

@@ -4,6 +4,9 @@
               → pick a decode worker (routing policy) → P/D decider: prefill elsewhere first?
               → [Prefill.Prefill, first token streamed] → Decode.Generate, streamed back
 
+Two front doors, one request path: gRPC Generate and the OpenAI HTTP API (gateway/openai_api/) both
+drive `generate()`, which counts the request in the metrics around `_generate`.
+
 Deadlines: every downstream call gets the client's remaining time. Cancellation: when the client
 goes away the handler is cancelled and the downstream call with it, so the worker aborts the
 request and frees its KV blocks. A worker that is unreachable before it sent anything is retried
@@ -13,6 +16,7 @@ on another; once tokens have been streamed an error is passed on (the stream can
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -29,6 +33,7 @@ from services.common.telemetry import tracer
 
 from kvtransfer.block_hash import hash_blocks
 
+from .api_keys import ApiKeys, KeyCheck
 from .pd_decider import PDDecision, decide, uncached_tokens
 from .scheduling.base import RequestContext
 from .scheduling.live_config import LiveSchedulingConfig
@@ -56,6 +61,13 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self.live_config = LiveSchedulingConfig(config.etcd, config.cluster, base, self.router.configure)
         self._tasks: set[asyncio.Task] = set()  # fire-and-forget cleanups, held until done
         self._tokenizer_turn = 0
+        self._num_in_flight = 0
+        self.api_keys = ApiKeys.from_setting(config.api_keys)
+        self.front_doors = ()
+        if config.http_port:
+            from .openai_api.server import OpenAIServer  # aiohttp is imported only where HTTP is served
+
+            self.front_doors = (OpenAIServer(self, config),)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         gateway_pb2_grpc.add_GatewayServicer_to_server(self, server)
@@ -80,26 +92,64 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
     # ---- Generate -------------------------------------------------------------------------------
 
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        await self._authenticate(context)
+        try:
+            async for chunk in self.generate(request, context):
+                yield chunk
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+
+    async def _authenticate(self, context) -> None:
+        authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        check = self.api_keys.check(authorization if isinstance(authorization, str) else None)
+        if check is KeyCheck.MISSING:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this gateway requires an API key: send the metadata `authorization: Bearer <key>`")
+        if check is KeyCheck.INVALID:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the API key in the `authorization` metadata is not valid (expected `Bearer <key>`)")
+
+    async def generate(self, request: gateway_pb2.GenerateRequest, context):
+        """The one request path of both front doors: the request's chunks, counted in the metrics.
+
+        `context` gives `time_remaining()` (seconds, or None: no deadline) and
+        `invocation_metadata()` ((key, value) pairs, keys lower case: gRPC metadata or HTTP
+        headers). Raises RequestError (its gRPC code says what went wrong). Closing the generator
+        early, or cancelling its task, cancels every downstream call and frees the workers' KV."""
         start = time.perf_counter()
         code = "OK"
+        limit = self.config.max_requests_in_flight
+        if limit and self._num_in_flight >= limit:
+            self.metrics.requests.labels(grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the gateway is serving its limit of {limit} requests (max_requests_in_flight); retry later")
+        self._num_in_flight += 1
         self.metrics.in_flight.inc()
         try:
             first = True
-            async for chunk in self._generate(request, context):
-                if first and chunk.token_ids:
-                    self.metrics.time_to_first_token.observe(time.perf_counter() - start)
-                    first = False
-                yield chunk
+            # closed explicitly, so that when our consumer closes us early the workers' calls end now
+            async with contextlib.aclosing(self._generate(request, context)) as stream:
+                async for chunk in stream:
+                    if first and chunk.token_ids:
+                        self.metrics.time_to_first_token.observe(time.perf_counter() - start)
+                        first = False
+                    yield chunk
         except RequestError as e:
             code = e.code.name
-            await context.abort(e.code, str(e))
-        except asyncio.CancelledError:
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away (GeneratorExit: closed early)
             code = "CANCELLED"
             raise
         finally:
+            self._num_in_flight -= 1
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(code).inc()
             self.metrics.request_duration.observe(time.perf_counter() - start)
+
+    def served_models(self) -> dict[str, int]:
+        """The models the registered decode workers serve, with the smallest context among them."""
+        models: dict[str, int] = {}
+        for h in self.pool.registered("decode"):
+            reg = h.registration
+            models[reg.model] = min(models.get(reg.model, reg.max_model_len), reg.max_model_len)
+        return models
 
     def _remaining(self, context) -> float | None:
         remaining = context.time_remaining()
@@ -107,11 +157,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline expired at the gateway")
         return remaining
 
-    def _served_models(self) -> set[str]:
-        return {h.registration.model for h in self.pool.registered("decode")}
-
     async def _generate(self, request: gateway_pb2.GenerateRequest, context):
-        validate_request(request, self._served_models())
+        validate_request(request, set(self.served_models()))
         request_id = request.request_id or uuid.uuid4().hex
         decoders = self.pool.registered("decode")
         if not decoders:
@@ -133,12 +180,18 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         decode, decision = self._schedule(request.mode, route)
         forced = request.mode == gateway_pb2.SERVING_MODE_DISAGGREGATED
         stream = self._disaggregated(worker_request, context, route, decision, decode, forced) if decision.disaggregate else self._decode(worker_request, context, route, decode)
-        decode.acquire()  # counted from the decision (a disaggregated request's prefill included), so a burst spreads
+        # counted from the decision (a disaggregated request's prefill included), so a burst
+        # spreads; the prompt tokens it computes count in its prefill backlog until the first token
+        backlog = 0 if decision.disaggregate else decision.num_uncached_tokens
+        decode.acquire(backlog)
         try:
             async for chunk in stream:
+                if backlog and chunk.token_ids:
+                    decode.computed(backlog)
+                    backlog = 0
                 yield chunk
         finally:
-            decode.release()
+            decode.release(backlog)
 
     def _routing_context(self, request, request_id: str, prompt_ids: list[int], decoders, context) -> RequestContext:
         """What the scheduler needs to know of the request. The prompt's block hashes (hashed as
@@ -304,6 +357,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
     # ---- ListWorkers ----------------------------------------------------------------------------
 
     async def ListWorkers(self, request, context):
+        await self._authenticate(context)
         reply = gateway_pb2.ListWorkersResponse()
         for h in self.pool.workers.values():
             status = gateway_pb2.WorkerStatus(

@@ -3,6 +3,7 @@
   tandem up [--ask PROMPT]        the whole system locally (etcd + every service as processes)
   tandem serve ROLE               one service: gateway | tokenizer | prefill | decode
   tandem generate "prompt"        stream a generation from the gateway (--chat: as a user message)
+  tandem bench WORKLOAD           load-test the gateway (or one worker): TTFT, TPOT, ITL, throughput
   tandem health HOST:PORT         grpc.health.v1 Check (container healthchecks)
   tandem model prepare            convert the embedded SmolLM2 default into its cached HF directory
 """
@@ -50,7 +51,7 @@ def cmd_health(args) -> int:
     return 0 if ok else 1
 
 
-def print_stream(address: str, request, timeout: float | None) -> int:
+def print_stream(address: str, request, timeout: float | None, api_key: str | None = None) -> int:
     """Stream one generation to stdout; the summary line goes to stderr."""
     import grpc
 
@@ -59,7 +60,7 @@ def print_stream(address: str, request, timeout: float | None) -> int:
     t = time.perf_counter()
     ttft = None
     try:
-        for chunk in stream_generate(address, request, timeout):
+        for chunk in stream_generate(address, request, timeout, api_key):
             if ttft is None and chunk.token_ids:
                 ttft = time.perf_counter() - t
             print(chunk.text, end="", flush=True)
@@ -81,7 +82,13 @@ def cmd_generate(args) -> int:
     from .client import build_request
 
     request = build_request(args.prompt, args.chat, args.max_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.stop, args.mode)
-    return print_stream(args.gateway, request, args.timeout)
+    return print_stream(args.gateway, request, args.timeout, args.api_key)
+
+
+def cmd_bench(args) -> int:
+    from loadtest.bench_cli import run
+
+    return run(args, sys.argv[2:] if sys.argv[1:2] == ["bench"] else None)
 
 
 def cmd_up(args) -> int:
@@ -100,7 +107,7 @@ def cmd_up(args) -> int:
         etcd=args.etcd, base_port=args.base_port, worker_args=worker_args,
         role_args={"gateway": ["--disagg-min-uncached-tokens", str(args.disagg_min_uncached_tokens), "--routing-policy", args.routing_policy,
                                *(["--scheduling-config", os.path.abspath(args.scheduling_config)] if args.scheduling_config else [])]},
-        workdir=Path(args.workdir) if args.workdir else None,
+        workdir=Path(args.workdir) if args.workdir else None, http_port=args.http_port,
     )  # fmt: skip
     cluster = LocalCluster(spec)
     print(f"starting Tandem (logs in {cluster.workdir}) ...", file=sys.stderr)
@@ -120,7 +127,9 @@ def cmd_up(args) -> int:
         except KeyboardInterrupt:
             print("tandem: interrupted while starting", file=sys.stderr)
             return 130
-        print(f"Tandem is up in {time.perf_counter() - t:.1f}s: gateway at {cluster.gateway_address}", file=sys.stderr)
+        http = f", OpenAI-compatible HTTP API at {cluster.gateway_http_url}" if cluster.gateway_http_url else ""
+        print(f"Tandem is up in {time.perf_counter() - t:.1f}s: gateway at {cluster.gateway_address} (gRPC){http}", file=sys.stderr)
+        print(f"  etcd at {cluster.etcd_endpoint} (cluster {args.cluster}): `tandem scheduling --etcd {cluster.etcd_endpoint} show`", file=sys.stderr)
         # from here Ctrl-C/SIGTERM mean "stop everything in order"
         stop = threading.Event()
         for sig in previous:
@@ -128,6 +137,9 @@ def cmd_up(args) -> int:
         if args.ask is not None:
             return print_stream(cluster.gateway_address, build_request(args.ask, chat=True, max_tokens=args.max_tokens, temperature=0.0), 300)
         print(f"try: tandem generate --gateway {cluster.gateway_address} --chat \"What is the capital of France?\"", file=sys.stderr)
+        if cluster.gateway_http_url:
+            print(f"  or: curl {cluster.gateway_http_url}/chat/completions -H 'Content-Type: application/json' "
+                  f"-d '{{\"model\": \"{args.model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'", file=sys.stderr)  # fmt: skip
         print("Ctrl-C stops everything.", file=sys.stderr)
         while not stop.wait(0.5):
             dead = [s.name for s in cluster.services if s.proc.poll() is not None]
@@ -159,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prefill", type=int, default=1, help="prefill workers")
     up.add_argument("--decode", type=int, default=1, help="decode workers")
     up.add_argument("--base-port", type=int, default=None, help=f"the gateway's port; the others follow (default {DEFAULT_GRPC_PORTS['gateway']})")
+    up.add_argument("--http-port", type=int, default=None,
+                    help="the gateway's OpenAI-compatible HTTP API port (default 8000, or after the other ports with --base-port; 0 = off)")
     up.add_argument("--etcd", default=None, help="use this etcd (host:port) instead of starting one")
     up.add_argument("--cluster", default="default", help="cluster name (etcd key prefix)")
     up.add_argument("--kv-cache-gb", type=float, default=0.5, help="KV cache memory per worker")
@@ -193,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    gen.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"), help="sent as `authorization: Bearer KEY` when the gateway requires keys (env TANDEM_API_KEY)")
     gen.add_argument("--mode", choices=["auto", "aggregated", "disaggregated"], default="auto",
                      help="force where the prompt is prefilled (default: the gateway decides by prompt length)")
     gen.set_defaults(func=cmd_generate)
@@ -200,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .scheduling_cli import add_parser as add_scheduling_parser
 
     add_scheduling_parser(sub, "127.0.0.1:2379")
+
+    from loadtest.bench_cli import add_bench_args
+
+    bench = sub.add_parser("bench", help="load-test the gateway (or one worker) and report vLLM-comparable numbers (docs/benchmarking.md)")
+    add_bench_args(bench)
+    bench.set_defaults(func=cmd_bench)
 
     health = sub.add_parser("health", help="grpc.health.v1 Check; exit 0 when SERVING")
     health.add_argument("address", help="host:port")

@@ -23,10 +23,13 @@ def build_request(prompt: str, chat: bool, max_tokens: int | None = None, temper
     return gateway_pb2.GenerateRequest(text=prompt, sampling=sampling, mode=serving_mode)
 
 
-def stream_generate(address: str, request: gateway_pb2.GenerateRequest, timeout: float | None = None) -> Iterator[common_pb2.GenerateResponse]:
-    """Yield the gateway's chunks; raises grpc.RpcError with the server's status on failure."""
+def stream_generate(address: str, request: gateway_pb2.GenerateRequest, timeout: float | None = None,
+                    api_key: str | None = None) -> Iterator[common_pb2.GenerateResponse]:  # fmt: skip
+    """Yield the gateway's chunks; raises grpc.RpcError with the server's status on failure.
+    `api_key`: sent as `authorization: Bearer KEY` (for a gateway with api_keys set)."""
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
     with grpc.insecure_channel(address) as channel:
-        yield from gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=timeout)
+        yield from gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=timeout, metadata=metadata)
 
 
 FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in common_pb2.FinishReason.items()}

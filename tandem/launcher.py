@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.config import DEFAULT_GRPC_PORTS, DEFAULT_METRICS_PORTS
+from services.common.config import DEFAULT_GRPC_PORTS, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORTS
 
 from .etcd_process import EtcdProcess
 from .health import check_health
@@ -89,6 +89,7 @@ class ClusterSpec:
     cluster: str = "default"
     etcd: str | None = None  # an external etcd host:port; None = start our own
     base_port: int | None = None  # gateway's port; others follow. None = the roles' defaults
+    http_port: int | None = None  # the gateway's OpenAI HTTP API; None = from the plan (8000 by default), 0 = off
     free_ports: bool = False  # pick free ports (tests, or several clusters on one host)
     metrics: bool = True
     lease_ttl: int = 10
@@ -112,8 +113,11 @@ class LocalCluster:
         s = self.spec
         names = ["etcd", "etcd-peer", "gateway", "tokenizer"] + [f"prefill-{i}" for i in range(s.num_prefill)] + [f"decode-{i}" for i in range(s.num_decode)]
         if s.free_ports:
-            keys = names + [f"{n}/metrics" for n in names[2:]]
-            return dict(zip(keys, free_ports(len(keys))))
+            keys = names + [f"{n}/metrics" for n in names[2:]] + ["gateway/http"]
+            plan = dict(zip(keys, free_ports(len(keys))))
+            if s.http_port is not None:
+                plan["gateway/http"] = s.http_port
+            return plan
         # gateway, tokenizer, prefill-0, decode-0 land on the roles' default ports (as in containers)
         # and more workers continue the sequence; with another base port, the metrics ports follow
         # right after the gRPC ports
@@ -122,11 +126,19 @@ class LocalCluster:
         plan = {"etcd": port_or_free(2379), "etcd-peer": port_or_free(2380)}
         for i, n in enumerate(names[2:]):
             plan[n], plan[f"{n}/metrics"] = base + i, metrics_base + i
+        # the HTTP API: its default port, or right after the metrics ports when the base moved
+        plan["gateway/http"] = s.http_port if s.http_port is not None else DEFAULT_HTTP_PORT if s.base_port is None else metrics_base + len(names) - 2
         return plan
 
     @property
     def gateway_address(self) -> str:
         return f"127.0.0.1:{self._ports['gateway']}"
+
+    @property
+    def gateway_http_url(self) -> str | None:
+        """The OpenAI API's base URL (what `openai.OpenAI(base_url=...)` takes); None when off."""
+        port = self._ports["gateway/http"]
+        return f"http://127.0.0.1:{port}/v1" if port else None
 
     def service(self, name: str) -> ServiceProcess:
         return next(s for s in self.services if s.name == name)
@@ -138,6 +150,8 @@ class LocalCluster:
             args += ["--model", s.model]
         if role in ("prefill", "decode"):
             args += s.worker_args
+        if role == "gateway":
+            args += ["--http-port", str(self._ports["gateway/http"])]
         args += s.role_args.get(role, [])
         metrics_port = self._ports[f"{name}/metrics"] if s.metrics else 0
         return ServiceProcess(role, name, self._ports[name], metrics_port, args, self.workdir / f"{name}.log", dict(s.env))

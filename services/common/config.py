@@ -22,6 +22,7 @@ ROLES = ("gateway", "tokenizer", "prefill", "decode")
 WORKER_ROLES = ("prefill", "decode")
 DEFAULT_GRPC_PORTS = {"gateway": 50050, "tokenizer": 50051, "prefill": 50052, "decode": 50053}
 DEFAULT_METRICS_PORTS = {"gateway": 9400, "tokenizer": 9401, "prefill": 9402, "decode": 9403}
+DEFAULT_HTTP_PORT = 8000  # the gateway's OpenAI-compatible HTTP API (vLLM's default port)
 ENV_PREFIX = "TANDEM_"
 _KINDS = {"int": int, "float": float, "str": str}
 
@@ -66,6 +67,9 @@ class ServiceConfig:
     scheduling_config: str = _opt("", "a TOML file of scheduling weights and thresholds (see docs/architecture.md); the etcd key /tandem/<cluster>/config/scheduling overrides it live", ("gateway",))
     max_prompt_tokens: int = _opt(0, "reject prompts longer than this; 0 = only the workers' context length limits them", ("gateway",))
     default_max_tokens: int = _opt(256, "max_tokens when a request leaves it unset", ("gateway",))
+    http_port: int = _opt(DEFAULT_HTTP_PORT, "OpenAI-compatible HTTP API port on --host (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics); 0 = off", ("gateway",))
+    api_keys: str = _opt("", "API keys clients must send as `Authorization: Bearer KEY` (gRPC metadata or HTTP header): comma-separated, or @FILE with one a line; empty = no authentication", ("gateway",))
+    max_requests_in_flight: int = _opt(0, "refuse requests beyond this many in flight at this gateway (gRPC RESOURCE_EXHAUSTED, HTTP 429); 0 = no limit", ("gateway",))
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -86,6 +90,10 @@ class ServiceConfig:
             raise ValueError(f"kv_transfer_policy must be recompute or fail, got {self.kv_transfer_policy!r}")
         if self.kv_lease_seconds <= 0 or self.kv_transfer_timeout <= 0:
             raise ValueError("kv_lease_seconds and kv_transfer_timeout must be > 0")
+        if not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in [0, 65535] (0 = off), got {self.http_port}")
+        if self.max_requests_in_flight < 0:
+            raise ValueError(f"max_requests_in_flight must be >= 0 (0 = no limit), got {self.max_requests_in_flight}")
         if self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if "/" in self.cluster or not self.cluster:

@@ -70,6 +70,8 @@ class GatewayMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter("tandem_requests", "Generate requests by final gRPC status", ["code"], registry=r)
+        self.http_requests = Counter("tandem_http_requests", "OpenAI HTTP API requests, by route and HTTP status (a request of several prompts is one here, one per prompt in tandem_requests)",
+                                     ["route", "status"], registry=r)
         self.decisions = Counter("tandem_routing_decisions", "Requests routed, by worker and policy", ["worker_id", "policy"], registry=r)
         self.workers = Gauge("tandem_workers", "Workers known from etcd", ["role"], registry=r)
         self.in_flight = Gauge("tandem_requests_in_flight", "Requests being served", registry=r)

@@ -1,10 +1,12 @@
 """The gRPC server bootstrap every Tandem service runs: `run(config, service)`.
 
-    start:    tracing → /metrics → grpc.aio server (health NOT_SERVING, reflection) → service.start()
-              (model load) → etcd registration → health SERVING
+    start:    tracing → /metrics → grpc.aio server (health NOT_SERVING, reflection) and the
+              service's other front doors → service.start() (model load) → etcd registration
+              → health SERVING
     SIGTERM:  health NOT_SERVING → revoke the etcd lease (the gateway stops routing here at once)
-              → drain: no new RPCs, in-flight ones get `drain_timeout` seconds → service.close()
-              (the engine) → /metrics off → flush spans
+              → drain: no new RPCs or connections, in-flight ones get `drain_timeout` seconds (gRPC
+              and the other front doors together) → service.close() (the engine) → /metrics off
+              → flush spans
 
 The service supplies its servicers, its registration details and its start/close; everything
 else (signals, ordering, logging) lives here once.
@@ -51,6 +53,17 @@ class Service(Protocol):
     async def close(self) -> None: ...
 
 
+class FrontDoor(Protocol):
+    """A listener a service serves beside gRPC (the gateway's OpenAI HTTP API), found as the
+    service's optional `front_doors` attribute; it shares the gRPC server's lifecycle."""
+
+    async def start(self) -> None: ...  # listen; raise OSError when the port is taken
+
+    def set_serving(self, serving: bool) -> None: ...  # follows grpc.health SERVING / NOT_SERVING
+
+    async def stop(self) -> None: ...  # stop accepting, let in-flight requests finish (drain_timeout), close
+
+
 def setup_logging(config: ServiceConfig) -> None:
     logging.basicConfig(
         level=config.log_level.upper(),
@@ -67,6 +80,7 @@ class ServiceRunner:
         self.health = HealthServicer()
         self.registration: Registration | None = None
         self.server: grpc.aio.Server | None = None
+        self.front_doors: tuple[FrontDoor, ...] = tuple(getattr(service, "front_doors", ()))
 
     def stop(self) -> None:
         self.stop_requested.set()
@@ -74,6 +88,8 @@ class ServiceRunner:
     async def _set_health(self, status) -> None:
         for name in ("", *self.service.service_names):
             await self.health.set(name, status)
+        for door in self.front_doors:
+            door.set_serving(status == health_pb2.HealthCheckResponse.SERVING)
 
     async def run(self) -> None:
         config, service = self.config, self.service
@@ -94,6 +110,8 @@ class ServiceRunner:
             except RuntimeError as e:
                 raise RuntimeError(f"cannot listen on {config.bind_address} (is the port in use? set --port): {e}") from None
             await server.start()
+            for door in self.front_doors:
+                await door.start()
             metrics.start(config.host, config.metrics_port)
             log.info("listening on %s; starting the %s service", config.bind_address, config.role)
             t0 = time.perf_counter()
@@ -118,7 +136,7 @@ class ServiceRunner:
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             if self.registration is not None:
                 await self.registration.stop()
-            await server.stop(grace=config.drain_timeout)
+            await asyncio.gather(server.stop(grace=config.drain_timeout), *(door.stop() for door in self.front_doors))
             await service.close()
             metrics.stop()
             provider.shutdown()

@@ -4,12 +4,14 @@ behind on SIGTERM, or when the launcher itself is SIGKILLed."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
+import openai
 import pytest
 
 from tandem.launcher import free_ports
@@ -33,7 +35,7 @@ def processes_mentioning(marker: str) -> list[int]:
 
 def start_up(tmp_path, cluster: str) -> tuple[subprocess.Popen, str]:
     base = free_ports(1)[0]
-    # a block of 8 ports from base must be free; retry with another if the OS gave one near the top
+    # a block of 9 ports from base must be free (4 gRPC, 4 metrics, the HTTP API); keep clear of the top
     base = min(base, 65000)
     cmd = [sys.executable, "-m", "tandem", "up", "--base-port", str(base), "--cluster", cluster, "--workdir", str(tmp_path),
            "--kv-cache-gb", "0.25", "--threads", "1"]  # fmt: skip
@@ -55,6 +57,13 @@ def test_tandem_up_serves_generate_and_stops_everything_on_sigterm(tmp_path, def
         assert out.returncode == 0, out.stderr
         assert "Paris" in out.stdout
         assert "finish_reason=" in out.stderr
+        # the OpenAI API, at the base URL `tandem up` prints, with the official SDK
+        log = (tmp_path / "up.log").read_text()
+        base_url = re.search(r"OpenAI-compatible HTTP API at (http://\S+/v1)", log).group(1)
+        with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60) as client:
+            model = client.models.list().data[0].id
+            reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=16, temperature=0)
+        assert "Paris" in reply.choices[0].message.content
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         wait_for(lambda: not processes_mentioning(cluster) and not processes_mentioning(str(tmp_path / "etcd-data")), "no process of the cluster left", timeout=10)

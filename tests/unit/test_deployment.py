@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.common.config import DEFAULT_GRPC_PORTS, DEFAULT_METRICS_PORTS, ROLES, ServiceConfig
+from services.common.config import DEFAULT_GRPC_PORTS, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORTS, ROLES, ServiceConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -154,6 +154,11 @@ def test_healthchecks_dial_each_roles_grpc_port():
 
 def test_gateway_publishes_its_grpc_port():
     assert DEFAULT_GRPC_PORTS["gateway"] in container_ports(service("gateway"))
+
+
+def test_gateway_publishes_its_openai_http_port():
+    assert DEFAULT_HTTP_PORT in container_ports(service("gateway"))
+    assert "TANDEM_HTTP_PORT" not in (service("gateway").get("environment") or {}), "the published port must be the default the gateway listens on"
 
 
 def test_services_reach_etcd_and_jaeger_by_service_name():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.config import DEFAULT_GRPC_PORTS, DEFAULT_METRICS_PORTS
+from services.common.config import DEFAULT_GRPC_PORTS, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORTS
 from tandem.launcher import ClusterSpec, LocalCluster
 
 
@@ -33,12 +33,14 @@ def test_default_spec_uses_the_roles_default_ports(tmp_path):
         "prefill-0/metrics": DEFAULT_METRICS_PORTS["prefill"],
         "decode-0": DEFAULT_GRPC_PORTS["decode"],
         "decode-0/metrics": DEFAULT_METRICS_PORTS["decode"],
+        "gateway/http": DEFAULT_HTTP_PORT,
     }
 
 
 def test_cluster_addresses_follow_the_plan(tmp_path):
     cluster = LocalCluster(ClusterSpec(workdir=tmp_path))
     assert cluster.gateway_address == "127.0.0.1:50050"
+    assert cluster.gateway_http_url == "http://127.0.0.1:8000/v1"
     assert cluster.etcd_endpoint == "127.0.0.1:2379"
     assert cluster.workdir == tmp_path
     external = LocalCluster(ClusterSpec(workdir=tmp_path, etcd="10.0.0.9:2379"))
@@ -51,6 +53,7 @@ def test_base_port_puts_grpc_then_metrics_ports_in_one_block(tmp_path, base):
     order = ["gateway", "tokenizer", "prefill-0", "decode-0"]
     assert [ports[n] for n in order] == [base, base + 1, base + 2, base + 3]
     assert [ports[n + "/metrics"] for n in order] == [base + 4, base + 5, base + 6, base + 7]
+    assert ports["gateway/http"] == base + 8
 
 
 def test_base_port_example(tmp_path):
@@ -72,7 +75,7 @@ def test_more_workers_get_consecutive_distinct_ports(tmp_path, num_prefill, num_
     ports = plan(tmp_path, num_prefill=num_prefill, num_decode=num_decode)
     assert [ports[n] for n in grpc_order] == list(range(50050, 50050 + len(grpc_order)))
     assert [ports[n + "/metrics"] for n in grpc_order] == list(range(9400, 9400 + len(grpc_order)))
-    assert set(ports) == {"etcd", "etcd-peer"} | set(grpc_order) | {n + "/metrics" for n in grpc_order}
+    assert set(ports) == {"etcd", "etcd-peer", "gateway/http"} | set(grpc_order) | {n + "/metrics" for n in grpc_order}
     assert len(set(ports.values())) == len(ports)
 
 
@@ -86,8 +89,16 @@ def test_two_decode_workers(tmp_path):
 def test_free_ports_plan_shape(tmp_path, num_prefill, num_decode):
     ports = plan(tmp_path, free_ports=True, num_prefill=num_prefill, num_decode=num_decode)
     services = ["gateway", "tokenizer"] + [f"prefill-{i}" for i in range(num_prefill)] + [f"decode-{i}" for i in range(num_decode)]
-    assert set(ports) == {"etcd", "etcd-peer"} | set(services) | {s + "/metrics" for s in services}
+    assert set(ports) == {"etcd", "etcd-peer", "gateway/http"} | set(services) | {s + "/metrics" for s in services}
     assert all(1024 <= p <= 65535 for p in ports.values())
+
+
+@pytest.mark.parametrize("free", [False, True])
+def test_http_port_can_be_set_or_turned_off(tmp_path, free):
+    assert plan(tmp_path, free_ports=free, http_port=9123)["gateway/http"] == 9123
+    off = LocalCluster(ClusterSpec(workdir=tmp_path, free_ports=free, http_port=0))
+    assert off.gateway_http_url is None
+    assert off._make_service("gateway", "gateway").args[-2:] == ["--http-port", "0"]
 
 
 def test_free_ports_are_all_distinct(tmp_path):
