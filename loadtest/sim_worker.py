@@ -41,7 +41,7 @@ from kvtransfer.layout import layout_fingerprint
 from protos.tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common.registry import Registration, encode_registration, worker_key
 from services.common.server import GRPC_OPTIONS, VERSION
-from services.common.kv_handle_check import kv_handle_problem
+from services.common.kv_handle import kv_handle_problem, prefill_reply
 from services.common.worker_servicer import WORKER_SERVICE_NAME, WorkerServicer
 
 from .sim_engine import SimEngine, SimOutput
@@ -259,21 +259,8 @@ class SimWorker(worker_pb2_grpc.PrefillServicer, worker_pb2_grpc.DecodeServicer)
         await context.abort(grpc.StatusCode.INTERNAL, "the engine ended the request without a token")
 
     def _prefill_reply(self, out: SimOutput) -> worker_pb2.PrefillResponse:
-        first = response_from_output(out)
-        reply = worker_pb2.PrefillResponse(first=first, num_cached_tokens=out.num_cached_tokens)
-        pinned = out.pinned
-        if pinned is None:  # the first token ended the request: nothing to hand over
-            return reply
-        first.ClearField("usage")  # the request goes on at a decode worker, which reports usage
-        lease = self.leases.grant(pinned)
-        reply.kv_handle.CopyFrom(
-            common_pb2.KVHandle(
-                prefill_worker_id=self.worker_id, ucx_address=self.address.encode(), request_id=out.request_id,
-                block_ids=pinned.block_ids, block_hashes=pinned.block_hashes, num_tokens=pinned.num_tokens,
-                layout_fingerprint=self.layout.fingerprint, expires_unix_ms=int(lease.expires_at * 1000), transfer_token=lease.token,
-            )
-        )  # fmt: skip
-        return reply
+        return prefill_reply(response_from_output(out), out.num_cached_tokens, out.request_id, out.pinned, self.leases.grant,
+                             self.worker_id, self.address.encode(), self.layout.fingerprint)  # fmt: skip
 
     async def ReleaseKV(self, request: worker_pb2.ReleaseKVRequest, context):
         return worker_pb2.ReleaseKVResponse(released=self.leases.release(request.request_id, request.transfer_token))

@@ -48,22 +48,16 @@ class SamplingOptions:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "ignore_eos": self.ignore_eos, "seed": self.seed}
 
 
-class GatewayTarget:
-    kind = "gateway"
+class _ChannelTarget:
+    """A gRPC target's channel: opened by `async with`, closed after the run."""
 
-    def __init__(self, address: str, sampling: SamplingOptions, serving_mode: str = "auto", cache_salt: str = "", api_key: str | None = None):
-        """`cache_salt` may be changed between runs (bench_cli gives every run a fresh one)."""
-        if serving_mode not in SERVING_MODES:
-            raise ValueError(f"serving mode must be one of {', '.join(SERVING_MODES)}, got {serving_mode!r}")
+    def __init__(self, address: str, sampling: SamplingOptions, cache_salt: str):
         self.address = address
         self.sampling = sampling
-        self.mode = gateway_pb2.ServingMode.Value("SERVING_MODE_" + serving_mode.upper())
-        self.serving_mode = serving_mode
-        self.cache_salt = cache_salt
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None  # a gateway with api_keys set
+        self.cache_salt = cache_salt  # may be changed between runs (bench_cli gives every run a fresh one)
         self._channel: grpc.aio.Channel | None = None
 
-    async def __aenter__(self) -> "GatewayTarget":
+    async def __aenter__(self):
         self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
         return self
 
@@ -73,6 +67,18 @@ class GatewayTarget:
     async def wait_ready(self, timeout: float) -> None:
         """Raise ConnectionError when nothing answers at the address within `timeout` seconds."""
         await wait_channel_ready(self._channel, self.address, timeout)
+
+
+class GatewayTarget(_ChannelTarget):
+    kind = "gateway"
+
+    def __init__(self, address: str, sampling: SamplingOptions, serving_mode: str = "auto", cache_salt: str = "", api_key: str | None = None):
+        if serving_mode not in SERVING_MODES:
+            raise ValueError(f"serving mode must be one of {', '.join(SERVING_MODES)}, got {serving_mode!r}")
+        super().__init__(address, sampling, cache_salt)
+        self.mode = gateway_pb2.ServingMode.Value("SERVING_MODE_" + serving_mode.upper())
+        self.serving_mode = serving_mode
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None  # a gateway with api_keys set
 
     def build(self, spec: RequestSpec, request_id: str, index: int) -> gateway_pb2.GenerateRequest:
         req = gateway_pb2.GenerateRequest(
@@ -107,24 +113,11 @@ class GatewayTarget:
         return info
 
 
-class WorkerTarget:
+class WorkerTarget(_ChannelTarget):
     kind = "worker"
 
     def __init__(self, address: str, sampling: SamplingOptions, cache_salt: str = ""):
-        self.address = address
-        self.sampling = sampling
-        self.cache_salt = cache_salt
-        self._channel: grpc.aio.Channel | None = None
-
-    async def __aenter__(self) -> "WorkerTarget":
-        self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self._channel.close()
-
-    async def wait_ready(self, timeout: float) -> None:
-        await wait_channel_ready(self._channel, self.address, timeout)
+        super().__init__(address, sampling, cache_salt)
 
     def build(self, spec: RequestSpec, request_id: str, index: int) -> worker_pb2.WorkerGenerateRequest:
         if spec.token_ids is None:

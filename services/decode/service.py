@@ -17,7 +17,7 @@ import grpc
 from kvtransfer.ucx_transport import KVTransferError, KVTransportClient
 from protos.tandem.v1 import worker_pb2, worker_pb2_grpc
 from services.common.engine_worker import EngineWorker
-from services.common.kv_handle_check import kv_handle_problem
+from services.common.kv_handle import kv_handle_problem
 from services.common.telemetry import tracer
 from services.common.translate import response_from_output
 

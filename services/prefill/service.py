@@ -14,8 +14,9 @@ import uuid
 import grpc
 
 from kvtransfer.ucx_transport import KVTransportServer
-from protos.tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from protos.tandem.v1 import worker_pb2, worker_pb2_grpc
 from services.common.engine_worker import EngineWorker
+from services.common.kv_handle import prefill_reply
 from services.common.translate import response_from_output
 
 from .kv_leases import KVLeases
@@ -69,27 +70,8 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
         await context.abort(grpc.StatusCode.INTERNAL, "the engine ended the request without a token")
 
     def _reply(self, out) -> worker_pb2.PrefillResponse:
-        first = response_from_output(out, 0)
-        reply = worker_pb2.PrefillResponse(first=first, num_cached_tokens=out.num_cached_tokens)
-        pinned = out.pinned_kv
-        if pinned is None:  # the first token ended the request: nothing to hand over
-            return reply
-        first.ClearField("usage")  # the request goes on at a decode worker, which reports usage
-        lease = self.leases.grant(pinned)
-        reply.kv_handle.CopyFrom(
-            common_pb2.KVHandle(
-                prefill_worker_id=self.host.config.worker_id,
-                ucx_address=self.transport.address,
-                request_id=out.request_id,
-                block_ids=pinned.block_ids,
-                block_hashes=pinned.block_hashes,
-                num_tokens=pinned.num_tokens,
-                layout_fingerprint=self.host.kv_layout.fingerprint,
-                expires_unix_ms=int(lease.expires_at * 1000),
-                transfer_token=lease.token,
-            )
-        )
-        return reply
+        return prefill_reply(response_from_output(out, 0), out.num_cached_tokens, out.request_id, out.pinned_kv, self.leases.grant,
+                             self.host.config.worker_id, self.transport.address, self.host.kv_layout.fingerprint)  # fmt: skip
 
     async def ReleaseKV(self, request: worker_pb2.ReleaseKVRequest, context: grpc.aio.ServicerContext):
         return worker_pb2.ReleaseKVResponse(released=self.leases.release(request.request_id, request.transfer_token))

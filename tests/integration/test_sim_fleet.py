@@ -85,6 +85,7 @@ async def test_disaggregated_requests_run_end_to_end(sim_cluster):
     chunks = await gateway.generate(ids, max_tokens=6, mode=gateway_pb2.SERVING_MODE_DISAGGREGATED)
     assert len(tokens(chunks)) == 6 and chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert chunks[-1].usage.prompt_tokens == len(ids) and chunks[-1].usage.completion_tokens == 6
+    assert [c.HasField("usage") for c in chunks].count(True) == 1, "usage comes once, at the end (not with the prefill's first token)"
     assert prefill.leases.num_granted == 1 and prefill.leases.num_released == 1, "the decode worker's pull spent the token"
     decoder = next(w for w in fleet.decode if w.engine.num_steps)
     assert set(hash_blocks(ids, BS, "default")) <= decoder.cache.held_hashes(), "the pulled blocks are the decode worker's prefix cache now"
