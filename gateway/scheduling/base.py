@@ -26,6 +26,18 @@ class RequestContext:
     block_size: int = 0  # tokens per block of those hashes (0: not hashed)
     model: str = ""  # the model asked for ("" = whatever the workers serve)
     session_id: str = ""  # the session header's value, when the client sent one
+    _held: tuple | None = field(default=None, repr=False, compare=False)  # (index, worker ids, result)
+
+    def held_blocks(self, index, candidates: Sequence) -> dict[str, int]:
+        """index.match of this prompt against `candidates`: the leading run of its blocks each one
+        holds. Computed once per candidate set and index, so every scorer of a decision shares one
+        walk of the index (it does not change during a decision: both run on the event loop)."""
+        if not self.block_hashes:
+            return {}
+        ids = tuple(c.worker_id for c in candidates)
+        if self._held is None or self._held[0] is not index or self._held[1] != ids:
+            self._held = (index, ids, index.match(self.block_hashes, ids))
+        return self._held[2]
 
 
 class Filter(Protocol):

@@ -51,7 +51,7 @@ class PrefillWorkScorer:
 
     def work(self, ctx: RequestContext, candidates: Sequence) -> list[int]:
         """Prompt tokens each candidate computes before this prompt's first token. Does not mutate."""
-        held = self.index.match(ctx.block_hashes, [c.worker_id for c in candidates]) if ctx.block_hashes else {}
+        held = ctx.held_blocks(self.index, candidates)
         return [pending_prefill_tokens(c) + ctx.num_prompt_tokens - held.get(c.worker_id, 0) * ctx.block_size for c in candidates]
 
     def score(self, ctx: RequestContext, candidates: Sequence) -> list[float]:

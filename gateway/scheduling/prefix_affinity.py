@@ -22,5 +22,5 @@ class PrefixAffinityScorer:
     def score(self, ctx: RequestContext, candidates: Sequence) -> list[float]:
         if not ctx.block_hashes:
             return [0.0] * len(candidates)
-        held = self.index.match(ctx.block_hashes, [c.worker_id for c in candidates])
+        held = ctx.held_blocks(self.index, candidates)
         return [held.get(c.worker_id, 0) / len(ctx.block_hashes) for c in candidates]

@@ -265,3 +265,16 @@ def test_decode_backlog_counts_this_gateways_in_flight_prompt_tokens():
     scorer = PrefillWorkScorer(PrefixIndex())
     ctx = RequestContext("r", 100, [], block_size=16)
     assert scorer.work(ctx, [worker("a", pending=50, in_flight_tokens=300), worker("b", pending=500, in_flight_tokens=20)]) == [400, 600]
+
+
+def test_one_decision_walks_the_index_once_per_candidate_set():
+    index = index_with({"a": PROMPT, "b": PROMPT[:2]})
+    calls = []
+    match = index.match
+    index.match = lambda hashes, ids=None: calls.append(tuple(ids)) or match(hashes, ids)
+    r = router("prefix-aware", index)
+    ctx = RequestContext("r", 64, PROMPT, block_size=16)
+    assert r.pick(ctx, [worker("a"), worker("b")]).worker_id == "a"
+    assert calls == [("a", "b")]  # prefix affinity and prefill work share one match
+    r.pick(ctx, [worker("b")])  # another candidate set (a retry without "a"): matched again
+    assert calls == [("a", "b"), ("b",)]
