@@ -185,11 +185,12 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         backlog = 0 if decision.disaggregate else decision.num_uncached_tokens
         decode.acquire(backlog)
         try:
-            async for chunk in stream:
-                if backlog and chunk.token_ids:
-                    decode.computed(backlog)
-                    backlog = 0
-                yield chunk
+            async with contextlib.aclosing(stream):  # closed here when we are: its worker calls end now
+                async for chunk in stream:
+                    if backlog and chunk.token_ids:
+                        decode.computed(backlog)
+                        backlog = 0
+                    yield chunk
         finally:
             decode.release(backlog)
 
@@ -257,8 +258,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         finally:
             handle.release(num_prefill_tokens)
         if reply is None:
-            async for chunk in self._decode(worker_request, context, route, decode):
-                yield chunk
+            async with contextlib.aclosing(self._decode(worker_request, context, route, decode)) as stream:
+                async for chunk in stream:
+                    yield chunk
             return
         yield reply.first  # the first token reaches the client before decode starts
         if reply.first.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
@@ -266,8 +268,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         worker_request.kv_handle.CopyFrom(reply.kv_handle)
         worker_request.first_token_id = reply.first.token_ids[0]
         try:
-            async for chunk in self._decode(worker_request, context, route, decode, cached_prompt_tokens=reply.num_cached_tokens):
-                yield chunk
+            async with contextlib.aclosing(self._decode(worker_request, context, route, decode, cached_prompt_tokens=reply.num_cached_tokens)) as stream:
+                async for chunk in stream:
+                    yield chunk
         finally:
             # normally the decode worker's pull has released the blocks already; when the request
             # ended before that (cancelled, failed, recomputed) this frees them now, not at expiry
