@@ -3,7 +3,8 @@
 A worker's request count is the larger of what it last reported (running + waiting, every
 gateway's requests) and what this gateway has in flight there (fresher: counted at decision
 time, so a burst does not all land on the worker that looked idle a moment ago). Ties are broken
-at random. The KV-aware scorers and pickers replace this in the endpoint picker.
+at random. It is the `least-loaded` policy (for comparison); the prefix-aware policy reads the same
+request count through `worker_load` in its queue-depth scorer and overload filter.
 """
 
 from __future__ import annotations
