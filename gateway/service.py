@@ -9,8 +9,10 @@ drive `generate()`, which counts the request in the metrics around `_generate`.
 
 Deadlines: every downstream call gets the client's remaining time. Cancellation: when the client
 goes away the handler is cancelled and the downstream call with it, so the worker aborts the
-request and frees its KV blocks. A worker that is unreachable before it sent anything is retried
-on another; once tokens have been streamed an error is passed on (the stream cannot be replayed).
+request and frees its KV blocks. Worker failures (gateway/decode_leg.py): a decode worker that fails
+before it streamed anything is retried on another; one that fails mid-stream has its request
+migrated to another (a continuation; max_migrations). A prefill worker that fails makes an AUTO
+request fall back to aggregated serving. Every outcome feeds the pool's outlier detector.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ from services.common.telemetry import tracer
 from kvtransfer.block_hash import hash_blocks
 
 from .api_keys import ApiKeys, KeyCheck
+from .decode_leg import RETRYABLE_CODES, DecodeLeg
+from .outlier_detection import OutlierDetectionConfig, OutlierDetector
 from .pd_decider import PDDecision, decide, uncached_tokens
 from .scheduling.base import RequestContext
 from .scheduling.live_config import LiveSchedulingConfig
 from .scheduling.policies import Router
 from .scheduling.scheduling_config import DisaggregationConfig, SchedulingConfig, load_file
-from .request_validation import check_prompt_length, validate_request
+from .request_validation import RequestLimits, check_prompt_length, validate_request
 from .worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -52,17 +56,24 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self.config = config
         self.metrics = GatewayMetrics()
         self.metrics_registry = self.metrics.registry
-        self.pool = WorkerPool(config.etcd, config.cluster, on_change=self._count_workers)
+        outliers = OutlierDetector(
+            OutlierDetectionConfig(config.outlier_consecutive_failures, config.outlier_base_ejection_seconds,
+                                   config.outlier_max_ejection_seconds, config.outlier_max_ejection_percent),
+            on_eject=lambda handle, seconds: self.metrics.worker_ejections.labels(handle.worker_id, handle.role).inc(),
+        )  # fmt: skip
+        self.pool = WorkerPool(config.etcd, config.cluster, on_change=self._count_workers, outliers=outliers)
         self._rng = random.Random()
         base = SchedulingConfig(policy=config.routing_policy, disaggregation=DisaggregationConfig(min_uncached_tokens=config.disagg_min_uncached_tokens))
         if config.scheduling_config:
             base = load_file(config.scheduling_config, base)
         self.router = Router(base, self.pool.index, self._rng)
+        self.decode_leg = DecodeLeg(self.pool, self.router, self.metrics, config.max_migrations, observe=self._observe_plugin)
         self.live_config = LiveSchedulingConfig(config.etcd, config.cluster, base, self.router.configure)
         self._tasks: set[asyncio.Task] = set()  # fire-and-forget cleanups, held until done
         self._tokenizer_turn = 0
         self._num_in_flight = 0
         self.api_keys = ApiKeys.from_setting(config.api_keys)
+        self.request_limits = RequestLimits.from_config(config)
         self.front_doors = ()
         if config.http_port:
             from .openai_api.server import OpenAIServer  # aiohttp is imported only where HTTP is served
@@ -158,7 +169,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         return remaining
 
     async def _generate(self, request: gateway_pb2.GenerateRequest, context):
-        validate_request(request, set(self.served_models()))
+        validate_request(request, set(self.served_models()), self.request_limits)
         request_id = request.request_id or uuid.uuid4().hex
         decoders = self.pool.registered("decode")
         if not decoders:
@@ -235,8 +246,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         """Prefill on the decided prefill worker, stream its first token at once, then decode on
         `decode` (pulling only the blocks it lacks) with the KV handle.
 
-        A prefill worker that cannot be reached makes an AUTO request fall back to aggregated
-        serving (the client has seen nothing yet); a forced one fails with UNAVAILABLE."""
+        A prefill worker that fails (unreachable, or a worker error another worker would not
+        repeat: RETRYABLE_CODES) makes an AUTO request fall back to aggregated serving (the client
+        has seen nothing yet); a forced one fails with that status."""
         handle = decision.prefill
         self.metrics.decisions.labels(handle.worker_id, "prefill").inc()
         num_prefill_tokens = uncached_tokens(route, self.pool.index, handle)
@@ -249,11 +261,15 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         handle.acquire(num_prefill_tokens)
         try:
             reply = await handle.prefill_stub().Prefill(prefill_request, timeout=self._remaining(context))
+            self.pool.record_outcome(handle, grpc.StatusCode.OK)
         except grpc.aio.AioRpcError as e:
-            if e.code() != grpc.StatusCode.UNAVAILABLE or forced:
+            self.pool.record_outcome(handle, e.code())
+            if e.code() not in RETRYABLE_CODES or forced:
                 raise RequestError(e.code(), e.details() or e.code().name) from None
-            log.warning("prefill worker %s unreachable (%s); serving %s aggregated", handle.worker_id, e.details(), worker_request.request_id)
-            handle.mark_unreachable()
+            log.warning("prefill worker %s failed (%s: %s); serving %s aggregated", handle.worker_id, e.code().name, e.details(), worker_request.request_id)
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                handle.mark_unreachable()
+            self.metrics.worker_retries.labels("prefill", "fallback-aggregated").inc()
             reply = None
         finally:
             handle.release(num_prefill_tokens)
@@ -268,7 +284,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         worker_request.kv_handle.CopyFrom(reply.kv_handle)
         worker_request.first_token_id = reply.first.token_ids[0]
         try:
-            async with contextlib.aclosing(self._decode(worker_request, context, route, decode, cached_prompt_tokens=reply.num_cached_tokens)) as stream:
+            decoding = self._decode(worker_request, context, route, decode, cached_prompt_tokens=reply.num_cached_tokens, streamed_token_ids=reply.first.token_ids)
+            async with contextlib.aclosing(decoding) as stream:
                 async for chunk in stream:
                     yield chunk
         finally:
@@ -310,52 +327,12 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 last_error = e
         raise unavailable(f"no tokenizer could be reached ({len(tokenizers)} registered): {last_error.details()}")
 
-    async def _decode(self, worker_request: worker_pb2.WorkerGenerateRequest, context, route: RequestContext, first_choice, cached_prompt_tokens: int | None = None):
-        """Stream the request from `first_choice`, or from another decode worker (routing policy)
-        when it is unreachable before it sent anything. `cached_prompt_tokens`: the prefill
-        worker's count, which the usage reports for a disaggregated request (the tokens no
-        worker computed)."""
-        tried: set[str] = set()
-        last_error = None
-        handle = first_choice
-        while True:
-            if handle is None or handle.key in tried:
-                handle = None
-                with tracer().start_as_current_span("gateway.route") as span:
-                    candidates = [h for h in self.pool.workers.values() if h.key not in tried]
-                    handle = self.router.pick(route, candidates, observe=self._observe_plugin)
-                    span.set_attribute("tandem.candidates", len(candidates))
-                    if handle is not None:
-                        span.set_attribute("tandem.worker_id", handle.worker_id)
-            if handle is None:
-                detail = f"; last error: {last_error.details()}" if last_error is not None else ""
-                raise unavailable(f"no decode worker is reachable ({len(self.pool.registered('decode'))} registered, {len(tried)} tried){detail}")
-            self.metrics.decisions.labels(handle.worker_id, self.router.policy).inc()
-            if handle is not first_choice:  # the first choice is counted by _generate, from the decision on
-                handle.acquire()
-            call = handle.decode_stub().Generate(worker_request, timeout=self._remaining(context))
-            streamed = False
-            try:
-                async for chunk in call:
-                    streamed = True
-                    if chunk.HasField("usage") and chunk.usage.prompt_tokens:
-                        if cached_prompt_tokens is not None:
-                            chunk.usage.cached_prompt_tokens = cached_prompt_tokens
-                        self.metrics.prefix_hit_ratio.observe(chunk.usage.cached_prompt_tokens / chunk.usage.prompt_tokens)
-                    yield chunk
-                return
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.UNAVAILABLE and not streamed:
-                    log.warning("decode worker %s unreachable (%s); trying another", handle.worker_id, e.details())
-                    handle.mark_unreachable()
-                    tried.add(handle.key)
-                    last_error = e
-                    continue
-                raise RequestError(e.code(), e.details() or e.code().name) from None
-            finally:
-                call.cancel()  # no-op when it finished; otherwise the worker aborts and frees the KV
-                if handle is not first_choice:
-                    handle.release()
+    def _decode(self, worker_request: worker_pb2.WorkerGenerateRequest, context, route: RequestContext, first_choice,
+                cached_prompt_tokens: int | None = None, streamed_token_ids=()):  # fmt: skip
+        """The decode leg (gateway/decode_leg.py): stream from `first_choice`, retry or migrate when
+        a worker fails. `cached_prompt_tokens`: the prefill worker's count, which the usage reports
+        for a disaggregated request; `streamed_token_ids`: its first token, already streamed."""
+        return self.decode_leg.stream(worker_request, lambda: self._remaining(context), route, first_choice, cached_prompt_tokens, streamed_token_ids)
 
     # ---- ListWorkers ----------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@
 
 A worker is routable while its key is in etcd and its Watch stream is connected: a SIGKILLed
 worker is skipped as soon as its stream breaks, and dropped when its lease expires. A worker that
-revokes its lease (graceful drain) is dropped at once; requests already on it finish.
+revokes its lease (graceful drain, or a worker whose engine died) is dropped at once; requests
+already on it finish. A worker whose calls keep failing is ejected for a while by the pool's
+outlier detector (outlier_detection.py), whatever etcd and its Watch stream say.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import grpc
 from protos.tandem.v1 import common_pb2, tokenizer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.registry import RegistryWatcher, WatchEvent
 
+from .outlier_detection import OutlierDetectionConfig, OutlierDetector
 from .prefix_index import PrefixIndex
 from services.common.telemetry import client_interceptors
 
@@ -45,6 +48,7 @@ class WorkerHandle:
         self.num_in_flight_tokens = 0  # their prompt tokens to compute (prefill backlog, at decision time)
         self.connected = registration.role not in ("prefill", "decode")  # workers: once Watch answers
         self.retired = False
+        self.ejected_until = 0.0  # time.monotonic() until which outlier detection keeps it out of routing
         self.unlisted_since: float | None = None  # missing from etcd after a resync (see RESYNC_GRACE_S)
         self._on_kv_events = on_kv_events
         self._watch_task: asyncio.Task | None = None
@@ -128,9 +132,10 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, etcd: str, cluster: str, on_change: Callable | None = None, index: PrefixIndex | None = None):
+    def __init__(self, etcd: str, cluster: str, on_change: Callable | None = None, index: PrefixIndex | None = None, outliers: OutlierDetector | None = None):
         self.workers: dict[str, WorkerHandle] = {}
         self.index = index or PrefixIndex()  # which worker holds which KV blocks, from their events
+        self.outliers = outliers or OutlierDetector(OutlierDetectionConfig())
         self._on_change = on_change
         self._grace_tasks: set[asyncio.Task] = set()
         self.watcher = RegistryWatcher(etcd, cluster, self._apply)
@@ -146,6 +151,11 @@ class WorkerPool:
 
     def registered(self, role: str) -> list[WorkerHandle]:
         return [h for h in self.workers.values() if h.role == role]
+
+    def record_outcome(self, handle: WorkerHandle, code: grpc.StatusCode) -> None:
+        """A call to `handle` ended with `code` (OK included): feed the outlier detector. Mutates."""
+        if handle.key in self.workers:  # a worker that left is not judged any more
+            self.outliers.record(handle, code, self.registered(handle.role))
 
     async def _apply(self, event: WatchEvent) -> None:
         if event.kind == "snapshot":
@@ -195,6 +205,7 @@ class WorkerPool:
         handle = self.workers.pop(key, None)
         if handle is not None:
             self.index.remove_worker(handle.worker_id)
+            self.outliers.forget(key)
             log.info("%s %s left the cluster", handle.role, handle.worker_id)
             await handle.retire()
 

@@ -22,9 +22,10 @@ from aiohttp import web
 
 from services.common.errors import RequestError
 
-from ..request_validation import MAX_REQUEST_ID_LEN, validate_request
+from ..request_validation import MAX_REQUEST_ID_LEN, RequestLimits, validate_request
 from .choices import Choices, HttpCallContext
 from .errors import ApiError, from_request_error, invalid_field
+from .json_body import parse_json_body
 from .request_parsing import OpenAIRequest, parse_request
 from .responses import ChoiceState, Responder
 from .token_texts import TokenTexts
@@ -39,10 +40,8 @@ def sse(obj) -> bytes:
 
 
 async def read_json(request: web.Request):
-    try:
-        return json.loads(await request.read())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise invalid_field(None, f"the request body is not valid JSON: {e}") from None
+    """The body as JSON, or ApiError 400 (json_body.py); aiohttp refuses a body over the limit (413)."""
+    return parse_json_body(await request.read())
 
 
 class CompletionEndpoints:
@@ -79,10 +78,11 @@ class CompletionEndpoints:
         model = self.model_name(parsed.model)
         rid = self._request_id(request)
         served = set(self.service.served_models())
+        limits = RequestLimits.from_config(self.service.config)
         for i, r in enumerate(parsed.requests):
             r.request_id = rid if len(parsed.requests) == 1 else f"{rid}-{i}"
             try:
-                validate_request(r, served)  # the same checks the path makes, before a stream starts
+                validate_request(r, served, limits)  # the same checks the path makes, before a stream starts
             except RequestError as e:
                 raise from_request_error(e) from None
         prefix = "cmpl" if kind == "completion" else "chatcmpl"
@@ -129,7 +129,7 @@ class CompletionEndpoints:
                 raise
             except Exception:  # noqa: BLE001 - a bug: the headers are sent, so it can only be an event
                 log.exception("streaming %s failed", rid)
-                await response.write(sse(ApiError(500, "internal error in the gateway; its log has the details", code="internal_error").to_json()))
+                await response.write(sse(ApiError(500, f"internal error in the gateway while serving request {rid}; its log has the details", code="internal_error").to_json()))
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         except ConnectionError:  # the client left between chunks; leaving Choices cancels the rest

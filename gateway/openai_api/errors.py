@@ -37,7 +37,7 @@ _PROTO_NAMES = [
     ("prompt_token_ids", "prompt"),
 ]
 _PARAM = re.compile(r"^([a-z_]+(?:\[\d+\])*(?:\.[a-z_]+(?:\[\d+\])*)*) (?:must|is|=)")
-_KNOWN_PARAMS = {"prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs", "text", "model"}
+_KNOWN_PARAMS = {"prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs", "text", "model", "cache_salt"}
 
 
 class ApiError(Exception):
@@ -63,7 +63,7 @@ def from_request_error(e: RequestError) -> ApiError:
     message = str(e)
     for proto, http in _PROTO_NAMES:
         message = message.replace(proto, http)
-    if message.startswith("text must not be empty"):
+    if message.startswith("text must "):
         message = "prompt" + message.removeprefix("text")
     param, code = None, None
     if status == 400:

@@ -11,10 +11,12 @@ does; known ones Tandem cannot honour are refused unless they hold their neutral
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from protos.tandem.v1 import common_pb2, gateway_pb2
 
+from ..request_validation import MAX_TEMPERATURE
 from .errors import invalid_field
 
 MAX_PROMPTS = 256  # prompts in one /v1/completions request (each is its own generation)
@@ -94,13 +96,19 @@ class _Body:
             raise invalid_field(name, f"{name} must be {bounds}, got {value}")
         return value
 
-    def number(self, name: str) -> float | None:
+    def number(self, name: str, minimum: float, maximum: float, open_minimum: bool = False) -> float | None:
+        """A finite number in [minimum, maximum] (or (minimum, maximum] when `open_minimum`)."""
         value = self.data.get(name)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise invalid_field(name, f"{name} must be a number, got {_show(value)}")
-        return float(value)
+        number = float(value) if isinstance(value, float) or abs(value) < 2**64 else math.inf  # a huge int has no float
+        low_ok = number > minimum if open_minimum else number >= minimum
+        if not (math.isfinite(number) and low_ok and number <= maximum):
+            bounds = f"{'(' if open_minimum else '['}{minimum:g}, {maximum:g}]"
+            raise invalid_field(name, f"{name} must be a number in {bounds}, got {_show(value)}")
+        return number
 
     def string(self, name: str) -> str | None:
         value = self.data.get(name)
@@ -136,10 +144,12 @@ def _sampling(body: _Body, kind: str) -> common_pb2.SamplingParams:
         max_tokens = COMPLETION_DEFAULT_MAX_TOKENS
     if max_tokens is not None:
         p.max_tokens = max_tokens
-    for name in ("temperature", "top_p"):
-        value = body.number(name)
-        if value is not None:
-            setattr(p, name, value)
+    temperature = body.number("temperature", 0.0, MAX_TEMPERATURE)
+    if temperature is not None:
+        p.temperature = temperature
+    top_p = body.number("top_p", 0.0, 1.0, open_minimum=True)
+    if top_p is not None:
+        p.top_p = top_p
     top_k = body.integer("top_k", -1, 2**31 - 1)
     if top_k is not None:
         p.top_k = -1 if top_k == 0 else top_k  # vLLM: 0 and -1 both mean off

@@ -2,7 +2,11 @@
 
     POST /v1/completions, /v1/chat/completions   completions.py (API key checked when configured)
     GET  /v1/models, /v1/models/{model}          the models the registered decode workers serve
-    GET  /health                                 200 while the gateway is SERVING, else 503
+    GET  /health                                 readiness: 200 when a request can be served (the gateway
+                                                 is SERVING, a decode worker is ready and, unless
+                                                 health_requires_tokenizer=0, a tokenizer is registered),
+                                                 else 503 saying what is missing
+    GET  /livez                                  liveness: 200 while the process runs (also /health/live)
     GET  /metrics                                the gateway's Prometheus registry (tandem_*)
 
 aiohttp serves it in the gateway's process, on the same uvloop event loop as grpc.aio, started
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,10 +30,10 @@ from services.common.errors import RequestError
 from ..api_keys import KeyCheck
 from .completions import CompletionEndpoints
 from .errors import ApiError, from_request_error
+from .json_body import too_large
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 << 20  # as the gRPC servers' message limit: long prompts of token ids
 RETRY_AFTER_S = "1"  # on 429 and 503: the load or the worker set may change any moment
 
 
@@ -41,12 +46,15 @@ class OpenAIServer:
         self.created = int(time.time())
         self.endpoints = CompletionEndpoints(service)
         self._runner: web.AppRunner | None = None
-        self.app = web.Application(middlewares=[self._errors_and_metrics, self._authenticate], client_max_size=MAX_BODY_BYTES)
+        self.max_body_bytes = config.http_max_body_bytes
+        self.app = web.Application(middlewares=[self._errors_and_metrics, self._authenticate], client_max_size=self.max_body_bytes)
         self.app.router.add_post("/v1/completions", self.endpoints.completions)
         self.app.router.add_post("/v1/chat/completions", self.endpoints.chat_completions)
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/v1/models/{model:.+}", self.model)
         self.app.router.add_get("/health", self.health)
+        self.app.router.add_get("/livez", self.live)
+        self.app.router.add_get("/health/live", self.live)
         self.app.router.add_get("/metrics", self.metrics)
 
     @property
@@ -97,14 +105,15 @@ class OpenAIServer:
             status = str(e.status)
             message = f"{request.method} {request.path}: {e.reason}"
             if e.status == 413:
-                message = f"the request body is larger than {MAX_BODY_BYTES} bytes"
+                return self._error_response(too_large(self.max_body_bytes))
             return self._error_response(ApiError(e.status, message, code=e.reason.lower().replace(" ", "_")))
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("%s %s failed", request.method, request.path)
+            error_id = "err-" + uuid.uuid4().hex[:12]  # what the client quotes; the log has the traceback
+            log.exception("%s %s failed (X-Request-Id %r, error id %s)", request.method, request.path, request.headers.get("X-Request-Id", "")[:128], error_id)
             status = "500"
-            return self._error_response(ApiError(500, "internal error in the gateway; its log has the details", code="internal_error"))
+            return self._error_response(ApiError(500, f"internal error in the gateway (error id {error_id}); its log has the details", code="internal_error"))
         finally:
             self.service.metrics.http_requests.labels(route, status).inc()
 
@@ -139,9 +148,25 @@ class OpenAIServer:
                            param="model", code="model_not_found")  # fmt: skip
         return web.json_response(self._model_json(name, served[name]))
 
-    async def health(self, request: web.Request) -> web.Response:
+    def not_ready(self) -> str | None:
+        """Why no request could be served now, or None when one can (readiness, as vLLM's /health)."""
         if not self.serving:
-            raise ApiError(503, "the gateway is not serving (starting or shutting down)", code="unavailable")
+            return "the gateway is not serving (starting or shutting down)"
+        pool = self.service.pool
+        if not pool.ready("decode"):
+            return f"no decode worker is ready ({len(pool.registered('decode'))} registered)"
+        if self.config.health_requires_tokenizer and not pool.registered("tokenizer"):
+            return "no tokenizer service is registered (text and chat prompts cannot be served)"
+        return None
+
+    async def health(self, request: web.Request) -> web.Response:
+        reason = self.not_ready()
+        if reason is not None:
+            raise ApiError(503, reason, code="unavailable")
+        return web.Response(status=200)
+
+    async def live(self, request: web.Request) -> web.Response:
+        """Liveness: the process and its event loop answer (restart it when this fails)."""
         return web.Response(status=200)
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -47,9 +47,10 @@ class TokenTexts:
             for t, reply in zip(missing, replies):
                 if isinstance(reply, grpc.aio.AioRpcError) and reply.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     text = f"token_id:{t}"  # an id past the tokenizer's vocabulary (a padded embedding row)
+                elif isinstance(reply, grpc.aio.AioRpcError):
+                    raise unavailable(f"the tokenizer could not name the logprobs' tokens: {reply.code().name}: {reply.details()}")
                 elif isinstance(reply, BaseException):
-                    detail = f"{reply.code().name}: {reply.details()}" if isinstance(reply, grpc.aio.AioRpcError) else repr(reply)
-                    raise unavailable(f"the tokenizer could not name the logprobs' tokens: {detail}")
+                    raise reply  # a bug, not the tokenizer's answer: a 500 with an error id, logged there
                 else:
                     text = reply.text
                 self._cache[(model, t)] = text

@@ -65,11 +65,27 @@ class ServiceConfig:
     disagg_min_uncached_tokens: int = _opt(
         512, "AUTO mode: prefill on a prefill worker first when the chosen decode worker lacks at least this many prompt tokens in its cache; 0 = never", ("gateway",))  # fmt: skip
     scheduling_config: str = _opt("", "a TOML file of scheduling weights and thresholds (see docs/architecture.md); the etcd key /tandem/<cluster>/config/scheduling overrides it live", ("gateway",))
-    max_prompt_tokens: int = _opt(0, "reject prompts longer than this; 0 = only the workers' context length limits them", ("gateway",))
+    max_prompt_tokens: int = _opt(0, "reject prompts longer than this many tokens; 0 = the decode workers' context length (max_model_len), which always applies", ("gateway",))
     default_max_tokens: int = _opt(256, "max_tokens when a request leaves it unset", ("gateway",))
     http_port: int = _opt(DEFAULT_HTTP_PORT, "OpenAI-compatible HTTP API port on --host (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics); 0 = off", ("gateway",))
     api_keys: str = _opt("", "API keys clients must send as `Authorization: Bearer KEY` (gRPC metadata or HTTP header): comma-separated, or @FILE with one a line; empty = no authentication", ("gateway",))
-    max_requests_in_flight: int = _opt(0, "refuse requests beyond this many in flight at this gateway (gRPC RESOURCE_EXHAUSTED, HTTP 429); 0 = no limit", ("gateway",))
+    max_requests_in_flight: int = _opt(256, "refuse requests beyond this many in flight at this gateway (gRPC RESOURCE_EXHAUSTED, HTTP 429); 0 = no limit", ("gateway",))
+    # ---- input limits (see docs/architecture.md, "Limits"): each refusal is INVALID_ARGUMENT / 400 naming the field
+    http_max_body_bytes: int = _opt(4 << 20, "largest OpenAI HTTP request body in bytes (HTTP 413 beyond it)", ("gateway",))
+    max_prompt_chars: int = _opt(1_000_000, "largest text prompt, and largest total of a chat's message contents, in characters; checked before tokenizing", ("gateway", "tokenizer"))
+    max_chat_messages: int = _opt(1024, "most messages in one chat request; checked before the chat template runs", ("gateway", "tokenizer"))
+    max_stop_strings: int = _opt(16, "most stop strings per request (the workers allow at most 64)", ("gateway",))
+    max_stop_string_chars: int = _opt(256, "longest stop string in characters (the workers allow at most 1024)", ("gateway",))
+    max_stop_token_ids: int = _opt(256, "most stop token ids per request (the workers allow at most 1024)", ("gateway",))
+    max_cache_salt_chars: int = _opt(256, "longest cache_salt in characters (the workers allow at most 1024)", ("gateway",))
+    health_requires_tokenizer: int = _opt(1, "1: the HTTP GET /health readiness answers 503 while no tokenizer is registered; 0: a decode worker suffices (clusters serving token-id prompts only)", ("gateway",))
+    tokenizer_threads: int = _opt(2, "threads that tokenize and render chat templates off the event loop; further requests queue for them", ("tokenizer",))
+    # ---- the gateway: worker failures (outlier detection, retries, migration) -----------------
+    outlier_consecutive_failures: int = _opt(3, "eject a worker from routing after this many of its calls in a row fail with UNAVAILABLE, INTERNAL, UNKNOWN or DATA_LOSS; 0 = no outlier detection", ("gateway",))
+    outlier_base_ejection_seconds: float = _opt(5.0, "first ejection's length; the n-th ejection lasts n times as long (up to the max)", ("gateway",))
+    outlier_max_ejection_seconds: float = _opt(60.0, "longest ejection; a worker that served well this long after its last ejection starts over from the base", ("gateway",))
+    outlier_max_ejection_percent: int = _opt(50, "at most this percent of a role's workers ejected at once (at least one, never all); 0 = never eject", ("gateway",))
+    max_migrations: int = _opt(2, "times one request may move to another decode worker when its worker fails mid-stream (then UNAVAILABLE); 0 = never", ("gateway",))
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -92,8 +108,16 @@ class ServiceConfig:
             raise ValueError("kv_lease_seconds and kv_transfer_timeout must be > 0")
         if not 0 <= self.http_port <= 65535:
             raise ValueError(f"http_port must be in [0, 65535] (0 = off), got {self.http_port}")
+        for name in ("http_max_body_bytes", "max_prompt_chars", "max_chat_messages", "max_stop_strings", "max_stop_string_chars",
+                     "max_stop_token_ids", "max_cache_salt_chars", "tokenizer_threads"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.health_requires_tokenizer not in (0, 1):
+            raise ValueError(f"health_requires_tokenizer must be 0 or 1, got {self.health_requires_tokenizer}")
         if self.max_requests_in_flight < 0:
             raise ValueError(f"max_requests_in_flight must be >= 0 (0 = no limit), got {self.max_requests_in_flight}")
+        if self.max_migrations < 0:
+            raise ValueError(f"max_migrations must be >= 0 (0 = never migrate), got {self.max_migrations}")
         if self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if "/" in self.cluster or not self.cluster:

@@ -1,5 +1,8 @@
 """EngineWorker: what the prefill and decode services share — one engine, the Worker service
-(load and KV events) beside the role's own, and the start/registration/close the bootstrap calls."""
+(load and KV events) beside the role's own, and the start/registration/close the bootstrap calls.
+
+When the engine thread dies, the worker answers UNAVAILABLE everywhere and `wait_failed()`
+returns, which makes the bootstrap take it out of the cluster and exit (engine_failure.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import grpc
 from protos.tandem.v1 import worker_pb2_grpc
 
 from .config import ServiceConfig
+from .engine_failure import EngineFailure, EngineFailureGuard
 from .engine_host import EngineHost
 from .translate import sampling_from_proto
 from .worker_servicer import WORKER_SERVICE_NAME, WorkerServicer
@@ -22,6 +26,8 @@ class EngineWorker:
         self.host = EngineHost(config)
         self.metrics_registry = self.host.metrics.registry
         self.service_names = (self.role_service_name, WORKER_SERVICE_NAME)
+        self.failure = EngineFailure(config.worker_id)
+        self.interceptors = (EngineFailureGuard(self.failure),)  # installed by the bootstrap
 
     def add_role_servicer(self, server: grpc.aio.Server) -> None:
         raise NotImplementedError
@@ -36,6 +42,11 @@ class EngineWorker:
 
     async def start(self) -> None:
         await self.host.start()
+        self.host.engine.on_death(self.failure.set)
+
+    async def wait_failed(self) -> str:
+        """Return (what happened) once this worker can no longer serve: its engine thread died."""
+        return await self.failure.wait()
 
     def fill_registration(self, reg) -> None:
         self.host.fill_registration(reg)

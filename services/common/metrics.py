@@ -80,6 +80,10 @@ class GatewayMetrics:
         self.time_to_first_token = Histogram("tandem_time_to_first_token_seconds", "Time to first token at the gateway", buckets=TTFT_BUCKETS, registry=r)
         self.request_duration = Histogram("tandem_request_duration_seconds", "Generate duration at the gateway", buckets=E2E_BUCKETS, registry=r)
         self.pd_decisions = Counter("tandem_pd_decisions", "P/D decisions, by outcome (disaggregated, below-threshold, prefill-unavailable, forced-*)", ["reason"], registry=r)
+        self.worker_ejections = Counter("tandem_worker_ejections", "Workers ejected from routing by outlier detection (consecutive failed calls), by worker and role",
+                                        ["worker_id", "role"], registry=r)
+        self.worker_retries = Counter("tandem_worker_retries", "Requests sent to another worker after one failed, by leg (prefill, decode) and phase (before-first-token, migration, fallback-aggregated)",
+                                      ["leg", "phase"], registry=r)
         self.decision_latency = Histogram("tandem_scheduling_decision_seconds", "Time to choose a request's workers (decode pick and P/D decision)",
                                           buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2), registry=r)
         self.plugin_latency = Histogram("tandem_scheduler_plugin_duration_seconds", "Time spent in each routing plugin", ["plugin"],

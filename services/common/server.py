@@ -7,6 +7,9 @@
               → drain: no new RPCs or connections, in-flight ones get `drain_timeout` seconds (gRPC
               and the other front doors together) → service.close() (the engine) → /metrics off
               → flush spans
+    failure:  a service whose `wait_failed()` returns (a worker's engine thread died) is shut down
+              in the same order with a short drain, and the process exits with code 1 so that its
+              supervisor restarts it
 
 The service supplies its servicers, its registration details and its start/close; everything
 else (signals, ordering, logging) lives here once.
@@ -29,8 +32,10 @@ from grpc_reflection.v1alpha import reflection
 from protos.tandem.v1 import common_pb2
 
 from .config import ServiceConfig
+from .errors import ErrorStatusInterceptor
 from .metrics import MetricsServer
 from .registry import Registration, encode_registration, worker_key
+from .request_decoding import RequestDecodingInterceptor
 from .telemetry import server_interceptors, setup_tracing
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,15 @@ class Service(Protocol):
     def fill_registration(self, reg: common_pb2.WorkerRegistration) -> None: ...
 
     async def close(self) -> None: ...
+
+    # optional: `interceptors` (grpc.aio server interceptors of the service's own) and
+    # `async def wait_failed() -> str`, which returns when the service can no longer serve
+
+
+# after a failure, in-flight RPCs already ended with UNAVAILABLE: the drain only lets those
+# answers and the Watch streams' ends reach their callers
+FAILURE_DRAIN_S = 1.0
+EXIT_FAILED = 1
 
 
 class FrontDoor(Protocol):
@@ -81,6 +95,7 @@ class ServiceRunner:
         self.registration: Registration | None = None
         self.server: grpc.aio.Server | None = None
         self.front_doors: tuple[FrontDoor, ...] = tuple(getattr(service, "front_doors", ()))
+        self.exit_code = 0  # EXIT_FAILED after a failure: the process must be restarted
 
     def stop(self) -> None:
         self.stop_requested.set()
@@ -98,7 +113,11 @@ class ServiceRunner:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
-        server = self.server = grpc.aio.server(interceptors=server_interceptors(), options=GRPC_OPTIONS)
+        # outermost first: errors that escape a handler (or the service's own interceptors) become
+        # statuses, and undecodable request bytes INVALID_ARGUMENT (errors.py, request_decoding.py)
+        interceptors = [*server_interceptors(), ErrorStatusInterceptor(), RequestDecodingInterceptor(), *getattr(service, "interceptors", ())]
+        server = self.server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
+        drain_timeout = config.drain_timeout
         try:
             service.add_to_server(server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -130,13 +149,17 @@ class ServiceRunner:
             await self.registration.start()
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("%s %s serving at %s (ready in %.1fs)", config.role, config.worker_id, config.address, time.perf_counter() - t0)
-            await self.stop_requested.wait()
-            log.info("shutting down: not serving, revoking the lease, draining for up to %.0fs", config.drain_timeout)
+            failure = await self._wait_stop_or_failure()
+            if failure is not None:
+                self.exit_code, drain_timeout = EXIT_FAILED, min(drain_timeout, FAILURE_DRAIN_S)
+                log.error("%s %s failed (%s): not serving, revoking the lease, exiting with code %d", config.role, config.worker_id, failure, EXIT_FAILED)
+            else:
+                log.info("shutting down: not serving, revoking the lease, draining for up to %.0fs", drain_timeout)
         finally:
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             if self.registration is not None:
                 await self.registration.stop()
-            await asyncio.gather(server.stop(grace=config.drain_timeout), *(door.stop() for door in self.front_doors))
+            await asyncio.gather(server.stop(grace=drain_timeout), *(door.stop() for door in self.front_doors))
             await service.close()
             metrics.stop()
             provider.shutdown()
@@ -144,8 +167,27 @@ class ServiceRunner:
                 loop.remove_signal_handler(sig)
             log.info("stopped")
 
+    async def _wait_stop_or_failure(self) -> str | None:
+        """Wait for stop() or the service's failure; returns the failure (None: a stop)."""
+        wait_failed = getattr(self.service, "wait_failed", None)
+        if wait_failed is None:
+            await self.stop_requested.wait()
+            return None
+        stop, failed = asyncio.ensure_future(self.stop_requested.wait()), asyncio.ensure_future(wait_failed())
+        try:
+            await asyncio.wait((stop, failed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stop, failed):
+                task.cancel()
+            await asyncio.gather(stop, failed, return_exceptions=True)
+        return failed.result() if failed.done() and not failed.cancelled() else None
+
 
 def run(config: ServiceConfig, service: Service) -> None:
-    """Run `service` on uvloop until SIGTERM/SIGINT. Blocks."""
+    """Run `service` on uvloop until SIGTERM/SIGINT. Blocks; exits with code 1 (SystemExit)
+    when the service failed and must be restarted."""
     setup_logging(config)
-    uvloop.run(ServiceRunner(config, service).run())
+    runner = ServiceRunner(config, service)
+    uvloop.run(runner.run())
+    if runner.exit_code:
+        raise SystemExit(runner.exit_code)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from protos.tandem.v1 import common_pb2
 from services.engine.sampling_params import SamplingParams
 
+from .errors import invalid
+
 FINISH_REASONS = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
     "stop": common_pb2.FINISH_REASON_STOP,
@@ -31,7 +33,11 @@ def sampling_from_proto(p: common_pb2.SamplingParams, max_tokens_default: int) -
 
 
 def response_from_output(out, num_logprobs_sent: int) -> common_pb2.GenerateResponse:
-    """One engine RequestOutput → one stream chunk; usage only on the final chunk."""
+    """One engine RequestOutput → one stream chunk; usage only on the final chunk. Raises
+    RequestError(INVALID_ARGUMENT) for an output that failed its request (finish_reason "error"),
+    so that request's stream alone ends with that status."""
+    if out.error is not None:
+        raise invalid(f"request {out.request_id} failed: {out.error}")
     resp = common_pb2.GenerateResponse(
         request_id=out.request_id,
         token_ids=out.new_token_ids,

@@ -6,6 +6,9 @@ checks the layout fingerprint before any byte moves, allocates the prompt's bloc
 cached prefix, pulls only the missing blocks over UCX with the handle's one-time token, and then
 decodes from the first token on. A failed or timed-out pull recomputes the prompt here (policy
 `recompute`) or fails the request with UNAVAILABLE (policy `fail`); either way nothing is held.
+Migrated (the request carries resume_token_ids: another decode worker died mid-stream): the worker
+computes prompt + those tokens as if it had generated them (nothing of them is streamed again)
+and continues the generation where the dead worker stopped.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
     async def Generate(self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext):
         if request.HasField("kv_handle"):
             stream = await self._open_disaggregated(request, context)
+        elif request.resume_token_ids:
+            stream = await self._open_resumed(request, context)
         else:
             stream = await self.open_stream(request, context)
         num_logprobs_sent = 0
@@ -48,8 +53,17 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
             yield response_from_output(out, num_logprobs_sent)
             num_logprobs_sent = len(out.logprobs)
 
+    async def _open_resumed(self, request: worker_pb2.WorkerGenerateRequest, context):
+        core = self.host.engine.core
+        problem = resume_problem(request, core.model_config.vocab_size, core.max_model_len)
+        if problem is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        return await self.open_stream(request, context, output_token_ids=list(request.resume_token_ids))
+
     async def _open_disaggregated(self, request: worker_pb2.WorkerGenerateRequest, context):
         problem = kv_handle_problem(request, self.host.kv_layout)
+        if problem is None and request.first_token_id >= self.host.engine.core.model_config.vocab_size:
+            problem = (grpc.StatusCode.INVALID_ARGUMENT, f"first_token_id {request.first_token_id} is outside the vocabulary [0, {self.host.engine.core.model_config.vocab_size})")
         if problem is not None:
             await context.abort(*problem)
         stream = await self.open_stream(request, context, output_token_ids=[request.first_token_id], import_kv=True)
@@ -90,3 +104,20 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer from {handle.prefill_worker_id} failed: {e}")
                 span.set_attribute("tandem.kv.recompute", True)
                 return False
+
+
+def resume_problem(request: worker_pb2.WorkerGenerateRequest, vocab_size: int, max_model_len: int) -> str | None:
+    """Why a migrated request's resume_token_ids cannot run here (None: they can). The engine
+    would feed them to the model, so every id must be in the vocabulary."""
+    if request.HasField("kv_handle"):
+        return "resume_token_ids cannot be combined with kv_handle: a migrated request is computed here from its tokens"
+    resume = request.resume_token_ids
+    for i, t in enumerate(resume):
+        if t >= vocab_size:
+            return f"resume_token_ids[{i}] = {t} is outside the vocabulary [0, {vocab_size})"
+    total = len(request.prompt_token_ids) + len(resume)
+    if total >= max_model_len:
+        return f"prompt + resume_token_ids is {total} tokens but the context (max_model_len) is {max_model_len}; nothing is left to generate"
+    if request.sampling.HasField("max_tokens") and len(resume) >= request.sampling.max_tokens:
+        return f"resume_token_ids holds {len(resume)} tokens, already max_tokens ({request.sampling.max_tokens}); nothing is left to generate"
+    return None

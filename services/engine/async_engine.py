@@ -5,6 +5,10 @@ event loop keeps answering (health checks, new requests, cancellations) during a
 Requests and aborts cross into the engine thread through a locked inbox; outputs come back to the
 loop with `call_soon_threadsafe` into a per-request asyncio.Queue. A consumer that stops iterating
 (client gone, deadline, task cancelled) aborts its request, so its KV blocks are freed.
+
+When the engine thread dies (a bug, a kernel failure, an injected fault), every open stream and
+pending integrity check gets EngineDeadError at once, later calls raise it, and the callbacks
+registered with on_death() run on their loops: the worker uses that to leave routing and exit.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 from .block_pool import KVEvent
 from .engine_config import EngineConfig
 from .engine_core import EngineCore, RequestOutput
+from .fault_injection import EngineFault
 from .kv_handoff import KVImport
 from .sampling_params import SamplingParams
 
@@ -55,6 +60,8 @@ class AsyncEngine:
         self._stopping = False
         self.error: BaseException | None = None
         self._observer: tuple[asyncio.AbstractEventLoop, EngineObserver] | None = None
+        self._death_callbacks: list[tuple[asyncio.AbstractEventLoop, Callable[[BaseException], None]]] = []
+        self._fault = EngineFault.from_environ()  # a test hook; unarmed unless its variable is set
         self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
         self._thread.start()
 
@@ -72,23 +79,38 @@ class AsyncEngine:
         `handoff` takes EngineCore.add_request's disaggregation options (output_token_ids,
         prefill_only, import_kv). An import_kv request's stream starts with a KVImport: where to
         write the prompt's KV before calling complete_kv_import()."""
-        if self.error is not None:
-            raise EngineDeadError(f"engine thread died: {self.error!r}")
-        self._validate(request_id, prompt_token_ids, params)
+        self._raise_if_dead()
+        self._validate(request_id, prompt_token_ids, params, cache_salt)
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            self._raise_if_dead()  # checked under the lock: the thread's death handler takes it too
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
             self._inbox.append(("add", (request_id, prompt_token_ids, params, cache_salt, handoff)))
         self._wake.set()
         return self._stream(request_id, queue)
 
-    def _validate(self, request_id, prompt_token_ids, params) -> None:
+    def _raise_if_dead(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(f"engine thread died: {self.error!r}")
+
+    def on_death(self, callback: Callable[[BaseException], None]) -> None:
+        """Call `callback(error)` on the calling thread's event loop once the engine thread dies
+        (soon, if it has already). Mutates."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self.error is None:
+                self._death_callbacks.append((loop, callback))
+                return
+            error = self.error
+        loop.call_soon(callback, error)
+
+    def _validate(self, request_id, prompt_token_ids, params, cache_salt=None) -> None:
         # the checks EngineCore.add_request runs in the engine thread, run here too so the caller
         # gets the ValueError synchronously instead of a broken stream
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
-        self.core.validate(prompt_token_ids, params)
+        self.core.validate(prompt_token_ids, params, cache_salt)
 
     async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -152,20 +174,35 @@ class AsyncEngine:
                 self._wake.clear()
                 changed = self._drain_inbox()
                 if core.has_work():
+                    self._fault.before_step()
                     self._publish(core.step())
                     changed = True
                 if changed:
                     self._notify_observer()
         except BaseException as e:  # noqa: BLE001 - every stream must learn the engine is gone
-            self.error = e
-            with self._lock:
-                streams = list(self._streams.values())
-            for loop, queue in streams:
-                loop.call_soon_threadsafe(queue.put_nowait, EngineDeadError(f"engine thread died: {e!r}"))
-            raise
+            self._die(e)
+            raise  # the thread's excepthook logs the traceback
         finally:
             for rid in list(core.requests):
                 core.abort(rid)
+
+    def _die(self, error: BaseException) -> None:
+        """On the dying engine thread: fail every stream and queued integrity check, then tell
+        the on_death() callbacks. Under the lock, so no stream or check slips in after it."""
+        with self._lock:
+            self.error = error
+            streams = list(self._streams.values())
+            inbox, self._inbox = self._inbox, []
+            callbacks, self._death_callbacks = self._death_callbacks, []
+        dead = EngineDeadError(f"engine thread died: {error!r}")
+        for loop, queue in streams:
+            _call_soon(loop, queue.put_nowait, dead)
+        for kind, arg in inbox:
+            if kind == "check":
+                loop, done = arg
+                _call_soon(loop, _settle, done, dead)
+        for loop, callback in callbacks:
+            _call_soon(loop, callback, error)
 
     def _notify_observer(self) -> None:
         events = self.core.kv.take_events()
@@ -203,9 +240,9 @@ class AsyncEngine:
                 loop, done = arg
                 try:
                     core.check_integrity()
-                    loop.call_soon_threadsafe(done.set_result, None)
+                    _call_soon(loop, _settle, done, None)
                 except AssertionError as e:
-                    loop.call_soon_threadsafe(done.set_exception, e)
+                    _call_soon(loop, _settle, done, e)
             else:
                 core.abort(arg)
         return bool(inbox)
@@ -233,5 +270,25 @@ class AsyncEngine:
         AssertionError (with what is wrong) here."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        self._post(("check", (loop, done)))
+        with self._lock:
+            self._raise_if_dead()  # a dead thread would never answer: fail now (the death handler fails queued ones)
+            self._inbox.append(("check", (loop, done)))
+        self._wake.set()
         await done
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed: nobody is listening any more
+        pass
+
+
+def _settle(future: asyncio.Future, outcome: BaseException | None) -> None:
+    """Resolve `future` with `outcome` (an exception, or None for success) unless its waiter gave up."""
+    if future.done():
+        return
+    if outcome is None:
+        future.set_result(None)
+    else:
+        future.set_exception(outcome)

@@ -21,10 +21,14 @@ from .malloc_tuning import tune_malloc
 from .model_config import ModelConfig, parse_dtype
 from .model_runner import ModelRunner
 from .request import Logprob, Request
+from .sampler import SamplingFailure
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .stop_checker import TextState, check_stop
 from .tokenizer import Tokenizer
+
+
+MAX_CACHE_SALT_CHARS = 1024  # the salt seeds the prefix-cache hashes; any longer is only memory
 
 
 @dataclass
@@ -36,11 +40,14 @@ class RequestOutput:
     text: str  # generated text so far (stop string removed unless include_stop_str_in_output)
     delta_text: str
     finished: bool
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" (see `error`)
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: list[Logprob] = field(default_factory=list)  # one per generated token so far, when asked
     pinned_kv: PinnedKV | None = None  # a prefill_only request's KV, held for a decode worker
+    # finish_reason "error": why this request alone failed (its sampling parameters gave no valid
+    # distribution); the worker ends its stream with INVALID_ARGUMENT and this message
+    error: str | None = None
 
 
 class EngineCore:
@@ -97,12 +104,19 @@ class EngineCore:
         request until complete_kv_import() — call kv_import(request_id) for where to write."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        self.validate(prompt_token_ids, params)
+        self.validate(prompt_token_ids, params, cache_salt)
         if import_kv and not output_token_ids:
             raise ValueError("import_kv needs the first token the prefill worker sampled (output_token_ids)")
         req = Request(request_id, list(prompt_token_ids), params, time.monotonic(), self.eos_token_ids, cache_salt)
         req.prefill_only = prefill_only
         req.output_token_ids = list(output_token_ids)
+        if req.generator is not None and not params.greedy:
+            # the tokens sampled elsewhere (a prefill worker; a decode worker that died mid-stream)
+            # drew from this seed's generator there: skip past those draws, so the next token is
+            # the one an uninterrupted run draws (a draw consumes state by vocabulary size only)
+            uniform = torch.ones(self.model_config.vocab_size)
+            for _ in req.output_token_ids:
+                torch.multinomial(uniform, 1, generator=req.generator)
         self.requests[request_id] = req
         if self.tokenizer is not None and (detokenize or params.stop):
             detok = self.tokenizer.decode_stream(req.prompt_token_ids, params.skip_special_tokens)
@@ -153,22 +167,25 @@ class EngineCore:
         self.kv.pool.free(list(reversed(pinned.block_ids)))
         return True
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None) -> None:
         """Raise ValueError (naming the field and its range) if this request can never run here.
 
-        Reads only fixed configuration, so other threads may call it (AsyncEngine does)."""
+        Reads only fixed configuration, so other threads may call it (AsyncEngine does). The
+        length is checked before the ids, so a huge prompt is refused without a pass over it."""
         if not prompt_token_ids:
             raise ValueError("prompt must not be empty (got 0 tokens)")
-        vocab = self.model_config.vocab_size
-        for i, t in enumerate(prompt_token_ids):
-            if not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"prompt_token_ids[{i}] = {t!r} is outside the vocabulary [0, {vocab})")
         n = len(prompt_token_ids)
         if n >= self.max_model_len:
             raise ValueError(
                 f"prompt is {n} tokens but the model's context (max_model_len) is {self.max_model_len}; "
                 f"it must be at most {self.max_model_len - 1} tokens to leave room for one output token"
             )
+        vocab = self.model_config.vocab_size
+        for i, t in enumerate(prompt_token_ids):
+            if not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt_token_ids[{i}] = {t!r} is outside the vocabulary [0, {vocab})")
+        if cache_salt is not None and len(cache_salt) > MAX_CACHE_SALT_CHARS:
+            raise ValueError(f"cache_salt must be at most {MAX_CACHE_SALT_CHARS} characters, got {len(cache_salt)}")
         worst_case = min(n + params.max_tokens, self.max_model_len)
         blocks = -(-worst_case // self.config.block_size)
         if blocks > self.kv.pool.num_blocks:
@@ -206,6 +223,12 @@ class EngineCore:
         for s in sched.scheduled:
             self.kv.cache_computed_blocks(s.request)
         for req, token, logprob in result.sampled:
+            if isinstance(token, SamplingFailure):  # this request alone fails; the batch goes on
+                req.finish_reason = "error"
+                out = self._finish(req, queue=False)
+                out.error = token.message
+                outputs.append(out)
+                continue
             req.output_token_ids.append(token)
             if logprob is not None:
                 req.output_logprobs.append(logprob)
@@ -235,7 +258,7 @@ class EngineCore:
             finished,
             req.finish_reason,
             req.stop_reason,
-            max(req.num_cached_tokens, 0),
+            min(max(req.num_cached_tokens, 0), req.num_prompt_tokens),  # a resumed request's hits may cover its output too
             list(req.output_logprobs),
         )
 
@@ -248,7 +271,7 @@ class EngineCore:
             self.kv.pool.touch(list(pinned.block_ids))  # one more reference: survives the free below
             self.pinned[req.request_id] = pinned
         self.scheduler.finish(req)
-        new = [req.output_token_ids[-1]] if (req.output_token_ids and req.finish_reason != "abort") else []
+        new = [req.output_token_ids[-1]] if (req.output_token_ids and req.finish_reason not in ("abort", "error")) else []
         out = self._output(req, new)
         out.finished, out.pinned_kv = True, pinned
         del self.requests[req.request_id]

@@ -15,14 +15,14 @@ from .kv_cache import KVCache
 from .model_config import ModelConfig
 from .models.llama import LlamaForCausalLM
 from .request import Logprob, Request
-from .sampler import sample
+from .sampler import SamplingFailure, sample
 from .scheduler import ScheduledRequest
 from .weights import load_weights
 
 
 @dataclass
 class StepResult:
-    sampled: list[tuple[Request, int, Logprob | None]]  # requests that completed their tokens, with the next token
+    sampled: list[tuple[Request, int | SamplingFailure, Logprob | None]]  # requests that completed their tokens, with the next token (or why it has none)
     num_tokens: int
 
 

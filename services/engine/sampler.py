@@ -4,13 +4,29 @@ Greedy rows are taken together with one argmax. Random rows are sampled one by o
 may carry its own torch.Generator (a request with `seed` must draw the same tokens whatever else
 shares its batch). Logprobs are those of the model's distribution before temperature and
 truncation (as vLLM reports them).
+
+A random row whose distribution is not a distribution (non-finite or all-zero probabilities:
+logits the model made inf/NaN, or parameters that slipped past validation) is not sampled: its
+slot holds a SamplingFailure, and the engine fails that request alone. torch.multinomial would
+raise on it, and an exception here would end the engine thread and every request on it.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from .request import Logprob, Request
+
+
+@dataclass(frozen=True)
+class SamplingFailure:
+    """Why one row could not be sampled: the request it belongs to fails (INVALID_ARGUMENT), the
+    others in the batch go on."""
+
+    message: str
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -28,10 +44,28 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[Logprob | None]]:
-    """One token per row of `logits` ([N, vocab] float32) for the matching request."""
+def _sample_row(logits: torch.Tensor, req: Request) -> int | SamplingFailure:
+    p = req.params
+    row = _filter_top_k_top_p(logits / p.temperature, p.top_k, p.top_p)
+    probs = torch.softmax(row, dim=-1)
+    # one reduction checks both: a NaN/inf anywhere makes the sum non-finite
+    total = float(probs.sum())
+    if not math.isfinite(total) or total <= 0:
+        return SamplingFailure(
+            f"the sampling distribution is not finite (temperature={p.temperature:g}, top_p={p.top_p:g}, top_k={p.top_k}); "
+            "use a larger temperature or temperature 0 (greedy)"
+        )
+    try:
+        return int(torch.multinomial(probs, 1, generator=req.generator).item())
+    except RuntimeError:  # a negative or otherwise invalid probability the checks above missed
+        return SamplingFailure("the sampling distribution is invalid for these sampling parameters; use temperature 0 (greedy)")
+
+
+def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int | SamplingFailure], list[Logprob | None]]:
+    """One token per row of `logits` ([N, vocab] float32) for the matching request, or a
+    SamplingFailure for a row that has no valid distribution (never raises for one row)."""
     n = logits.shape[0]
-    tokens = [0] * n
+    tokens: list[int | SamplingFailure] = [0] * n
     greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy]
     if greedy_rows:
         argmax = logits[greedy_rows].argmax(dim=-1).tolist()
@@ -41,12 +75,10 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], li
         p = req.params
         if p.greedy:
             continue
-        row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(row, dim=-1)
-        tokens[i] = int(torch.multinomial(probs, 1, generator=req.generator).item())
+        tokens[i] = _sample_row(logits[i], req)
 
     logprobs: list[Logprob | None] = [None] * n
-    want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    want = [i for i, r in enumerate(requests) if r.params.logprobs is not None and not isinstance(tokens[i], SamplingFailure)]
     if want:
         lp = torch.log_softmax(logits[want], dim=-1)
         for j, i in enumerate(want):

@@ -87,3 +87,58 @@ def test_no_workers_is_unavailable_saying_so(tmp_path, default_model_dir):
         code, details = status_of(channel, gateway_pb2.GenerateRequest(text="hello"))
     assert code == grpc.StatusCode.UNAVAILABLE
     assert "no decode workers" in details and "tandem serve decode" in details
+
+
+def test_undecodable_bytes_are_invalid_argument_at_every_service(cluster):
+    for name, method in (("gateway", "/tandem.v1.Gateway/Generate"), ("decode-0", "/tandem.v1.Decode/Generate"), ("prefill-0", "/tandem.v1.Prefill/Prefill"),
+                         ("tokenizer", "/tandem.v1.Tokenizer/Tokenize")):  # fmt: skip
+        with grpc.insecure_channel(cluster.service(name).address) as channel:
+            call = channel.unary_stream(method, request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as err:
+                list(call(b"\xff\xff\xff\xff\x0f", timeout=10))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, err.value.details())
+        assert "is not a valid tandem.v1." in err.value.details()
+
+
+def worker_request(**sampling) -> worker_pb2.WorkerGenerateRequest:
+    return worker_pb2.WorkerGenerateRequest(request_id="direct", prompt_token_ids=[1, 9906, 28, 2], sampling=common_pb2.SamplingParams(max_tokens=2, **sampling))
+
+
+@pytest.mark.parametrize(
+    "sampling, field",
+    [
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": 1e30}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"logprobs": 1000}, "logprobs"),
+        ({"stop": ["x"] * 100}, "stop"),
+        ({"stop_token_ids": list(range(5000))}, "stop_token_ids"),
+    ],
+)
+def test_a_worker_called_directly_checks_the_sampling_values(cluster, sampling, field):
+    with grpc.insecure_channel(cluster.service("decode-0").address) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            list(worker_pb2_grpc.DecodeStub(channel).Generate(worker_request(**sampling), timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details(), err.value.details()
+
+
+def test_a_tiny_temperature_is_greedy_not_a_dead_engine(gateway_channel):
+    def tokens(temperature: float) -> list[int]:
+        request = gateway_pb2.GenerateRequest(text="Once upon a time", sampling=common_pb2.SamplingParams(max_tokens=5, temperature=temperature, ignore_eos=True))
+        return [t for c in gateway_pb2_grpc.GatewayStub(gateway_channel).Generate(request, timeout=60) for t in c.token_ids]
+
+    assert tokens(1e-30) == tokens(1e-7) == tokens(0.0)
+
+
+def test_http_bodies_python_would_misread_are_400(cluster):
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = cluster.gateway_http_url + "/completions"
+    for body, param in ((b'{"prompt": "hi \\ud800", "max_tokens": 1}', "prompt"), (b'{"prompt": "hi", "temperature": NaN}', None),
+                        (b'{"prompt": "hi", "temperature": 1e400}', None), (b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", None)):  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}), timeout=30)
+        error = json.loads(err.value.read())["error"]
+        assert err.value.code == 400 and error["param"] == param, error

@@ -28,7 +28,8 @@ PROMPT = [5, 17, 99, 3, 250, 42, 7, 8]
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory, tiny_llama):
-    gateway_args = ["--api-keys", ",".join(KEYS), "--max-requests-in-flight", "1"]
+    # token-id prompts only (no tokenizer service), so /health needs a decode worker alone
+    gateway_args = ["--api-keys", ",".join(KEYS), "--max-requests-in-flight", "1", "--health-requires-tokenizer", "0", "--http-max-body-bytes", str(1 << 20)]
     with running_cluster(tmp_path_factory.mktemp("guarded"), model=str(tiny_llama), tokenizer=False, num_prefill=0, role_args={"gateway": gateway_args}) as c:
         yield c
 
@@ -108,8 +109,30 @@ def test_beyond_the_in_flight_limit_is_429_with_retry_after(guarded, tiny_llama)
             busy.close()
 
 
+def raw_get(cluster, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(cluster.gateway_http_url.removesuffix("/v1") + path, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_a_body_over_the_limit_is_413_naming_the_setting(guarded, tiny_llama):
+    body = json.dumps({"model": str(tiny_llama), "prompt": "x" * (1 << 20), "max_tokens": 1}).encode()
+    request = urllib.request.Request(guarded.gateway_http_url + "/completions", data=body,
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEYS[0]}"})  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=30)
+    error = json.loads(err.value.read())["error"]
+    assert err.value.code == 413 and "http_max_body_bytes" in error["message"] and str(1 << 20) in error["message"]
+
+
 def test_no_decode_worker_is_503_with_retry_after(tmp_path):
     with running_cluster(tmp_path, tokenizer=False, num_prefill=0, num_decode=0) as c, sdk(c, "no-keys-needed") as client:
+        # readiness: nothing could be served, so 503 saying why; liveness: the process answers
+        status, body = raw_get(c, "/health")
+        assert status == 503 and "no decode worker is ready" in json.loads(body)["error"]["message"]
+        assert raw_get(c, "/livez")[0] == 200 and raw_get(c, "/health/live")[0] == 200
         assert client.models.list().data == []
         for stream in (False, True):
             with pytest.raises(openai.InternalServerError) as err:

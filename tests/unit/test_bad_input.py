@@ -13,14 +13,14 @@ from services.engine.model_config import ModelConfig
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"temperature": -0.1}, r"temperature must be >= 0"),
+        ({"temperature": -0.1}, r"temperature must be a finite number in \[0, 100\]"),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
         ({"top_k": -2}, r"top_k must be -1 \(disabled\) or an integer >= 1"),
         ({"top_k": 0}, r"top_k must be -1"),
         ({"max_tokens": 0}, r"max_tokens must be an integer >= 1"),
         ({"logprobs": 50}, r"logprobs must be an integer in \[0, 20\]"),
-        ({"stop": [""]}, r"stop must be a list of non-empty strings"),
+        ({"stop": [""]}, r"stop\[0\] must be a non-empty string of at most 1024 characters"),
     ],
 )
 def test_sampling_params_validation(kwargs, match):

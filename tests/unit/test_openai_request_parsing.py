@@ -107,6 +107,14 @@ BAD = [
     ("chat", {"messages": USER, "tools": [{"type": "function"}]}, "tools"),
     ("chat", {"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
     ("chat", {"messages": USER, "max_completion_tokens": 0}, "max_completion_tokens"),
+    ("completion", {"prompt": "x", "temperature": -1}, "temperature"),
+    ("completion", {"prompt": "x", "temperature": 1e300}, "temperature"),
+    ("completion", {"prompt": "x", "temperature": 10**400}, "temperature"),
+    ("completion", {"prompt": "x", "top_p": 1.5}, "top_p"),
+    ("completion", {"prompt": "x", "top_p": 0}, "top_p"),
+    ("completion", {"prompt": "x", "top_p": "0.5"}, "top_p"),
+    ("completion", {"prompt": "x", "seed": "7"}, "seed"),
+    ("completion", {"prompt": "x", "max_tokens": 2**40}, "max_tokens"),
 ]
 
 
@@ -129,9 +137,14 @@ def test_a_body_that_is_not_an_object_is_400():
 @pytest.mark.parametrize(
     "body, param",
     [
-        ({"prompt": "x", "temperature": -1}, "temperature"),
-        ({"prompt": "x", "top_p": 1.5}, "top_p"),
         ({"prompt": "x", "stop": ["ok", ""]}, "stop[1]"),
+        ({"prompt": "x", "stop": ["s"] * 17}, "stop"),
+        ({"prompt": "x", "stop": ["s" * 257]}, "stop[0]"),
+        ({"prompt": "x", "stop_token_ids": [1] * 257}, "stop_token_ids"),
+        ({"prompt": "x", "cache_salt": "s" * 257}, "cache_salt"),
+        ({"prompt": "x" * 1_000_001}, "prompt"),
+        ({"messages": [{"role": "user", "content": "x"}] * 1025}, "messages"),
+        ({"messages": [{"role": "user", "content": "x" * 600_000}] * 2}, "messages"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
     ],
 )

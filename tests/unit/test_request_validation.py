@@ -7,7 +7,7 @@ import math
 import grpc
 import pytest
 
-from gateway.request_validation import MAX_LOGPROBS, MAX_REQUEST_ID_LEN, check_prompt_length, validate_request
+from gateway.request_validation import MAX_LOGPROBS, MAX_REQUEST_ID_LEN, RequestLimits, check_prompt_length, validate_request
 from protos.tandem.v1 import common_pb2, gateway_pb2
 from services.common.errors import RequestError
 
@@ -108,7 +108,7 @@ def empty_chat():
             lambda: req(sampling={"temperature": -1.0}),
             SERVED,
             "sampling.temperature",
-            "sampling.temperature must be a finite number >= 0 (0 = greedy), got -1.0",
+            "sampling.temperature must be a finite number in [0, 100] (0 = greedy), got -1.0",
         ),
         (lambda: req(sampling={"temperature": math.nan}), SERVED, "sampling.temperature", None),
         (lambda: req(sampling={"temperature": math.inf}), SERVED, "sampling.temperature", None),
@@ -193,3 +193,42 @@ def test_check_prompt_length_max_tokens_exceeds_room():
         "sampling.max_tokens is 71 but the prompt (30 tokens) leaves room for 70 in the model's context of 100; "
         "lower max_tokens or shorten the prompt"
     )
+
+
+# ---- size limits (RequestLimits: the gateway's settings) -----------------------------------------------
+
+SMALL = RequestLimits(max_prompt_chars=100, max_chat_messages=3, max_stop_strings=2, max_stop_string_chars=5, max_stop_token_ids=2, max_cache_salt_chars=8)
+
+
+@pytest.mark.parametrize(
+    "make, exact",
+    [
+        (lambda: req(text="x" * 101), "text must be at most 100 characters (max_prompt_chars), got 101"),
+        (lambda: req(chat=chat(*[("user", "hi")] * 4)), "chat.messages must hold at most 3 messages (max_chat_messages), got 4"),
+        (lambda: req(chat=chat(("user", "x" * 60), ("assistant", "y" * 60))), "chat.messages must hold at most 100 characters in all (max_prompt_chars), got more"),
+        (lambda: req(sampling={"stop": ["a", "b", "c"]}), "sampling.stop must hold at most 2 strings (max_stop_strings), got 3"),
+        (lambda: req(sampling={"stop": ["toolong"]}), "sampling.stop[0] must be at most 5 characters (max_stop_string_chars), got 7"),
+        (lambda: req(sampling={"stop_token_ids": [1, 2, 3]}), "sampling.stop_token_ids must hold at most 2 ids (max_stop_token_ids), got 3"),
+        (lambda: req(cache_salt="s" * 9), "cache_salt must be at most 8 characters (max_cache_salt_chars), got 9"),
+        (lambda: req(model="m" * 300), "model must be at most 256 characters, got 300"),
+        (lambda: req(sampling={"temperature": 101.0}), "sampling.temperature must be a finite number in [0, 100] (0 = greedy), got 101.0"),
+    ],
+)
+def test_size_limits_name_the_field_and_the_setting(make, exact):
+    with pytest.raises(RequestError) as exc:
+        validate_request(make(), SERVED, SMALL)
+    assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert str(exc.value) == exact
+
+
+def test_a_huge_chat_is_refused_by_its_count_before_its_roles_are_read():
+    r = req(chat=chat(*[("robot", "x")] * 100_000))
+    with pytest.raises(RequestError, match="at most 1024 messages"):
+        validate_request(r, SERVED)
+
+
+def test_the_default_limits_are_the_settings_defaults():
+    from services.common.config import ServiceConfig
+
+    assert RequestLimits.defaults() == RequestLimits.from_config(ServiceConfig(role="gateway"))
+    assert RequestLimits.defaults().max_stop_strings == 16 and ServiceConfig(role="gateway").max_requests_in_flight == 256
