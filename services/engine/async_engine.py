@@ -52,7 +52,10 @@ EngineObserver = Callable[[EngineStats, list[KVEvent]], None]
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig):
-        self.core = EngineCore(config)
+        """Start the engine thread, which builds the EngineCore (loads the model) and then serves;
+        returns once the model is loaded, or raises what loading raised. Blocks: call it from an
+        executor thread in a server."""
+        self.core: EngineCore | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._inbox: list[tuple] = []  # ("add", args) | ("abort", request_id)
@@ -62,8 +65,22 @@ class AsyncEngine:
         self._observer: tuple[asyncio.AbstractEventLoop, EngineObserver] | None = None
         self._death_callbacks: list[tuple[asyncio.AbstractEventLoop, Callable[[BaseException], None]]] = []
         self._fault = EngineFault.from_environ()  # a test hook; unarmed unless its variable is set
-        self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
+        # The model is loaded on the engine thread itself, not here: every torch op of this engine
+        # then runs on one thread. libgomp keeps an OpenMP thread pool per thread that ever ran a
+        # parallel region, and once its pools hold more threads than there are cores it stops
+        # spinning between regions and parks its workers after each one (its "throttled" spin):
+        # each of a step's ~1,000 small parallel ops then pays a futex wake-up. Measured here
+        # (SmolLM2-135M, bf16, 2 threads, 64 running sequences): a decode step took 145-150 ms when
+        # the model was loaded on another thread than the one stepping it, 95-100 ms when one
+        # thread did both (see docs/benchmarks.md, "The served engine").
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._load_and_run, args=(config,), name="tandem-engine", daemon=True)
         self._thread.start()
+        self._loaded.wait()
+        if self._load_error is not None:
+            self._thread.join()
+            raise self._load_error
 
     @property
     def tokenizer(self):
@@ -164,6 +181,16 @@ class AsyncEngine:
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
 
     # ---- the engine thread ----------------------------------------------------------------------
+
+    def _load_and_run(self, config: EngineConfig) -> None:
+        try:
+            self.core = EngineCore(config)
+        except BaseException as e:  # noqa: BLE001 - re-raised by __init__ on the caller's thread
+            self._load_error = e
+            return
+        finally:
+            self._loaded.set()
+        self._run()
 
     def _run(self) -> None:
         core = self.core
