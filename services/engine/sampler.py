@@ -62,25 +62,30 @@ def _sample_row(logits: torch.Tensor, req: Request) -> int | SamplingFailure:
 
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int | SamplingFailure], list[Logprob | None]]:
-    """One token per row of `logits` ([N, vocab] float32) for the matching request, or a
-    SamplingFailure for a row that has no valid distribution (never raises for one row)."""
+    """One token per row of `logits` ([N, vocab], the model's dtype) for the matching request, or a
+    SamplingFailure for a row that has no valid distribution (never raises for one row).
+
+    Greedy rows take their argmax in the model's dtype: widening to float32 is exact, so the index
+    is the same, and a decode step of 64 greedy rows skips converting 64 × vocab logits (~3 ms of a
+    ~100 ms bf16 step here) and a copy of the rows. Sampled and logprob rows are widened first."""
     n = logits.shape[0]
     tokens: list[int | SamplingFailure] = [0] * n
     greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy]
     if greedy_rows:
-        argmax = logits[greedy_rows].argmax(dim=-1).tolist()
+        greedy_logits = logits if len(greedy_rows) == n else logits[greedy_rows]
+        argmax = greedy_logits.argmax(dim=-1).tolist()
         for row, tok in zip(greedy_rows, argmax):
             tokens[row] = tok
     for i, req in enumerate(requests):
         p = req.params
         if p.greedy:
             continue
-        tokens[i] = _sample_row(logits[i], req)
+        tokens[i] = _sample_row(logits[i].float(), req)
 
     logprobs: list[Logprob | None] = [None] * n
     want = [i for i, r in enumerate(requests) if r.params.logprobs is not None and not isinstance(tokens[i], SamplingFailure)]
     if want:
-        lp = torch.log_softmax(logits[want], dim=-1)
+        lp = torch.log_softmax(logits[want].float(), dim=-1)
         for j, i in enumerate(want):
             k = requests[i].params.logprobs
             top = []

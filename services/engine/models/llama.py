@@ -117,10 +117,10 @@ class LlamaForCausalLM:
         meta: object,
         backend: AttentionBackend,
         logits_indices: torch.Tensor,  # [N] rows of the batch whose next-token logits are wanted
-    ) -> torch.Tensor:  # [N, vocab] float32
+    ) -> torch.Tensor:  # [N, vocab] in the model's dtype (the sampler widens the rows it samples)
         hidden = F.embedding(input_ids, self.embed)
         cos, sin = self.rope.lookup(positions)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             hidden = layer.forward(hidden, cos, sin, self.rope, k_cache, v_cache, meta, backend)
         hidden = rms_norm(hidden[logits_indices], self.norm, self.cfg.rms_norm_eps)
-        return self.linear(hidden, self.lm_head).float()
+        return self.linear(hidden, self.lm_head)
