@@ -24,6 +24,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -103,6 +107,30 @@ NOINLINE void score_block(float* __restrict s, const float* __restrict q, const 
     }
   }
 }
+
+#if defined(__AVX512BF16__)
+// The bf16 scores without widening K: vdpbf16ps multiplies bf16 pairs exactly and accumulates in float32,
+// 32 elements an instruction, straight from the cache's rows (D % 32 == 0). Widening each K row to float
+// first (the generic path) cost as much as the dot products; with it gone, pass 1 reads K once, at
+// memory speed. q is the bf16 query row itself.
+constexpr bool kHaveBf16Dot = true;
+NOINLINE void score_block_bf16(float* __restrict s, const at::BFloat16* q, const at::BFloat16* rows, int64_t stride,
+                               int64_t n, int64_t D, float scale) {
+  for (int64_t t = 0; t < n; ++t) {
+    const at::BFloat16* r = rows + t * stride;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < D; c += 32) {
+      const __m512bh qa = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(q + c));
+      const __m512bh ka = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(r + c));
+      acc = _mm512_dpbf16_ps(acc, qa, ka);
+    }
+    s[t] = _mm512_reduce_add_ps(acc) * scale;
+  }
+}
+#else
+constexpr bool kHaveBf16Dot = false;
+NOINLINE void score_block_bf16(float*, const at::BFloat16*, const at::BFloat16*, int64_t, int64_t, int64_t, float) {}
+#endif
 
 // exp for x <= 0 (scores minus their max), written so the loop vectorises: Cephes expf range reduction
 // plus a degree-6 polynomial, ~1-2 ulp over the range. Inputs below -87.3 are clamped (result ~1e-38,
@@ -208,6 +236,7 @@ void decode_attention(
     T* out,  // [B, H, D] contiguous
     int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale) {
   const int64_t G = H / KVH;
+  const bool q_sh_contiguous = true;  // q rows have stride 1 along D (checked by the caller)
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     int64_t max_len = 0;
     for (int64_t item = begin; item < end; ++item) max_len = std::max(max_len, lens[item / KVH]);
@@ -234,6 +263,16 @@ void decode_attention(
         if (i + 1 < nblk) {
           const int64_t n_next = std::min(BS, len - (i + 1) * BS);
           prefetch_block(k_head + table[i + 1] * ks.blk, ks.tok, n_next, D);
+          // V's rows too, so pass 2 finds them in cache instead of waiting on a second random walk
+          prefetch_block(v_head + table[i + 1] * vs.blk, vs.tok, n_next, D);
+        }
+        if constexpr (std::is_same_v<T, at::BFloat16> && kHaveBf16Dot) {
+          if (D % 32 == 0 && q_sh_contiguous) {
+            for (int64_t g = 0; g < G; ++g)
+              score_block_bf16(scores.data() + g * len + i * BS, q + b * q_sb + (h0 + g) * q_sh,
+                               k_head + table[i] * ks.blk, ks.tok, n, D, scale);
+            continue;
+          }
         }
         int64_t stride;
         const float* rows = block_rows(k_head + table[i] * ks.blk, ks.tok, n, D, scratch.data(), stride);
