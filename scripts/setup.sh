@@ -26,6 +26,16 @@ if [ -n "${missing// }" ]; then
   fi
 fi
 
+# kubectl renders deploy/kubernetes (`kubectl kustomize`) for its tests. Installed on its own, best
+# effort, and only where none exists: Debian's kubernetes-client (kubectl 1.20, kustomize v2)
+# conflicts with a newer kubectl's package, and is too old for the overlays (those tests then skip
+# and say why).
+if ! command -v kubectl >/dev/null 2>&1 && ! command -v kustomize >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null; } \
+    || echo "setup: could not install kubernetes-client (kubectl): the deploy/kubernetes tests will skip" >&2
+fi
+
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
