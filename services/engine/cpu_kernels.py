@@ -141,20 +141,22 @@ def _self_check(fn: Callable) -> None:
         raise RuntimeError(f"self-check mismatch (max abs diff {(got - want).abs().max().item():.3g})")
 
 
-def _load(name: str, source: str, symbol: str, self_check: Callable[[Callable], None], fallback: str) -> Callable | None:
-    """Compile (or reuse) `source`, self-check `symbol`, and return it; None with one warning on any failure."""
+def _load(name: str, source: str, symbol: str | None, self_check: Callable, fallback: str):
+    """Compile (or reuse) `source`, self-check `symbol` (None: the whole module), and return it; None
+    with one warning on any failure."""
     if kernels_disabled():
         logger.info("CPU kernels disabled by TANDEM_DISABLE_CPU_KERNELS; using %s", fallback)
         return None
     try:
-        fn = getattr(_compile(name, _CSRC / source), symbol)
+        module = _compile(name, _CSRC / source)
+        fn = module if symbol is None else getattr(module, symbol)
         self_check(fn)
         return fn
     except Exception as e:  # no compiler, no ninja, compile error, unwritable cache, failed self-check, ...
         reason = " ".join(str(e).split())
         if len(reason) > 600:
             reason = reason[:600] + " ..."
-        logger.warning("%s CPU kernel unavailable, using %s (%s: %s)", symbol, fallback, type(e).__name__, reason)
+        logger.warning("%s CPU kernel unavailable, using %s (%s: %s)", symbol or name, fallback, type(e).__name__, reason)
         return None
 
 
@@ -178,12 +180,56 @@ def _self_check_linear(fn: Callable) -> None:
 
 
 @functools.cache
-def load_small_batch_linear() -> Callable | None:
-    """The compiled small-M linear (x·Wᵀ + bias for decode steps with few rows), or None (logged once)."""
-    return _load(
+def load_small_batch_linear_module():
+    """The compiled small-M linear module (`small_batch_linear`, and `has_bf16_dot`: whether bf16 runs on
+    the AVX512-BF16 dot-product path), or None (logged once)."""
+    module = _load(
         "tandem_small_batch_linear",
         "small_batch_linear.cpp",
-        "small_batch_linear",
-        _self_check_linear,
+        None,
+        lambda m: _self_check_linear(m.small_batch_linear),
         "the torch fallback for small-batch matmuls",
     )
+    return module
+
+
+def load_small_batch_linear() -> Callable | None:
+    """The compiled small-M linear (x·Wᵀ + bias for decode steps with few rows), or None (logged once)."""
+    module = load_small_batch_linear_module()
+    return None if module is None else module.small_batch_linear
+
+
+
+def _self_check_fused(kernels) -> None:
+    """The fused layer steps against the torch formulas they replace, float32 and bfloat16."""
+    from .model_config import RopeConfig
+    from .models.layer_ops import TorchLayerOps
+    from .models.rope import RotaryEmbedding
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        rope = RotaryEmbedding(RopeConfig(theta=10000.0), 16, 64, dtype)
+        ref = TorchLayerOps(rope, 1e-5)
+        x, residual = torch.randn(5, 40, generator=gen).to(dtype), torch.randn(5, 40, generator=gen).to(dtype)
+        w = torch.randn(40, generator=gen).to(dtype)
+        want_norm, want_residual = ref.add_rms_norm(x, residual, w)
+        got_residual = residual.clone()
+        got_norm = kernels.add_rms_norm_(x, got_residual, w, 1e-5)
+        q = torch.randn(5, 3, 16, generator=gen).to(dtype)
+        pos = torch.tensor([0, 7, 3, 63, 1])
+        want_q, _ = ref.rope(q, q, ref.prepare(pos))
+        got_q = q.clone()
+        kernels.rope_(got_q, 3, pos, rope.cos, rope.sin)
+        gate_up = torch.randn(5, 48, generator=gen).to(dtype) * 4
+        pairs = {"add_rms_norm_": (got_norm, want_norm), "residual": (got_residual, want_residual),
+                 "rms_norm": (kernels.rms_norm(x, w, 1e-5), ref.rms_norm(x, w)), "rope_": (got_q, want_q),
+                 "silu_and_mul": (kernels.silu_and_mul(gate_up), ref.silu_and_mul(gate_up))}  # fmt: skip
+        for step, (got, want) in pairs.items():
+            if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
+                raise RuntimeError(f"self-check mismatch in {step} ({dtype}): max abs diff {(got.float() - want.float()).abs().max().item():.3g}")
+
+
+@functools.cache
+def load_fused_elementwise():
+    """The compiled fused layer steps (add_rms_norm_, rms_norm, rope_, silu_and_mul), or None (logged once)."""
+    return _load("tandem_fused_elementwise", "fused_elementwise.cpp", None, _self_check_fused, "torch for the layer's elementwise steps")

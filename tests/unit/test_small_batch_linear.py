@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from services.engine.cpu_kernels import load_small_batch_linear
-from services.engine.models.llama import SMALL_BATCH_MAX_ROWS, Linear
+from services.engine.models.llama import Linear, small_batch_max_rows
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +52,32 @@ def test_bad_input_raises(kernel, x, w, b):
         kernel(x, w, b)
 
 
-def test_model_linear_dispatch(kernel):
+@pytest.mark.parametrize("has_bf16_dot", [True, False])
+def test_model_linear_dispatch(kernel, has_bf16_dot):
     calls = []
 
     def spy(x, w, b=None):
         calls.append(x.shape[0])
         return kernel(x, w, b)
 
-    lin = Linear(spy)
+    lin = Linear(spy, has_bf16_dot)
     w = torch.randn(16, 8)
-    fp32_rows = SMALL_BATCH_MAX_ROWS[torch.float32]
-    lin(torch.randn(fp32_rows, 8), w)
-    lin(torch.randn(fp32_rows + 1, 8), w)  # too many rows: torch
-    lin(torch.randn(1, 8).to(torch.bfloat16), w.to(torch.bfloat16))  # one bf16 row: kernel
-    lin(torch.randn(2, 8).to(torch.bfloat16), w.to(torch.bfloat16))  # bf16 batch: torch
+    bf16_rows = small_batch_max_rows(torch.bfloat16, has_bf16_dot)
+    assert bf16_rows == (4 if has_bf16_dot else 1) and small_batch_max_rows(torch.float32, has_bf16_dot) == 0
+    lin(torch.randn(1, 8), w)  # fp32: torch's GEMV is the faster one now
+    lin(torch.randn(bf16_rows, 8).to(torch.bfloat16), w.to(torch.bfloat16))  # few bf16 rows: kernel
+    lin(torch.randn(bf16_rows + 1, 8).to(torch.bfloat16), w.to(torch.bfloat16))  # more: torch
     lin(torch.randn(1, 8).double(), w.double())  # other dtypes: torch
-    assert calls == [fp32_rows, 1]
+    assert calls == [bf16_rows]
+
+
+def test_bf16_dot_path_matches_torch_at_awkward_widths(kernel):
+    """K not a multiple of 32 (masked tail), M from 1 to 8, with a bias."""
+    gen = torch.Generator().manual_seed(1)
+    for m in range(1, 9):
+        for k in (1, 31, 33, 70):
+            x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+            w = torch.randn(37, k, generator=gen).to(torch.bfloat16)
+            b = torch.randn(37, generator=gen).to(torch.bfloat16)
+            want = F.linear(x.float(), w.float(), b.float())
+            torch.testing.assert_close(kernel(x, w, b).float(), want, atol=0.05 * max(1, k**0.5 / 4), rtol=0.02)

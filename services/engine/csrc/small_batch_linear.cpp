@@ -18,6 +18,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -45,6 +49,65 @@ NOINLINE float dot(const float* __restrict a, const float* __restrict b, int64_t
   for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
   return acc;
 }
+
+#if defined(__AVX512BF16__)
+// bf16 with AVX512-BF16: vdpbf16ps multiplies bf16 pairs exactly and accumulates in float32, 32 elements an
+// instruction, straight from W and x. The generic path widened every W row to float32 first, which made it
+// compute-bound at ~11 GB/s of weights (a batch-1 bf16 decode step took 3x the time to read the weights once).
+// M accumulators stay in registers while one W row streams past; the last partial chunk of a row is a masked
+// load (masked lanes read as zero and add nothing).
+template <int M>
+NOINLINE void bf16_dot_rows(const uint16_t* __restrict x, int64_t K, const uint16_t* __restrict w,
+                            const uint16_t* __restrict bias, uint16_t* __restrict out, int64_t N, int64_t n0,
+                            int64_t n1) {
+  const int64_t full = K / 32 * 32;
+  const __mmask32 tail_mask = static_cast<__mmask32>((1ull << (K - full)) - 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* wr = w + n * K;
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < full; k += 32) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + k);
+      for (int m = 0; m < M; ++m)
+        acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_loadu_si512(x + m * K + k), wv);
+    }
+    if (full < K) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail_mask, wr + full);
+      for (int m = 0; m < M; ++m)
+        acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_maskz_loadu_epi16(tail_mask, x + m * K + full), wv);
+    }
+    const float b = bias ? bits_to_float(static_cast<uint32_t>(bias[n]) << 16) : 0.f;
+    for (int m = 0; m < M; ++m) out[m * N + n] = float_to_bf16_bits(_mm512_reduce_add_ps(acc[m]) + b);
+  }
+}
+
+template <int M>
+void run_bf16_dot(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, at::Tensor& out) {
+  const int64_t K = x.size(1), N = w.size(0);
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const auto* bp = bias ? reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>()) : nullptr;
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) { bf16_dot_rows<M>(xp, K, wp, bp, op, N, begin, end); });
+}
+
+// true when the bf16 dot-product path took the call
+bool run_bf16_fast(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, at::Tensor& out) {
+  switch (x.size(0)) {
+    case 1: run_bf16_dot<1>(x, w, bias, out); return true;
+    case 2: run_bf16_dot<2>(x, w, bias, out); return true;
+    case 3: run_bf16_dot<3>(x, w, bias, out); return true;
+    case 4: run_bf16_dot<4>(x, w, bias, out); return true;
+    case 5: run_bf16_dot<5>(x, w, bias, out); return true;
+    case 6: run_bf16_dot<6>(x, w, bias, out); return true;
+    case 7: run_bf16_dot<7>(x, w, bias, out); return true;
+    case 8: run_bf16_dot<8>(x, w, bias, out); return true;
+    default: return false;
+  }
+}
+#else
+bool run_bf16_fast(const at::Tensor&, const at::Tensor&, const at::Tensor*, at::Tensor&) { return false; }
+#endif
 
 template <typename scalar_t>
 void run(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, at::Tensor& out) {
@@ -105,7 +168,7 @@ at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& w, const c1
   if (x.scalar_type() == at::kFloat) {
     run<float>(x, w, b, out);
   } else {
-    run<at::BFloat16>(x, w, b, out);
+    if (!run_bf16_fast(x, w, b, out)) run<at::BFloat16>(x, w, b, out);
   }
   return out;
 }
@@ -115,4 +178,9 @@ at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& w, const c1
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_batch_linear", &small_batch_linear, "y = x W^T (+ bias) for a few rows of x",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none());
+#if defined(__AVX512BF16__)
+  m.attr("has_bf16_dot") = true;
+#else
+  m.attr("has_bf16_dot") = false;
+#endif
 }

@@ -17,33 +17,34 @@ import torch.nn.functional as F
 
 from ..attention.backend import AttentionBackend
 from ..model_config import ModelConfig
+from .layer_ops import TorchLayerOps, select_layer_ops
 from .rope import RotaryEmbedding
 
 
-# matmuls with at most this many rows go to the small-batch kernel: fp32 measured faster up to 8
-# rows; torch's bf16 path is good from 2 rows on, so bf16 uses the kernel for single rows only
-SMALL_BATCH_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 1}
+def small_batch_max_rows(dtype: torch.dtype, has_bf16_dot: bool) -> int:
+    """Matmuls with at most this many rows go to the small-batch kernel, measured per dtype (2 threads,
+    same run, summed over the model's five weight shapes): bf16 on the AVX512-BF16 dot-product path
+    1.1 / 1.2 / 1.6 / 2.9 ms at M = 1 / 2 / 4 / 8 against torch's 2.1 / 2.1 / 2.2 / 2.2, so up to 4
+    rows (1 row without that path, where the kernel widens W to float32 first); fp32: torch 2.4 /
+    2.5 / 5.1 / 7.8 ms against the kernel's 2.7 / 4.5 / 7.9 / 12.1, so never (torch 2.13's fp32 GEMV
+    splits across threads now; the kernel was 3-4x faster against torch 2.4's)."""
+    if dtype == torch.bfloat16:
+        return 4 if has_bf16_dot else 1
+    return 0
 
 
 class Linear:
-    """F.linear, except decode steps with few rows use the small-batch CPU kernel.
+    """F.linear, except decode steps with few rows use the small-batch CPU kernel, which splits output
+    rows over threads and streams W once at close to memory bandwidth."""
 
-    torch's CPU GEMV reads weights at ~16 GB/s on one thread; the kernel splits output rows over
-    threads and streams W at close to memory bandwidth (3-4x faster at M = 1..4 here)."""
-
-    def __init__(self, small_batch_kernel):
+    def __init__(self, small_batch_kernel, has_bf16_dot: bool = False):
         self.kernel = small_batch_kernel
+        self.max_rows = {dtype: small_batch_max_rows(dtype, has_bf16_dot) for dtype in (torch.float32, torch.bfloat16)}
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kernel is not None and x.shape[0] <= SMALL_BATCH_MAX_ROWS.get(x.dtype, 0) and x.is_contiguous():
+        if self.kernel is not None and x.shape[0] <= self.max_rows.get(x.dtype, 0) and x.is_contiguous():
             return self.kernel(x, w, b)
         return F.linear(x, w, b)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
 
 
 class DecoderLayer:
@@ -63,28 +64,31 @@ class DecoderLayer:
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, hidden, cos, sin, rope: RotaryEmbedding, k_cache, v_cache, meta, backend: AttentionBackend):
+    def forward(self, hidden, residual, rope_input, ops: TorchLayerOps, k_cache, v_cache, meta, backend: AttentionBackend):
+        """One layer: returns (its output, the residual stream). The residual add of this layer's
+        output happens in the next norm (add_rms_norm), so norm and add are one pass; `residual` is
+        None for the first layer, whose input is the residual stream."""
         cfg = self.cfg
         num_tokens = hidden.shape[0]
-        residual = hidden
-        h = rms_norm(hidden, self.input_norm, cfg.rms_norm_eps)
+        if residual is None:
+            residual = hidden
+            h = ops.rms_norm(hidden, self.input_norm)
+        else:
+            h, residual = ops.add_rms_norm(hidden, residual, self.input_norm)
         qkv = self.linear(h, self.qkv, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
         k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, self.k_norm, cfg.rms_norm_eps)
-        q = rope.apply(q, cos, sin)
-        k = rope.apply(k, cos, sin)
+        if self.q_norm is not None:  # per-head norms (Qwen3): rows of head_dim
+            q = ops.rms_norm(q.reshape(-1, cfg.head_dim), self.q_norm).view(num_tokens, cfg.num_heads, cfg.head_dim)
+            k = ops.rms_norm(k.reshape(-1, cfg.head_dim), self.k_norm).view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        q, k = ops.rope(q, k, rope_input)
         attn = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
-        hidden = residual + self.linear(attn, self.o_proj)
+        hidden = self.linear(attn, self.o_proj)
 
-        residual = hidden
-        h = rms_norm(hidden, self.post_attn_norm, cfg.rms_norm_eps)
-        gate, up = self.linear(h, self.gate_up).chunk(2, dim=-1)
-        return residual + self.linear(F.silu(gate) * up, self.down)
+        h, residual = ops.add_rms_norm(hidden, residual, self.post_attn_norm)
+        return self.linear(ops.silu_and_mul(self.linear(h, self.gate_up)), self.down), residual
 
 
 class LlamaForCausalLM:
@@ -96,17 +100,18 @@ class LlamaForCausalLM:
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
         self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
-        kernel = None
-        if dtype in SMALL_BATCH_MAX_ROWS and self.embed.device.type == "cpu":
-            from ..cpu_kernels import load_small_batch_linear
+        kernels = None
+        if dtype == torch.bfloat16 and self.embed.device.type == "cpu":  # the only dtype it serves (see small_batch_max_rows)
+            from ..cpu_kernels import load_small_batch_linear_module
 
-            kernel = load_small_batch_linear()
-        self.linear = Linear(kernel)
+            kernels = load_small_batch_linear_module()
+        self.linear = Linear(kernels.small_batch_linear, kernels.has_bf16_dot) if kernels is not None else Linear(None)
         self.layers = [
             DecoderLayer(cfg, {k.split(".", 3)[3]: v for k, v in weights.items() if k.startswith(f"model.layers.{i}.")}, self.linear)
             for i in range(cfg.num_layers)
         ]
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, dtype)
+        self.ops = select_layer_ops(self.rope, cfg.rms_norm_eps, dtype, self.embed.device)
 
     @torch.inference_mode()
     def forward(
@@ -119,8 +124,9 @@ class LlamaForCausalLM:
         logits_indices: torch.Tensor,  # [N] rows of the batch whose next-token logits are wanted
     ) -> torch.Tensor:  # [N, vocab] in the model's dtype (the sampler widens the rows it samples)
         hidden = F.embedding(input_ids, self.embed)
-        cos, sin = self.rope.lookup(positions)
+        rope_input = self.ops.prepare(positions)
+        residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            hidden = layer.forward(hidden, cos, sin, self.rope, k_cache, v_cache, meta, backend)
-        hidden = rms_norm(hidden[logits_indices], self.norm, self.cfg.rms_norm_eps)
+            hidden, residual = layer.forward(hidden, residual, rope_input, self.ops, k_cache, v_cache, meta, backend)
+        hidden, _ = self.ops.add_rms_norm(hidden[logits_indices], residual[logits_indices], self.norm)
         return self.linear(hidden, self.lm_head)
