@@ -120,3 +120,14 @@ async def test_worker_side_size_checks_come_before_any_pass_over_the_prompt(engi
     with pytest.raises(ValueError, match=r"^cache_salt must be at most 1024 characters, got 2000"):
         await engine.add_request("salty", [3, 4, 5], params, cache_salt="s" * 2000)
     assert not engine.core.requests
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_greedy_takes_the_first_maximum_in_the_model_dtype(dtype):
+    """Logits arrive in the model's dtype; ties (common in bf16) go to the lowest token id, as argmax does."""
+    logits = torch.tensor([[0.5, 2.0, 2.0, 1.0], [3.0, 3.0, 3.0, 3.0], [-1.0, -2.0, -0.5, -0.5]]).to(dtype)
+    reqs = [_req(str(i), temperature=0) for i in range(3)]
+    tokens, _ = sample(logits, reqs)
+    assert tokens == [1, 0, 2] == logits.float().argmax(dim=-1).tolist()
+    mixed, _ = sample(logits, [reqs[0], _req("s", temperature=0.8, seed=1), reqs[2]])
+    assert mixed[0] == 1 and mixed[2] == 2 and isinstance(mixed[1], int)
