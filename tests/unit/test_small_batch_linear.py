@@ -81,3 +81,24 @@ def test_bf16_dot_path_matches_torch_at_awkward_widths(kernel):
             b = torch.randn(37, generator=gen).to(torch.bfloat16)
             want = F.linear(x.float(), w.float(), b.float())
             torch.testing.assert_close(kernel(x, w, b).float(), want, atol=0.05 * max(1, k**0.5 / 4), rtol=0.02)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prepacked_weights_give_the_plain_result(dtype):
+    """Prepacked (oneDNN) matmuls for every row count from the packed minimum on, torch's for fewer."""
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(96, 40, generator=gen).to(dtype)
+    b = torch.randn(96, generator=gen).to(dtype)
+    lin = Linear(None)
+    lin.prepack(w)
+    assert id(w) in lin.packed
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+    for m in (1, 2, 3, 64, 300):
+        x = torch.randn(m, 40, generator=gen).to(dtype)
+        torch.testing.assert_close(lin(x, w, b).float(), F.linear(x.float(), w.float(), b.float()), **tol)
+    lin.packed[id(w)] = "not a packed weight"  # consulted, it would fail
+    if dtype == torch.float32:  # 1-2 fp32 rows stay on torch's GEMV (faster there)
+        assert lin(torch.randn(2, 40).to(dtype), w).shape == (2, 96)
+    with pytest.raises((TypeError, RuntimeError)):
+        lin(torch.randn(3, 40).to(dtype), w)

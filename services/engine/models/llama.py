@@ -34,16 +34,35 @@ def small_batch_max_rows(dtype: torch.dtype, has_bf16_dot: bool) -> int:
 
 
 class Linear:
-    """F.linear, except decode steps with few rows use the small-batch CPU kernel, which splits output
-    rows over threads and streams W once at close to memory bandwidth."""
+    """F.linear, except decode steps with few rows use the small-batch CPU kernel (it splits output rows
+    over threads and streams W once at close to memory bandwidth), and bf16 weights prepacked for
+    oneDNN (prepack()) run through its packed matmul.
+
+    Prepacking: F.linear hands oneDNN the plain [N, K] weight on every call, and oneDNN reorders it
+    into its blocked layout each time. Packed once, bf16 matmuls measured 1.5-2.4x faster at 5 to
+    2,048 rows (30 distinct [3072, 576] weights, 2 threads, same run; equal at 8,192), and a decode
+    step at 64 sequences went from 73 to 64 ms; fp32 1.4-1.6x at 4 to 64 rows, 1.1-1.2x at 512 to
+    2,048, but slower at 1-2 rows (0.83x, 0.91x), which stay on torch's GEMV. The cost is a second
+    copy of the weights."""
+
+    PACKED_MIN_ROWS = {torch.float32: 3, torch.bfloat16: 1}
 
     def __init__(self, small_batch_kernel, has_bf16_dot: bool = False):
         self.kernel = small_batch_kernel
         self.max_rows = {dtype: small_batch_max_rows(dtype, has_bf16_dot) for dtype in (torch.float32, torch.bfloat16)}
+        self.packed: dict[int, torch.Tensor] = {}  # id(plain weight) -> its oneDNN-packed copy
+
+    def prepack(self, w: torch.Tensor) -> None:
+        """Pack `w` for oneDNN's matmul (fp32/bf16 CPU weights, where torch has oneDNN); a no-op elsewhere."""
+        if w.dtype in self.PACKED_MIN_ROWS and w.device.type == "cpu" and torch.backends.mkldnn.is_available():
+            self.packed[id(w)] = torch.ops.mkldnn._reorder_linear_weight(w, 64)
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if self.kernel is not None and x.shape[0] <= self.max_rows.get(x.dtype, 0) and x.is_contiguous():
             return self.kernel(x, w, b)
+        packed = self.packed.get(id(w))
+        if packed is not None and x.shape[0] >= self.PACKED_MIN_ROWS[x.dtype]:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
         return F.linear(x, w, b)
 
 
@@ -110,6 +129,10 @@ class LlamaForCausalLM:
             DecoderLayer(cfg, {k.split(".", 3)[3]: v for k, v in weights.items() if k.startswith(f"model.layers.{i}.")}, self.linear)
             for i in range(cfg.num_layers)
         ]
+        for layer in self.layers:
+            for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
+                self.linear.prepack(w)
+        self.linear.prepack(self.lm_head)
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, dtype)
         self.ops = select_layer_ops(self.rope, cfg.rms_norm_eps, dtype, self.embed.device)
 
