@@ -32,6 +32,7 @@ from services.common.errors import RequestError, invalid, unavailable
 from services.common.metrics import GatewayMetrics
 from services.common.registry import workers_prefix
 from services.common.telemetry import tracer
+from services.common.tls import TlsFiles
 
 from kvtransfer.block_hash import hash_blocks
 
@@ -61,7 +62,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                                    config.outlier_max_ejection_seconds, config.outlier_max_ejection_percent),
             on_eject=lambda handle, seconds: self.metrics.worker_ejections.labels(handle.worker_id, handle.role).inc(),
         )  # fmt: skip
-        self.pool = WorkerPool(config.etcd, config.cluster, on_change=self._count_workers, outliers=outliers)
+        self.pool = WorkerPool(config.etcd, config.cluster, on_change=self._count_workers, outliers=outliers, tls=TlsFiles.from_config(config))
         self._rng = random.Random()
         base = SchedulingConfig(policy=config.routing_policy, disaggregation=DisaggregationConfig(min_uncached_tokens=config.disagg_min_uncached_tokens))
         if config.scheduling_config:

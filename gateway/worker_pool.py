@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.tandem.v1 import common_pb2, tokenizer_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.registry import RegistryWatcher, WatchEvent
@@ -25,6 +26,7 @@ from services.common.registry import RegistryWatcher, WatchEvent
 from .outlier_detection import OutlierDetectionConfig, OutlierDetector
 from .prefix_index import PrefixIndex
 from services.common.telemetry import client_interceptors
+from services.common.tls import TlsFiles, dial
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,11 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_s
 class WorkerHandle:
     """One registered service: its registration, a channel, and (workers) its latest load."""
 
-    def __init__(self, key: str, registration: common_pb2.WorkerRegistration, on_kv_events: Callable | None = None):
+    def __init__(self, key: str, registration: common_pb2.WorkerRegistration, on_kv_events: Callable | None = None, tls: TlsFiles | None = None):
         self.key = key
         self.registration = registration
-        self.channel = grpc.aio.insecure_channel(registration.grpc_address, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
+        # with TLS, the worker must prove the role it registered as (its certificate's tandem-<role>)
+        self.channel = dial(tls, registration.grpc_address, registration.role, CHANNEL_OPTIONS, client_interceptors())
         self.load: worker_pb2.LoadSnapshot | None = None
         self.kv_sequence = 0
         self.num_in_flight = 0  # requests this gateway sent here that have not finished
@@ -132,7 +135,9 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, etcd: str, cluster: str, on_change: Callable | None = None, index: PrefixIndex | None = None, outliers: OutlierDetector | None = None):
+    def __init__(self, etcd: str, cluster: str, on_change: Callable | None = None, index: PrefixIndex | None = None, outliers: OutlierDetector | None = None,
+                 tls: TlsFiles | None = None):  # fmt: skip
+        self.tls = tls  # None: plaintext channels
         self.workers: dict[str, WorkerHandle] = {}
         self.index = index or PrefixIndex()  # which worker holds which KV blocks, from their events
         self.outliers = outliers or OutlierDetector(OutlierDetectionConfig())
@@ -172,9 +177,44 @@ class WorkerPool:
         elif event.kind == "put":
             await self._put(event.key, event.registration)
         else:
-            await self._remove(event.key)
+            handle = self.workers.get(event.key)
+            if handle is not None and handle.connected and handle.role in ("prefill", "decode"):
+                # a lease can also lapse while the worker lives (etcd frozen past the TTL): ask it
+                self._grace_tasks.add(asyncio.create_task(self._drop_unless_serving(event.key, handle)))
+            else:
+                await self._remove(event.key)
         if self._on_change is not None:
             self._on_change(self)
+
+    async def _drop_unless_serving(self, key: str, handle: WorkerHandle) -> None:
+        """A connected worker's key was deleted. A worker that drains or whose engine died goes
+        NOT_SERVING before it revokes its lease: drop it now. One that still says SERVING lost its
+        lease to an etcd outage (frozen past the TTL) and registers again when etcd answers: keep it
+        routable for RESYNC_GRACE_S, as after a resync. Unreachable: drop it."""
+        try:
+            try:
+                reply = await health_pb2_grpc.HealthStub(handle.channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.aio.AioRpcError:
+                serving = False
+            if self.workers.get(key) is not handle:
+                return
+            if not serving:
+                await self._remove(key)
+                if self._on_change is not None:
+                    self._on_change(self)
+                return
+            log.warning("%s %s lost its etcd key but still serves (an etcd outage?); keeping it %.0fs for it to register again",
+                        handle.role, handle.worker_id, RESYNC_GRACE_S)
+            handle.unlisted_since = time.monotonic()
+            await asyncio.sleep(RESYNC_GRACE_S)
+            if self.workers.get(key) is handle and handle.unlisted_since is not None:
+                log.warning("%s %s did not register again; dropping it", handle.role, handle.worker_id)
+                await self._remove(key)
+                if self._on_change is not None:
+                    self._on_change(self)
+        finally:
+            self._grace_tasks.discard(asyncio.current_task())
 
     async def _drop_if_still_unlisted(self, key: str, handle: WorkerHandle) -> None:
         try:
@@ -195,7 +235,7 @@ class WorkerPool:
             return
         if old is not None:
             await self._remove(key)
-        self.workers[key] = WorkerHandle(key, reg, self._apply_kv_events)
+        self.workers[key] = WorkerHandle(key, reg, self._apply_kv_events, tls=self.tls)
         log.info("discovered %s %s at %s", reg.role, reg.worker_id, reg.grpc_address)
 
     def _apply_kv_events(self, handle: WorkerHandle, batch) -> bool:

@@ -64,10 +64,55 @@ DEFAULT_OPTIONS = {
 }
 
 
-def ucx_options(environ: dict[str, str] | None = None) -> dict[str, str]:
+# The data plane's host (the service's --host): UCX's TCP transport listens on every network
+# interface it finds unless NET_DEVICES restricts it, so a service bound to loopback would still
+# expose its KV cache on eth0. Set by the worker before its transport starts.
+_data_plane_host: str | None = None
+_ANY_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+def set_data_plane_host(host: str) -> None:
+    """Confine UCX's network transports to the interface that holds `host` (loopback: `lo`);
+    0.0.0.0 leaves every interface, as the service itself listens on all. Call before the first
+    transport starts; UCX_NET_DEVICES in the environment still wins."""
+    global _data_plane_host
+    _data_plane_host = host
+
+
+def _interface_of(host: str) -> str | None:
+    import ipaddress
+    import socket
+
+    if host in _ANY_HOSTS:
+        return None
+    try:
+        ip = ipaddress.ip_address(socket.gethostbyname(host.strip("[]")))
+    except (OSError, ValueError):
+        return None
+    if ip.is_loopback:
+        return "lo"
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:  # SIOCGIFADDR: the interface's IPv4 address
+                raw = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+            if socket.inet_ntoa(raw[20:24]) == str(ip):
+                return name
+    return None
+
+
+def ucx_options(environ: dict[str, str] | None = None, data_plane_host: str | None = None) -> dict[str, str]:
     """The options given to the UCX context: the forced ones, plus defaults the environment lacks."""
     env = os.environ if environ is None else environ
     opts = {k: v for k, v in DEFAULT_OPTIONS.items() if f"UCX_{k}" not in env}
+    host = _data_plane_host if data_plane_host is None else data_plane_host
+    device = _interface_of(host) if host is not None and "UCX_NET_DEVICES" not in env else None
+    if device is not None:
+        opts["NET_DEVICES"] = device
     opts.update(FORCED_OPTIONS)
     return opts
 

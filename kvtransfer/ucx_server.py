@@ -5,6 +5,11 @@ this server's id), each request is checked (token known, unused, unexpired, bloc
 it, same layout) before anything is read, then its blocks are gathered chunk by chunk into a
 pooled staging buffer and sent over a fresh error-handling endpoint to the client's worker, the
 gather of chunk k+1 overlapping the client's read of chunk k.
+
+Exposure: the request names the client's address, so the server dials only for a request whose
+token it issued (used or not): a request with an unknown token is dropped without a byte sent back
+(its sender times out), and requests being handled at once are capped (MAX_PENDING_FACTOR), so a
+peer that can reach the UCX port cannot make this worker dial arbitrary addresses or pile up work.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from .ucx_staging import DEFAULT_CHUNK_BYTES, StagingPool, as_ucx_buffer, gather
 log = logging.getLogger(__name__)
 
 _SHORT_SEND_TIMEOUT = 2.0  # a response or abort notice: eager messages, sent at once unless the peer is gone
+# requests handled at once (waiting for a pull slot, or answering a refusal), per pull slot: beyond
+# it new requests are dropped. Legitimate ones are bounded by the tokens this worker issued.
+MAX_PENDING_FACTOR = 4
 
 
 @dataclass
@@ -74,6 +82,7 @@ class KVTransportServer:
         self._max_concurrent = max_concurrent_pulls
         self._slots: asyncio.Semaphore | None = None  # bounds staging memory; made on the UCX loop
         self._closed = False
+        self.dropped = 0  # requests dropped unanswered: unknown token, or too many at once
 
     async def start(self) -> None:
         self._caller_loop = asyncio.get_running_loop()
@@ -153,11 +162,22 @@ class KVTransportServer:
             except Exception as e:  # noqa: BLE001
                 log.warning("KV server %08x: dropping a malformed request: %s", self._server_id, e)
                 continue
+            if len(self._serving) >= MAX_PENDING_FACTOR * self._max_concurrent:
+                self._drop(req, f"{len(self._serving)} requests in progress")
+                continue
             task = asyncio.get_running_loop().create_task(self._serve(req))
             self._serving.add(task)
             task.add_done_callback(self._serving.discard)
 
+    def _drop(self, req: PullRequest, why: str) -> None:
+        self.dropped += 1
+        if self.dropped & (self.dropped - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood cannot flood the log
+            log.warning("KV server %08x: dropped request %x unanswered (%s); %d dropped so far", self._server_id, req.request_id, why, self.dropped)
+
     def _check(self, req: PullRequest) -> tuple[Status, str, _Grant | None]:
+        with self._lock:  # the token first: nothing else is answered to a sender without one
+            if req.token not in self._grants:
+                return Status.UNKNOWN_TOKEN, "unknown transfer token (never exposed, revoked, or expired)", None
         if req.layout != self._layout:
             return Status.LAYOUT_MISMATCH, f"KV layout differs: client {req.layout}, server {self._layout}", None
         if self._closed:
@@ -183,6 +203,8 @@ class KVTransportServer:
 
     async def _serve(self, req: PullRequest) -> None:
         status, message, grant = self._check(req)
+        if status is Status.UNKNOWN_TOKEN:  # never dial an address for a sender without a token
+            return self._drop(req, message)
         if status is not Status.OK:
             return await self._transfer(req, status, message, None)
         try:

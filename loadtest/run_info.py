@@ -15,11 +15,34 @@ import sys
 from pathlib import Path
 
 
+# flags whose value is a secret: a result (shared, committed, attached to issues) never holds it
+SECRET_FLAGS = ("--api-key", "--api-keys")
+REDACTED = "<redacted>"
+
+
+def redact_secrets(argv: list[str]) -> list[str]:
+    """argv with the values of SECRET_FLAGS (`--api-key KEY` and `--api-key=KEY`) replaced."""
+    out, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+        elif arg in SECRET_FLAGS:
+            out.append(arg)
+            hide_next = True
+        elif arg.split("=", 1)[0] in SECRET_FLAGS and "=" in arg:
+            out.append(arg.split("=", 1)[0] + "=" + REDACTED)
+        else:
+            out.append(arg)
+    return out
+
+
 def command_line(argv: list[str] | None) -> str:
-    """The command as typed: `tandem bench ...` from the bench arguments, else this process's argv."""
+    """The command as typed, secrets redacted: `tandem bench ...` from the bench arguments, else
+    this process's argv."""
     if argv is not None:
-        return shlex.join(["tandem", "bench", *argv])
-    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        return shlex.join(["tandem", "bench", *redact_secrets(argv)])
+    return shlex.join([Path(sys.argv[0]).name, *redact_secrets(sys.argv[1:])])
 
 
 def cpu_model() -> str | None:

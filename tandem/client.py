@@ -24,11 +24,17 @@ def build_request(prompt: str, chat: bool, max_tokens: int | None = None, temper
 
 
 def stream_generate(address: str, request: gateway_pb2.GenerateRequest, timeout: float | None = None,
-                    api_key: str | None = None) -> Iterator[common_pb2.GenerateResponse]:  # fmt: skip
+                    api_key: str | None = None, tls_ca: str | None = None) -> Iterator[common_pb2.GenerateResponse]:  # fmt: skip
     """Yield the gateway's chunks; raises grpc.RpcError with the server's status on failure.
-    `api_key`: sent as `authorization: Bearer KEY` (for a gateway with api_keys set)."""
+    `api_key`: sent as `authorization: Bearer KEY` (for a gateway with api_keys set).
+    `tls_ca`: a CA file: TLS to a gateway whose certificate it signed (None: plaintext)."""
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
-    with grpc.insecure_channel(address) as channel:
+    if tls_ca:
+        with open(tls_ca, "rb") as fh:
+            channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(fh.read()))
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
         yield from gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=timeout, metadata=metadata)
 
 

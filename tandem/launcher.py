@@ -6,16 +6,20 @@
 Every service is `python -m tandem serve ROLE` with its ports and the cluster's etcd on the
 command line, exactly what a container runs. Children get SIGTERM if the launcher dies, and
 start() either returns with every service SERVING or stops what it started and raises.
-The integration tests use this class too, on free ports.
+With `restart` (what `tandem up` sets), a Supervisor (supervisor.py) then brings back any service
+that exits — same worker id, ports and flags — and etcd with its data dir; stop() ends the
+supervision before it stops the children. The integration tests use this class too, on free ports.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +28,9 @@ from services.common.config import DEFAULT_GRPC_PORTS, DEFAULT_HTTP_PORT, DEFAUL
 from .etcd_process import EtcdProcess
 from .health import check_health
 from .processes import popen_child, stop_child
+from .supervisor import RestartPolicy, Supervisor, SupervisorEvent
+
+log = logging.getLogger("tandem.supervisor")
 
 
 def free_port() -> int:
@@ -63,6 +70,7 @@ class ServiceProcess:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
+    tls_dir: Path | None = None  # `tandem certs` directory when the cluster runs with TLS
 
     @property
     def address(self) -> str:
@@ -72,6 +80,16 @@ class ServiceProcess:
         cmd = [sys.executable, "-m", "tandem", "serve", self.role, "--port", str(self.port),
                "--metrics-port", str(self.metrics_port), "--worker-id", self.name, *self.args]  # fmt: skip
         self.proc = popen_child(cmd, self.log_path, self.env)
+
+    # what the Supervisor calls (supervisor.Child)
+    def exit_code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def restart(self) -> None:
+        self.start()
+
+    def is_serving(self, timeout: float = 0.5) -> bool:
+        return check_health(self.address, timeout=timeout, tls_dir=self.tls_dir, role=self.role)
 
     def log_tail(self, n: int = 30) -> str:
         try:
@@ -98,16 +116,27 @@ class ClusterSpec:
     role_args: dict[str, list[str]] = field(default_factory=dict)  # extra flags for one role ("gateway": [...])
     env: dict[str, str] = field(default_factory=dict)
     workdir: Path | None = None  # logs and etcd data; default: a temp dir
+    # supervise once started: restart services (and our etcd) that exit. Off by default so that tests
+    # which kill a service see it stay dead; `tandem up` turns it on
+    restart: bool = False
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    # mTLS on every gRPC hop and TLS on the gateway's gRPC port, with dev certificates made in
+    # workdir/certs (tandem/certs.py)
+    tls: bool = False
 
 
 class LocalCluster:
-    def __init__(self, spec: ClusterSpec):
+    def __init__(self, spec: ClusterSpec, on_event: Callable[[SupervisorEvent], None] | None = None):
+        """on_event: also told of every supervision event (restarts, give-ups), e.g. to print them."""
         self.spec = spec
         self.workdir = Path(spec.workdir or tempfile.mkdtemp(prefix="tandem-"))
         self.etcd: EtcdProcess | None = None
         self.services: list[ServiceProcess] = []
+        self.supervisor: Supervisor | None = None
+        self._on_event = on_event
         self._ports = self._port_plan()
-        self.etcd_endpoint = spec.etcd or f"127.0.0.1:{self._ports['etcd']}"
+        # our own etcd with --tls: https, and every service dials it with its certificate
+        self.etcd_endpoint = spec.etcd or f"{'https://' if spec.tls else ''}127.0.0.1:{self._ports['etcd']}"
 
     def _port_plan(self) -> dict[str, int]:
         s = self.spec
@@ -138,7 +167,7 @@ class LocalCluster:
     def gateway_http_url(self) -> str | None:
         """The OpenAI API's base URL (what `openai.OpenAI(base_url=...)` takes); None when off."""
         port = self._ports["gateway/http"]
-        return f"http://127.0.0.1:{port}/v1" if port else None
+        return f"{'https' if self.spec.tls else 'http'}://127.0.0.1:{port}/v1" if port else None
 
     def service(self, name: str) -> ServiceProcess:
         return next(s for s in self.services if s.name == name)
@@ -152,15 +181,23 @@ class LocalCluster:
             args += s.worker_args
         if role == "gateway":
             args += ["--http-port", str(self._ports["gateway/http"])]
+        tls_dir = self.workdir / "certs" if s.tls else None
+        if tls_dir is not None:
+            args += ["--tls-cert", str(tls_dir / f"{role}.pem"), "--tls-key", str(tls_dir / f"{role}-key.pem"), "--tls-ca", str(tls_dir / "ca.pem")]
         args += s.role_args.get(role, [])
         metrics_port = self._ports[f"{name}/metrics"] if s.metrics else 0
-        return ServiceProcess(role, name, self._ports[name], metrics_port, args, self.workdir / f"{name}.log", dict(s.env))
+        return ServiceProcess(role, name, self._ports[name], metrics_port, args, self.workdir / f"{name}.log", dict(s.env), tls_dir=tls_dir)
 
     def start(self, timeout: float = 120.0) -> None:
         """Start etcd (unless external) and every service; wait until all are SERVING."""
         try:
+            if self.spec.tls:  # before etcd: it serves with its certificate too
+                from .certs import create as create_certs
+
+                create_certs(self.workdir / "certs")
             if self.spec.etcd is None:
-                self.etcd = EtcdProcess(self.workdir / "etcd-data", self._ports["etcd"], self._ports["etcd-peer"], self.workdir / "etcd.log")
+                tls_dir = self.workdir / "certs" if self.spec.tls else None
+                self.etcd = EtcdProcess(self.workdir / "etcd-data", self._ports["etcd"], self._ports["etcd-peer"], self.workdir / "etcd.log", tls_dir=tls_dir)
                 self.etcd.start()
                 self.etcd.wait_healthy()
             s = self.spec
@@ -174,6 +211,8 @@ class LocalCluster:
             deadline = time.monotonic() + timeout
             for svc in self.services:
                 self.wait_serving(svc, deadline)
+            if s.restart:
+                self._supervise()
         except BaseException:
             self.stop()
             raise
@@ -182,14 +221,44 @@ class LocalCluster:
         while True:
             if svc.proc.poll() is not None:
                 raise RuntimeError(f"{svc.name} exited with code {svc.proc.returncode}; its log ({svc.log_path}) ends:\n{svc.log_tail()}")
-            if check_health(svc.address, timeout=1.0):
+            if svc.is_serving(timeout=1.0):
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{svc.name} not SERVING at {svc.address} in time; its log ({svc.log_path}) ends:\n{svc.log_tail()}")
             time.sleep(0.2)
 
+    def _supervise(self) -> None:
+        """Start supervising: only after every service served once, so a service that cannot start
+        at all fails start() instead of looping."""
+        self.supervisor = Supervisor(self.spec.restart_policy, self._supervisor_event)
+        if self.etcd is not None:
+            self.supervisor.add(self.etcd, critical=True)
+        for svc in self.services:
+            self.supervisor.add(svc)
+        self.supervisor.start()
+
+    def _supervisor_event(self, event: SupervisorEvent) -> None:
+        """Log it, and mark it in the child's own log, where its next run's output follows."""
+        (log.warning if event.kind in ("exited", "gave_up", "fatal") else log.info)("%s", event.message)
+        path = self.etcd.log_path if self.etcd is not None and event.name == "etcd" else next((s.log_path for s in self.services if s.name == event.name), None)
+        if path is not None:
+            try:
+                with open(path, "a") as f:
+                    f.write(f"--- tandem supervisor {time.strftime('%Y-%m-%d %H:%M:%S')}: {event.message} ---\n")
+            except OSError:
+                pass
+        if self._on_event is not None:
+            self._on_event(event)
+
+    def restarts(self, name: str) -> int:
+        """How often the supervisor restarted `name` (0 when not supervised)."""
+        return 0 if self.supervisor is None else self.supervisor.restarts(name)
+
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM every service (gateway first) and wait; SIGKILL what outlives `timeout`. Idempotent."""
+        """End supervision, then SIGTERM every service (gateway first) and wait; SIGKILL what
+        outlives `timeout`. Idempotent."""
+        if self.supervisor is not None:
+            self.supervisor.stop()
         for svc in reversed(self.services):
             if svc.proc is not None and svc.proc.poll() is None:
                 svc.proc.send_signal(15)

@@ -4,6 +4,7 @@ live, through the cluster's etcd key (see gateway/scheduling/live_config.py)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 from gateway.scheduling.live_config import delete_scheduling_document, get_scheduling_document, put_scheduling_document, scheduling_key
@@ -14,6 +15,9 @@ def add_parser(sub, default_etcd: str) -> None:
     sched = sub.add_parser("scheduling", help="show or change the gateways' routing policy, weights and thresholds, live")
     sched.add_argument("--etcd", default=default_etcd, help=f"etcd endpoint (default {default_etcd})")
     sched.add_argument("--cluster", default="default", help="cluster name (etcd key prefix)")
+    for name, what in (("cert", "client certificate"), ("key", "its private key"), ("ca", "CA that signed etcd's certificate")):
+        env = f"TANDEM_TLS_{name.upper()}"
+        sched.add_argument(f"--tls-{name}", default=os.environ.get(env, ""), help=f"for --etcd https://...: the {what} (PEM; env {env})")
     actions = sched.add_subparsers(dest="scheduling_command", required=True)
     show = actions.add_parser("show", help="the document in etcd and the config it makes over the defaults")
     show.set_defaults(func=cmd_show)
@@ -26,6 +30,10 @@ def add_parser(sub, default_etcd: str) -> None:
 
 def _etcd(args, coro):
     """Run one etcd call with a deadline; an unreachable etcd is a clear error, not a traceback."""
+    from services.common.etcd_tls import set_client_tls
+    from services.common.tls import TlsFiles
+
+    set_client_tls(TlsFiles.from_config(args))  # ValueError (shown as an error) when only some are given
     try:
         return asyncio.run(asyncio.wait_for(coro, 10))
     except ValueError:

@@ -30,6 +30,7 @@ from services.common.errors import RequestError
 from ..api_keys import KeyCheck
 from .completions import CompletionEndpoints
 from .errors import ApiError, from_request_error
+from .https import ReloadingServerContext
 from .json_body import too_large
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class OpenAIServer:
         self.created = int(time.time())
         self.endpoints = CompletionEndpoints(service)
         self._runner: web.AppRunner | None = None
+        # HTTPS with the gateway's certificate (--tls-cert/--tls-key), re-read when renewed (https.py)
+        self.tls = ReloadingServerContext(config.tls_cert, config.tls_key) if config.tls_cert else None
         self.max_body_bytes = config.http_max_body_bytes
         self.app = web.Application(middlewares=[self._errors_and_metrics, self._authenticate], client_max_size=self.max_body_bytes)
         self.app.router.add_post("/v1/completions", self.endpoints.completions)
@@ -59,7 +62,8 @@ class OpenAIServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.config.advertise_host}:{self.config.http_port}/v1"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{self.config.advertise_host}:{self.config.http_port}/v1"
 
     # ---- lifecycle (ServiceRunner) --------------------------------------------------------------
 
@@ -67,7 +71,8 @@ class OpenAIServer:
         runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=self.config.drain_timeout, access_log=None)
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, self.config.host, self.config.http_port, reuse_address=True)
+        ssl_context = self.tls.context if self.tls is not None else None
+        site = web.TCPSite(runner, self.config.host, self.config.http_port, reuse_address=True, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as e:

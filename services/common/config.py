@@ -40,11 +40,14 @@ class ServiceConfig:
     advertise_host: str = _opt("", "host other services use to reach this one; default: --host, or the hostname when binding 0.0.0.0")
     metrics_port: int = _opt(-1, "Prometheus /metrics port; -1 = the role's default (9400-9403), 0 = off")
     cluster: str = _opt("default", "cluster name: the etcd key prefix /tandem/<cluster>/")
-    etcd: str = _opt("127.0.0.1:2379", "etcd endpoint host:port")
+    etcd: str = _opt("127.0.0.1:2379", "etcd endpoint host:port; https://host:port: TLS, with --tls-cert as the client certificate")
     lease_ttl: int = _opt(10, "etcd lease TTL in seconds: how long a dead service stays listed")
     worker_id: str = _opt("", "this process's id in etcd; default: <role>-<hostname>-<random>")
     drain_timeout: float = _opt(30.0, "seconds to let in-flight requests finish on SIGTERM")
     log_level: str = _opt("info", "debug | info | warning | error")
+    tls_cert: str = _opt("", "PEM certificate of this service (its role as DNS SAN tandem-<role>; `tandem certs` makes them); with tls_key and tls_ca: mTLS on every internal gRPC hop, TLS on the gateway's gRPC port and HTTPS on its OpenAI API; re-read when the file changes; empty = plaintext")
+    tls_key: str = _opt("", "PEM private key of --tls-cert (keep it mode 0600)")
+    tls_ca: str = _opt("", "PEM CA certificate(s) that sign the cluster's certificates: the only issuer peers are trusted from")
     # ---- the model (tokenizer and workers) --------------------------------------------------------
     model: str = _opt("default", "HF model directory, or 'default' (embedded SmolLM2-135M)", ("tokenizer", "prefill", "decode"))
     # ---- the engine (workers) -------------------------------------------------------------------
@@ -68,7 +71,7 @@ class ServiceConfig:
     max_prompt_tokens: int = _opt(0, "reject prompts longer than this many tokens; 0 = the decode workers' context length (max_model_len), which always applies", ("gateway",))
     default_max_tokens: int = _opt(256, "max_tokens when a request leaves it unset", ("gateway",))
     http_port: int = _opt(DEFAULT_HTTP_PORT, "OpenAI-compatible HTTP API port on --host (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics); 0 = off", ("gateway",))
-    api_keys: str = _opt("", "API keys clients must send as `Authorization: Bearer KEY` (gRPC metadata or HTTP header): comma-separated, or @FILE with one a line; empty = no authentication", ("gateway",))
+    api_keys: str = _opt("", "API keys clients must send as `Authorization: Bearer KEY` (gRPC metadata or HTTP header): @FILE with one a line, or comma-separated keys in the environment or config file (refused on the command line, where every user can read them); empty = no authentication", ("gateway",))
     max_requests_in_flight: int = _opt(256, "refuse requests beyond this many in flight at this gateway (gRPC RESOURCE_EXHAUSTED, HTTP 429); 0 = no limit", ("gateway",))
     # ---- input limits (see docs/architecture.md, "Limits"): each refusal is INVALID_ARGUMENT / 400 naming the field
     http_max_body_bytes: int = _opt(4 << 20, "largest OpenAI HTTP request body in bytes (HTTP 413 beyond it)", ("gateway",))
@@ -120,6 +123,12 @@ class ServiceConfig:
             raise ValueError(f"max_migrations must be >= 0 (0 = never migrate), got {self.max_migrations}")
         if self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        tls = {"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_ca": self.tls_ca}
+        if any(tls.values()) and not all(tls.values()):
+            raise ValueError(f"TLS needs tls_cert, tls_key and tls_ca together; {', '.join(n for n, v in tls.items() if not v)} not set")
+        for name, path in tls.items():
+            if path and not os.access(path, os.R_OK):
+                raise ValueError(f"{name}: cannot read {path!r}")
         if "/" in self.cluster or not self.cluster:
             raise ValueError(f"cluster must be a non-empty name without '/', got {self.cluster!r}")
 
@@ -181,9 +190,19 @@ def load_config(role: str, args: argparse.Namespace | None = None, environ: dict
         value = getattr(args, name, None) if args is not None else None
         if value is not None:
             values[name] = value
+    _refuse_secrets_on_argv(getattr(args, "api_keys", None) if args is not None else None)
     for name, value in values.items():
         values[name] = _parse(known[name], value, f"setting {name}")
     return ServiceConfig(role=role, **values)
+
+
+def _refuse_secrets_on_argv(api_keys_flag: str | None) -> None:
+    """A key on the command line is readable by every user of the host (ps, /proc/PID/cmdline) and
+    lands in shell history and orchestrator specs: only a file reference is accepted there."""
+    if api_keys_flag is not None and api_keys_flag.strip() and not api_keys_flag.strip().startswith("@"):
+        raise ValueError("--api-keys: keys on the command line are visible to every user of the machine (ps, /proc); "
+                         "use --api-keys @FILE (one key a line, mode 0600), the TANDEM_API_KEYS environment variable, "
+                         "or api_keys in the --config file")  # fmt: skip
 
 
 def _parse(f: dataclasses.Field, value: Any, where: str) -> Any:

@@ -33,7 +33,10 @@ class EngineFailure:
     def __init__(self, worker_id: str):
         self.worker_id = worker_id
         self.error: BaseException | None = None
+        # False until the worker has loaded its engine and started its role (mark_ready): a process
+        # restarted on the same address gets calls meant for its dead predecessor before then
         self._event = asyncio.Event()
+        self.ready = False
 
     @property
     def failed(self) -> bool:
@@ -90,6 +93,8 @@ class EngineFailureGuard(grpc.aio.ServerInterceptor):
         abort the handler chose itself (INVALID_ARGUMENT...) stands."""
         if isinstance(error, grpc.aio.AbortError):
             return
+        if not self.failure.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.failure.worker_id} is still starting (loading its model); retry on another worker")
         if self.failure.failed or (error is not None and _is_engine_death(error)):
             await context.abort(grpc.StatusCode.UNAVAILABLE, self.failure.message)
 

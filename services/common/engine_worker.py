@@ -44,6 +44,10 @@ class EngineWorker:
         await self.host.start()
         self.host.engine.on_death(self.failure.set)
 
+    def mark_ready(self) -> None:
+        """The engine is loaded and the role started: RPCs are served from now on (before, UNAVAILABLE)."""
+        self.failure.ready = True
+
     async def wait_failed(self) -> str:
         """Return (what happened) once this worker can no longer serve: its engine thread died."""
         return await self.failure.wait()

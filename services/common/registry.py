@@ -24,6 +24,8 @@ from google.protobuf import json_format
 
 from protos.tandem.v1 import common_pb2
 
+from .etcd_tls import TlsEtcdClient, client_tls_for
+
 log = logging.getLogger(__name__)
 
 # etcd calls that take longer than this count as "etcd is unreachable"
@@ -41,7 +43,7 @@ def worker_key(cluster: str, role: str, worker_id: str) -> str:
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
     """'host:port' (an http:// prefix is accepted, as etcdctl writes it) → (host, port)."""
-    endpoint = endpoint.removeprefix("http://")
+    endpoint = endpoint.removeprefix("http://").removeprefix("https://")
     host, sep, port = endpoint.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"etcd endpoint must be host:port, got {endpoint!r}")
@@ -57,7 +59,11 @@ def decode_registration(value: bytes) -> common_pb2.WorkerRegistration:
 
 
 def make_client(endpoint: str) -> aetcd.Client:
+    """A client of `endpoint`; https://HOST:PORT: TLS with this process's certificate (etcd_tls.py)."""
+    tls = client_tls_for(endpoint)
     host, port = parse_endpoint(endpoint)
+    if tls is not None:
+        return TlsEtcdClient(host=host, port=port, timeout=ETCD_CALL_TIMEOUT_S, tls=tls)
     return aetcd.Client(host=host, port=port, timeout=ETCD_CALL_TIMEOUT_S)
 
 

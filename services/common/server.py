@@ -33,10 +33,13 @@ from protos.tandem.v1 import common_pb2
 
 from .config import ServiceConfig
 from .errors import ErrorStatusInterceptor
+from .etcd_tls import set_client_tls
 from .metrics import MetricsServer
+from .peer_roles import PeerRoleInterceptor
 from .registry import Registration, encode_registration, worker_key
 from .request_decoding import RequestDecodingInterceptor
 from .telemetry import server_interceptors, setup_tracing
+from .tls import TlsFiles, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +118,11 @@ class ServiceRunner:
             loop.add_signal_handler(sig, self.stop)
         # outermost first: errors that escape a handler (or the service's own interceptors) become
         # statuses, and undecodable request bytes INVALID_ARGUMENT (errors.py, request_decoding.py)
-        interceptors = [*server_interceptors(), ErrorStatusInterceptor(), RequestDecodingInterceptor(), *getattr(service, "interceptors", ())]
+        # with TLS on, the peer's certificate role is checked before any handler runs (peer_roles.py)
+        tls = TlsFiles.from_config(config)
+        set_client_tls(tls)  # etcd at https://... is dialed with this service's certificate
+        authz = [PeerRoleInterceptor()] if tls is not None else []
+        interceptors = [*server_interceptors(), *authz, ErrorStatusInterceptor(), RequestDecodingInterceptor(), *getattr(service, "interceptors", ())]
         server = self.server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
         drain_timeout = config.drain_timeout
         try:
@@ -125,16 +132,21 @@ class ServiceRunner:
             names = (*service.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, server)
             try:
-                server.add_insecure_port(config.bind_address)
+                if tls is None:
+                    server.add_insecure_port(config.bind_address)
+                else:  # workers require a client certificate; the gateway's API uses API keys (tls.py)
+                    server.add_secure_port(config.bind_address, server_credentials(tls, require_client_auth=config.role != "gateway"))
             except RuntimeError as e:
                 raise RuntimeError(f"cannot listen on {config.bind_address} (is the port in use? set --port): {e}") from None
             await server.start()
             for door in self.front_doors:
                 await door.start()
             metrics.start(config.host, config.metrics_port)
-            log.info("listening on %s; starting the %s service", config.bind_address, config.role)
+            log.info("listening on %s (%s); starting the %s service", config.bind_address, "TLS" if tls else "plaintext", config.role)
             t0 = time.perf_counter()
             await service.start()
+            if hasattr(service, "mark_ready"):  # workers answer UNAVAILABLE until here (engine_failure.py)
+                service.mark_ready()
             reg = common_pb2.WorkerRegistration(
                 worker_id=config.worker_id,
                 role=config.role,

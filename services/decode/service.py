@@ -17,6 +17,7 @@ import time
 
 import grpc
 
+from kvtransfer.ucx_runtime import set_data_plane_host
 from kvtransfer.ucx_transport import KVTransferError, KVTransportClient
 from protos.tandem.v1 import worker_pb2, worker_pb2_grpc
 from services.common.engine_worker import EngineWorker
@@ -33,6 +34,7 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
 
     async def start(self) -> None:
         await super().start()
+        set_data_plane_host(self.host.config.host)  # UCX listens where gRPC does, not on every interface
         self.transport = KVTransportClient(self.host.kv_storage)
         await self.transport.start()
 

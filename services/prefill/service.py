@@ -13,6 +13,7 @@ import uuid
 
 import grpc
 
+from kvtransfer.ucx_runtime import set_data_plane_host
 from kvtransfer.ucx_transport import KVTransportServer
 from protos.tandem.v1 import worker_pb2, worker_pb2_grpc
 from services.common.engine_worker import EngineWorker
@@ -33,6 +34,7 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
 
     async def start(self) -> None:
         await super().start()
+        set_data_plane_host(self.host.config.host)  # UCX listens where gRPC does, not on every interface
         self.transport = KVTransportServer(self.host.kv_storage, on_pull_done=lambda token, ok: self.leases.pull_done(token, ok))
         self.leases = KVLeases(self.host.engine, self.transport, self.host.config.kv_lease_seconds, self.host.metrics.kv_leases_expired.inc)
         await self.transport.start()

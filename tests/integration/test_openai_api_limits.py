@@ -29,7 +29,9 @@ PROMPT = [5, 17, 99, 3, 250, 42, 7, 8]
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory, tiny_llama):
     # token-id prompts only (no tokenizer service), so /health needs a decode worker alone
-    gateway_args = ["--api-keys", ",".join(KEYS), "--max-requests-in-flight", "1", "--health-requires-tokenizer", "0", "--http-max-body-bytes", str(1 << 20)]
+    key_file = tmp_path_factory.mktemp("keys") / "api-keys"
+    key_file.write_text("\n".join(KEYS) + "\n")
+    gateway_args = ["--api-keys", f"@{key_file}", "--max-requests-in-flight", "1", "--health-requires-tokenizer", "0", "--http-max-body-bytes", str(1 << 20)]
     with running_cluster(tmp_path_factory.mktemp("guarded"), model=str(tiny_llama), tokenizer=False, num_prefill=0, role_args={"gateway": gateway_args}) as c:
         yield c
 

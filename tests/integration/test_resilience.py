@@ -1,12 +1,16 @@
 """Workers that die or drain, and an etcd that goes away: the cluster keeps serving.
 
 One cluster of three decode workers (lease TTL 3 s), used in order: a SIGTERM drain, a SIGKILL,
-then etcd outages.
+then etcd outages (frozen by SIGSTOP, SIGKILLed, wiped), each under a steady `tandem bench` load
+that must see no failed request. Not supervised: the killed workers stay dead, and etcd is
+stopped and started by the tests themselves. (Supervised restarts: test_supervision.py,
+test_chaos_under_load.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import threading
@@ -17,6 +21,7 @@ import pytest
 
 from protos.tandem.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.registry import decode_registration, make_client, workers_prefix
+from benchmarks.bench_load import BenchLoad, failures
 from tests.helpers.waiting import wait_for
 from tests.integration.conftest import running_cluster
 
@@ -27,7 +32,7 @@ LEASE_TTL = 3
 
 @pytest.fixture(scope="module")
 def cluster3(tmp_path_factory, default_model_dir):
-    with running_cluster(tmp_path_factory.mktemp("resilience"), num_prefill=0, num_decode=3) as c:
+    with running_cluster(tmp_path_factory.mktemp("resilience"), num_prefill=0, num_decode=3, restart=False) as c:
         yield c
 
 
@@ -103,23 +108,53 @@ def test_sigkill_worker_disappears_within_the_lease_ttl_and_requests_go_elsewher
     assert victim.name not in etcd_keys(cluster3.etcd_endpoint, "default")
 
 
-def test_etcd_outage_keeps_serving_and_services_reregister(cluster3, gateway):
+def etcd_outage_load(cluster, tmp_path) -> BenchLoad:
+    """A steady load across an etcd outage: 12 s at 2 requests/s, short prompts and outputs."""
+    return BenchLoad(cluster.gateway_address, tmp_path / "bench", duration=12, rate=2, input_len=32, output_len=12)
+
+
+def test_etcd_killed_for_longer_than_the_lease_ttl_under_load_fails_no_request(cluster3, gateway, tmp_path):
     survivors = set(decode_workers(gateway))
     assert len(survivors) == 1
     etcd = cluster3.etcd
-    etcd.stop()
-    # nothing in the request path needs etcd: requests keep working while it is down
-    for _ in range(3):
-        assert ask(gateway)[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
-    time.sleep(LEASE_TTL + 1)  # past the lease TTL: leases lapse unless etcd kept them
-    etcd.start()
-    etcd.wait_healthy()
-    wait_for(lambda: {"gateway", "tokenizer"} | survivors <= etcd_keys(etcd.endpoint, "default"), "every service registered again", timeout=15)
+    with etcd_outage_load(cluster3, tmp_path) as load:
+        time.sleep(2)
+        etcd.proc.kill()
+        etcd.proc.wait()
+        # nothing in the request path needs etcd: requests keep working while it is down
+        for _ in range(3):
+            assert ask(gateway)[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        time.sleep(LEASE_TTL + 3)  # past the lease TTL: leases lapse unless etcd kept them
+        etcd.start()
+        etcd.wait_healthy()
+        wait_for(lambda: {"gateway", "tokenizer"} | survivors <= etcd_keys(etcd.endpoint, "default"), "every service registered again", timeout=15)
+        result = load.result()
+    assert result["completed"] >= 15 and result["failed"] == 0, failures(result)
     assert ask(gateway)[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert set(decode_workers(gateway)) == survivors
 
 
+def test_etcd_frozen_by_sigstop_under_load_fails_no_request(cluster3, gateway, tmp_path):
+    # a frozen etcd accepts connections and never answers: calls to it hang rather than fail fast
+    survivors = set(decode_workers(gateway))
+    etcd = cluster3.etcd
+    with etcd_outage_load(cluster3, tmp_path) as load:
+        time.sleep(2)
+        os.kill(etcd.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(8)
+            assert ask(gateway)[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        finally:
+            os.kill(etcd.proc.pid, signal.SIGCONT)
+        # leases older than their TTL may lapse as etcd resumes: the services register again
+        wait_for(lambda: {"gateway", "tokenizer"} | survivors <= etcd_keys(etcd.endpoint, "default"), "every service registered", timeout=15)
+        result = load.result()
+    assert result["completed"] >= 15 and result["failed"] == 0, failures(result)
+    assert set(decode_workers(gateway)) == survivors
+
+
 def test_etcd_losing_its_data_is_repaired_by_reregistration(cluster3, gateway):
+    # (no load here: the loop below sends requests throughout the repair)
     survivors = set(decode_workers(gateway))
     etcd = cluster3.etcd
     etcd.stop()

@@ -1,5 +1,5 @@
-"""`tandem up` as a user runs it: starts everything, serves `tandem generate`, and leaves no process
-behind on SIGTERM, or when the launcher itself is SIGKILLed."""
+"""`tandem up` as a user runs it: starts everything, serves `tandem generate`, restarts a worker that
+dies (saying so), and leaves no process behind on SIGTERM, or when the launcher itself is SIGKILLed."""
 
 from __future__ import annotations
 
@@ -46,14 +46,29 @@ def start_up(tmp_path, cluster: str) -> tuple[subprocess.Popen, str]:
     return proc, f"127.0.0.1:{base}"
 
 
-def test_tandem_up_serves_generate_and_stops_everything_on_sigterm(tmp_path, default_model_dir):
+def service_pid(marker: str, role: str) -> int | None:
+    """The PID of the `tandem serve ROLE` process whose command line holds `marker`."""
+    for pid in processes_mentioning(marker):
+        try:
+            if f"serve\0{role}\0".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            pass
+    return None
+
+
+def generate(gateway: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tandem", "generate", "--chat", "What is the capital of France?", "--gateway", gateway,
+                           "--max-tokens", "16", "--timeout", "60"], capture_output=True, text=True, timeout=90)  # fmt: skip
+
+
+def test_tandem_up_serves_generate_restarts_a_dead_worker_and_stops_everything_on_sigterm(tmp_path, default_model_dir):
     cluster = f"up-{uuid.uuid4().hex[:8]}"
     proc, gateway = start_up(tmp_path, cluster)
     try:
         children = processes_mentioning(cluster)
         assert len(children) >= 4, "tokenizer, prefill, decode and gateway run as processes"
-        out = subprocess.run([sys.executable, "-m", "tandem", "generate", "--chat", "What is the capital of France?", "--gateway", gateway,
-                              "--max-tokens", "16", "--timeout", "60"], capture_output=True, text=True, timeout=90)  # fmt: skip
+        out = generate(gateway)
         assert out.returncode == 0, out.stderr
         assert "Paris" in out.stdout
         assert "finish_reason=" in out.stderr
@@ -64,8 +79,20 @@ def test_tandem_up_serves_generate_and_stops_everything_on_sigterm(tmp_path, def
             model = client.models.list().data[0].id
             reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=16, temperature=0)
         assert "Paris" in reply.choices[0].message.content
+        # supervision: a SIGKILLed decode worker is restarted, and `tandem up` says so with the count
+        decode = service_pid(cluster, "decode")
+        os.kill(decode, signal.SIGKILL)
+        wait_for(lambda: "decode-0 is SERVING again (restart 1" in (tmp_path / "up.log").read_text() or proc.poll() is not None,
+                 "the decode worker to be restarted", timeout=120, interval=0.2)  # fmt: skip
+        assert proc.poll() is None, (tmp_path / "up.log").read_text()
+        assert "decode-0 killed by SIGKILL; restart 1 in 1.0s" in (tmp_path / "up.log").read_text()
+        assert service_pid(cluster, "decode") not in (None, decode)
+        out = generate(gateway)
+        assert out.returncode == 0 and "Paris" in out.stdout, out.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+        shutdown = (tmp_path / "up.log").read_text().partition("stopping Tandem")[2]
+        assert "restart" not in shutdown, f"nothing is restarted while stopping:\n{shutdown}"
         wait_for(lambda: not processes_mentioning(cluster) and not processes_mentioning(str(tmp_path / "etcd-data")), "no process of the cluster left", timeout=10)
     finally:
         if proc.poll() is None:

@@ -228,7 +228,10 @@ async def test_warmup_seconds_marks_what_was_sent_before_and_opens_the_window_th
     _, outcome = await run(fake, jobs, request_rate=20, burstiness=math.inf, duration=0.3, warmup_seconds=0.3)
     assert outcome.measured_start == 0.3
     for r in outcome.records:
-        assert r.warmup == (r.send < 0.3), (r.send, r.warmup)
+        # a job is warm-up when dispatched before 0.3 s; its send is stamped a moment later, so one
+        # dispatched just before the boundary may be stamped just after it
+        if not 0.3 <= r.send < 0.32:
+            assert r.warmup == (r.send < 0.3), (r.send, r.warmup)
     # a constant 20/s for 0.3 s on each side of the boundary: about 6 each (loose: a busy machine delays sends)
     assert sum(r.warmup for r in outcome.records) >= 2 and 1 <= sum(not r.warmup for r in outcome.records) <= 7
 

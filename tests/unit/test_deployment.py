@@ -152,6 +152,25 @@ def test_healthchecks_dial_each_roles_grpc_port():
         assert port == DEFAULT_GRPC_PORTS[role], f"{role}: healthcheck dials {port}, serves {DEFAULT_GRPC_PORTS[role]}"
 
 
+RESTART_POLICIES = ("always", "unless-stopped")  # or on-failure[:N]
+
+
+def test_every_service_restarts_when_it_exits():
+    # the compose counterpart of `tandem up`'s supervision: a crashed container comes back
+    for name, svc in compose()["services"].items():
+        policy = str(svc.get("restart", "no"))
+        assert policy in RESTART_POLICIES or policy.startswith("on-failure"), f"{name}: restart policy {policy!r} never restarts it"
+
+
+def test_every_service_has_a_healthcheck():
+    for name, svc in compose()["services"].items():
+        check = svc.get("healthcheck") or {}
+        test = check.get("test")
+        assert not check.get("disable") and isinstance(test, list) and test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, (
+            f"{name}: needs a healthcheck (test: ['CMD', ...]), got {check!r}"
+        )
+
+
 def test_gateway_publishes_its_grpc_port():
     assert DEFAULT_GRPC_PORTS["gateway"] in container_ports(service("gateway"))
 

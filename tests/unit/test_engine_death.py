@@ -62,3 +62,38 @@ async def test_engine_death_fails_streams_checks_and_new_requests(tiny_llama, mo
         assert late == deaths
     finally:
         await engine.shutdown()
+
+
+class _AbortingContext:
+    """The slice of grpc.aio.ServicerContext the guard uses: abort() raises, as grpc's does."""
+
+    def __init__(self):
+        self.aborted = None
+
+    async def abort(self, code, details):
+        self.aborted = (code, details)
+        raise AssertionError("aborted")  # grpc raises AbortError here; any exception ends the handler
+
+
+async def test_a_worker_answers_unavailable_until_it_is_ready():
+    """A worker restarted on its predecessor's address gets calls before its engine is loaded: they
+    must get UNAVAILABLE (retry elsewhere), not reach a handler with no engine (INTERNAL)."""
+    import grpc
+
+    from services.common.engine_failure import EngineFailure, EngineFailureGuard
+
+    failure = EngineFailure("decode-0")
+    guard = EngineFailureGuard(failure)
+    reached = []
+
+    async def behavior(request, context):
+        reached.append(request)
+        return "ok"
+
+    guarded = guard._guard_unary(behavior)
+    ctx = _AbortingContext()
+    with pytest.raises(AssertionError, match="aborted"):
+        await guarded("early", ctx)
+    assert ctx.aborted[0] == grpc.StatusCode.UNAVAILABLE and "still starting" in ctx.aborted[1] and reached == []
+    failure.ready = True
+    assert await guarded("later", _AbortingContext()) == "ok" and reached == ["later"]

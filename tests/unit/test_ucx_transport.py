@@ -204,8 +204,10 @@ async def test_round_trip_bf16_with_consecutive_runs(children):
 async def test_wrong_token_rejected(fp32_server, client):
     client, cache = client
     fp32_server.expose(b"right", [1, 2])
-    with pytest.raises(KVTransferError, match="unknown transfer token"):
-        await client.pull(fp32_server.address, b"wrong", [1, 2], [1, 2], timeout=10)
+    # an unknown token gets no answer at all: the server never dials a sender without a token
+    with pytest.raises(KVTransferError, match="timed out after 1.0 s while waiting for the server's answer"):
+        await client.pull(fp32_server.address, b"wrong", [1, 2], [1, 2], timeout=1.0)
+    assert not cache[:, :, :, [1, 2]].any()
     await client.pull(fp32_server.address, b"right", [1, 2], [1, 2], timeout=10)  # not burnt by the miss
 
 
