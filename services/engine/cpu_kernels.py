@@ -61,8 +61,10 @@ def _cpu_flags() -> str:
 
 def build_hash(source: Path, cflags: list[str] = _CFLAGS) -> str:
     h = hashlib.sha256()
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the sources include
     for part in (
         source.read_bytes(),
+        headers,
         " ".join(cflags).encode(),
         torch.__version__.encode(),
         sys.implementation.cache_tag.encode(),  # python ABI, e.g. cpython-311

@@ -31,6 +31,8 @@
 
 #include <cmath>
 #include <cstdint>
+
+#include "exp_nonpos.h"
 #include <type_traits>
 
 namespace {
@@ -120,22 +122,7 @@ void rope_rows(T* x, int64_t rows, int64_t heads, int64_t D, int64_t s_tok, int6
   });
 }
 
-// exp(x) for x <= 0, vectorisable (Cephes range reduction, degree-6 polynomial; as in the attention kernel)
-inline float exp_nonpos(float x) {
-  x = x > -87.3f ? x : -87.3f;
-  constexpr float kRound = 12582912.0f;
-  const float n = (x * 1.44269504088896341f + kRound) - kRound;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-}
+// exp_nonpos(x) for x <= 0: exp_nonpos.h
 
 template <typename T>
 void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t F, int64_t stride) {

@@ -31,6 +31,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+
+#include "exp_nonpos.h"
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -132,26 +134,7 @@ constexpr bool kHaveBf16Dot = false;
 NOINLINE void score_block_bf16(float*, const at::BFloat16*, const at::BFloat16*, int64_t, int64_t, int64_t, float) {}
 #endif
 
-// exp for x <= 0 (scores minus their max), written so the loop vectorises: Cephes expf range reduction
-// plus a degree-6 polynomial, ~1-2 ulp over the range. Inputs below -87.3 are clamped (result ~1e-38,
-// negligible next to the max term, which contributes exactly 1). n = round(x / ln 2) comes from the
-// 1.5 * 2^23 trick, not std::floor, which gcc only vectorises under -fno-trapping-math; and the clamp is
-// a ternary, not std::max, which (taking references) kept gcc 12 from vectorising the loop.
-inline float exp_nonpos(float x) {
-  x = x > -87.3f ? x : -87.3f;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds |v| < 2^22 to an integer
-  const float n = (x * 1.44269504088896341f + kRound) - kRound;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-}
+// exp_nonpos(x) for x <= 0: exp_nonpos.h (scores minus their max here)
 
 // in place: s[i] = exp(s[i] - m); returns the sum (two loops: the exp loop has no reduction to privatise)
 NOINLINE float exp_sum(float* __restrict s, int64_t n, float m) {
