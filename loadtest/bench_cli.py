@@ -196,7 +196,9 @@ def make_load(args, workload):
     if num_prompts is None and args.duration is None:
         num_prompts = default_num_prompts(args, workload)
     load = LoadSpec(
-        request_rate=math.inf if rates is not None else _rate(args.request_rate),
+        # a listed sweep starts at its first rate (each point sets its own; inf here would make a
+        # duration-limited sweep fail validation); 'auto' measures saturation at an infinite rate
+        request_rate=(rates[0] if rates else math.inf) if rates is not None else _rate(args.request_rate),
         burstiness=args.burstiness,
         max_concurrency=_concurrency(args.max_concurrency) if concurrencies is None else concurrencies[0],
         num_prompts=num_prompts, duration=args.duration, warmup=args.warmup, warmup_seconds=args.warmup_seconds,

@@ -147,6 +147,9 @@ def test_arguments_build_the_run():
     load, variable, values = make_load(parse("random", "--max-concurrency", "1,2,4", "--duration", "5"), workload)
     assert (variable, values, load.max_concurrency, load.duration, load.num_prompts) == ("max_concurrency", [1, 2, 4], 1, 5, None)
     assert make_load(parse("multi-turn"), workload)[0].num_prompts == 16
+    # a rate sweep limited by duration (each point runs 20 s) is valid: it starts at its first rate
+    load, variable, values = make_load(parse("random", "--request-rate", "1,2,4", "--duration", "20"), workload)
+    assert (variable, values, load.request_rate, load.duration) == ("request_rate", [1.0, 2.0, 4.0], 1.0, 20)
 
 
 @pytest.mark.parametrize("argv, message", [
