@@ -200,30 +200,30 @@ class WorkerPool:
             if self.workers.get(key) is not handle:
                 return
             if not serving:
-                await self._remove(key)
-                if self._on_change is not None:
-                    self._on_change(self)
+                await self._remove_and_report(key)
                 return
             log.warning("%s %s lost its etcd key but still serves (an etcd outage?); keeping it %.0fs for it to register again",
                         handle.role, handle.worker_id, RESYNC_GRACE_S)
             handle.unlisted_since = time.monotonic()
-            await asyncio.sleep(RESYNC_GRACE_S)
-            if self.workers.get(key) is handle and handle.unlisted_since is not None:
-                log.warning("%s %s did not register again; dropping it", handle.role, handle.worker_id)
-                await self._remove(key)
-                if self._on_change is not None:
-                    self._on_change(self)
+            await self._drop_if_still_unlisted(key, handle)
         finally:
             self._grace_tasks.discard(asyncio.current_task())
 
     async def _drop_if_still_unlisted(self, key: str, handle: WorkerHandle) -> None:
+        """After RESYNC_GRACE_S, drop a worker that etcd still does not list (it did not register again)."""
         try:
             await asyncio.sleep(RESYNC_GRACE_S)
             if self.workers.get(key) is handle and handle.unlisted_since is not None:
                 log.warning("%s %s did not register again after etcd came back; dropping it", handle.role, handle.worker_id)
-                await self._remove(key)
+                await self._remove_and_report(key)
         finally:
             self._grace_tasks.discard(asyncio.current_task())
+
+    async def _remove_and_report(self, key: str) -> None:
+        """_remove from a background task: the watch event that called _on_change has passed."""
+        await self._remove(key)
+        if self._on_change is not None:
+            self._on_change(self)
 
     async def _put(self, key: str, reg: common_pb2.WorkerRegistration) -> None:
         old = self.workers.get(key)
