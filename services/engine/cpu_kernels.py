@@ -185,14 +185,13 @@ def _self_check_linear(fn: Callable) -> None:
 def load_small_batch_linear_module():
     """The compiled small-M linear module (`small_batch_linear`, and `has_bf16_dot`: whether bf16 runs on
     the AVX512-BF16 dot-product path), or None (logged once)."""
-    module = _load(
+    return _load(
         "tandem_small_batch_linear",
         "small_batch_linear.cpp",
         None,
         lambda m: _self_check_linear(m.small_batch_linear),
         "the torch fallback for small-batch matmuls",
     )
-    return module
 
 
 def load_small_batch_linear() -> Callable | None:

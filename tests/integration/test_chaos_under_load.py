@@ -57,26 +57,20 @@ def kill_under_load(c, tmp_path, name: str, role: str, min_in_flight: int) -> tu
     return result, recovery
 
 
-def test_sigkill_of_a_decode_worker_under_load_fails_no_request(chaos_cluster, tmp_path):
+@pytest.mark.parametrize(
+    ("name", "role", "min_in_flight", "serving_again"),
+    [("decode-1", "decode", 2, "the restarted decode-1 to serve requests"),
+     ("prefill-0", "prefill", 1, "the restarted prefill-0 to prefill again")],  # prefill: under disaggregated load
+    ids=["decode-worker", "prefill-worker"],
+)  # fmt: skip
+def test_sigkill_of_a_worker_under_load_fails_no_request(chaos_cluster, tmp_path, name, role, min_in_flight, serving_again):
     c = chaos_cluster
-    result, recovery = kill_under_load(c, tmp_path, "decode-1", "decode", min_in_flight=2)
-    assert c.restarts("decode-1") == 1
+    result, recovery = kill_under_load(c, tmp_path, name, role, min_in_flight=min_in_flight)
+    assert c.restarts(name) == 1
     assert result["completed"] > 20 and result["failed"] == 0, failures(result)
-    assert recovery <= RECOVERY_S, f"decode-1 back in routing {recovery:.1f}s after its death"
+    assert recovery <= RECOVERY_S, f"{name} back in routing {recovery:.1f}s after its death"
     # and it serves again: its KV events (of requests it computed) reach the gateway's index
     with BenchLoad(c.gateway_address, tmp_path / "after", duration=4, rate=4, input_len=40, output_len=8, vocab_size=TINY_VOCAB) as load:
         after = load.result()
     assert after["failed"] == 0, failures(after)
-    wait_for(lambda: routed_workers(c.gateway_address)["decode-1"].num_indexed_blocks > 0, "the restarted decode-1 to serve requests", timeout=10)
-
-
-def test_sigkill_of_the_prefill_worker_under_disaggregated_load_fails_no_request(chaos_cluster, tmp_path):
-    c = chaos_cluster
-    result, recovery = kill_under_load(c, tmp_path, "prefill-0", "prefill", min_in_flight=1)
-    assert c.restarts("prefill-0") == 1
-    assert result["completed"] > 20 and result["failed"] == 0, failures(result)
-    assert recovery <= RECOVERY_S, f"prefill-0 back in routing {recovery:.1f}s after its death"
-    with BenchLoad(c.gateway_address, tmp_path / "after", duration=4, rate=4, input_len=40, output_len=8, vocab_size=TINY_VOCAB) as load:
-        after = load.result()
-    assert after["failed"] == 0, failures(after)
-    wait_for(lambda: routed_workers(c.gateway_address, "prefill")["prefill-0"].num_indexed_blocks > 0, "the restarted prefill-0 to prefill again", timeout=10)
+    wait_for(lambda: routed_workers(c.gateway_address, role)[name].num_indexed_blocks > 0, serving_again, timeout=10)
