@@ -1,4 +1,4 @@
-"""Fit the simulated workers' TimingModel (loadtest/sim_timing.py) to the real engine on this machine.
+"""Fit the simulated workers' TimingModel (loadtest/sim/timing.py) to the real engine on this machine.
 
     .venv/bin/python -m benchmarks.calibrate_sim_timing --out results/sim_timing.json
 
@@ -13,7 +13,7 @@ and the five TimingModel coefficients are a least-squares fit of the step times,
 (relative error: steps range from ~20 ms to seconds), with coefficients that come out negative
 dropped to 0 and the rest refitted. It prints the fit, each step's measured and predicted time,
 and writes the TimingModel (under "timing") with the observations to --out, which
-`TimingModel.load` and `python -m loadtest.sim_fleet --timing FILE` read. About two minutes.
+`TimingModel.load` and `python -m loadtest.sim.fleet --timing FILE` read. About two minutes.
 Imports torch and the engine (the simulated workers themselves never do).
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from loadtest.run_info import cpu_model
-from loadtest.sim_timing import TimingModel
+from loadtest.sim.timing import TimingModel
 
 COLUMNS = ("step_base_s", "prefill_s_per_token", "prefill_s_per_token_context", "decode_s_per_seq", "decode_s_per_seq_context")
 

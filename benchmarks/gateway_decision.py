@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from gateway.pd_decider import decide
 from gateway.prefix_index import PrefixIndex
 from gateway.scheduling.base import RequestContext
-from gateway.scheduling.policies import Router
+from gateway.scheduling.router import Router
 from gateway.scheduling.scheduling_config import SchedulingConfig
 from kvtransfer.block_hash import hash_blocks
 from protos.tandem.v1 import gateway_pb2, worker_pb2

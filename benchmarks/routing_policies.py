@@ -9,7 +9,7 @@
         --num-groups 4 --system-prompt-len 512 --question-len 64 --output-len 16
 
 Everything runs as separate processes on free loopback ports: etcd, the gateway (`tandem serve
-gateway`), the workers (`python -m loadtest.sim_fleet`, or `tandem up`'s launcher for real ones)
+gateway`), the workers (`python -m loadtest.sim.fleet`, or `tandem up`'s launcher for real ones)
 and the load generator (`tandem bench shared-prefix`). For each policy the workers start afresh
 (empty caches: simulated fleets restart; real workers get a fresh cache salt per run, which makes
 every earlier block useless to the new run), the policy is set live through the etcd key
@@ -31,12 +31,11 @@ import time
 from pathlib import Path
 
 from gateway.scheduling.live_config import put_scheduling_document
+from gateway.scheduling.registry import POLICIES
 from tandem.etcd_process import EtcdProcess
 from tandem.launcher import free_ports
 
 from .sim_stack import SimStack, wait_for_workers
-
-POLICIES = ("prefix-aware", "round-robin", "random", "least-loaded")
 
 
 class RealWorkers:

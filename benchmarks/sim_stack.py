@@ -55,7 +55,7 @@ class SimStack:
         self.gateway = f"127.0.0.1:{gateway_port}"
         self._gateway_cmd = [sys.executable, "-m", "tandem", "serve", "gateway", "--etcd", self.etcd.endpoint, "--cluster", cluster,
                              "--port", str(gateway_port), "--metrics-port", "0", "--http-port", "0", "--lease-ttl", "3", "--log-level", "warning", *gateway_args]  # fmt: skip
-        self._fleet_cmd = [sys.executable, "-m", "loadtest.sim_fleet", "--etcd", self.etcd.endpoint, "--cluster", cluster, "--decode", str(num_decode),
+        self._fleet_cmd = [sys.executable, "-m", "loadtest.sim.fleet", "--etcd", self.etcd.endpoint, "--cluster", cluster, "--decode", str(num_decode),
                            "--prefill", str(num_prefill), "--lease-ttl", "3", *fleet_args]  # fmt: skip
         self.gateway_proc: subprocess.Popen | None = None
         self.fleet_proc: subprocess.Popen | None = None

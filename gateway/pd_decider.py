@@ -26,7 +26,7 @@ from services.common.errors import unavailable
 
 from .prefix_index import PrefixIndex
 from .scheduling.base import RequestContext
-from .scheduling.policies import Router
+from .scheduling.router import Router
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from .bench_cli import default_label, make_load, make_target, make_workload, metric_options, parse_metadata
+from .bench_setup import default_label, make_load, make_target, make_workload, metric_options, parse_metadata
 
 
 def cache_salt(setting: str) -> str:
@@ -54,7 +54,7 @@ class Bench:
         """One run; returns (result, outcome). Raises ValueError when nothing was measured."""
         import uuid
 
-        from .client import LoadRunner
+        from .load_runner import LoadRunner
         from .progress import progress_bar
         from .result import run_result
 

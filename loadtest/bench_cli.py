@@ -7,9 +7,9 @@
     tandem bench compare r1/result.json r2/result.json --out cmp/
 
 Every workload takes the same target, load, sampling, metric and output options (see --help of
-each). docs/benchmarking.md has the standard scenarios. This module parses the command line and
-builds the run's parts from it; bench.py runs them, client.py is the load runner, metrics.py the
-arithmetic, result.py the files, plots.py the pictures.
+each). docs/benchmarking.md has the standard scenarios. This module parses the command line;
+bench_setup.py builds the run's parts from it, bench.py runs them, load_runner.py is the load
+runner, metrics.py the arithmetic, result.py the files, plots.py the pictures.
 It imports nothing heavy until a command runs, because `tandem`'s parser is built for every
 subcommand.
 """
@@ -17,7 +17,6 @@ subcommand.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -45,6 +44,9 @@ def _common_options() -> argparse.ArgumentParser:
     t.add_argument("--model", default=None, help="--backend openai: the model to ask for (default: the first the server lists)")
     t.add_argument("--api-key", default=None,
                    help="sent as `authorization: Bearer KEY` (default: $TANDEM_API_KEY for the gateway's gRPC API, $OPENAI_API_KEY with --backend openai)")
+    t.add_argument("--tls-ca", default=os.environ.get("TANDEM_TLS_CA"),
+                   help="a CA file: connect with TLS to a front door whose certificate it signed, e.g. `tandem up --tls`'s "
+                        "WORKDIR/certs/ca.pem (gRPC gateway, or an https --base-url; env TANDEM_TLS_CA)")
     t.add_argument("--no-return-token-ids", dest="return_token_ids", action="store_false",
                    help="--backend openai: do not ask for token ids (vLLM's return_token_ids) from a server that rejects unknown fields; "
                         "each streamed event then counts as one token")
@@ -139,131 +141,6 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--labels", default=None, help="comma-separated names, one per file (default: each result's label)")
     c.add_argument("--out", type=Path, default=None, help="directory for the comparison plot")
     c.add_argument("--no-plots", dest="plots", action="store_false")
-
-
-# ---- building the run from the arguments ------------------------------------------------------
-
-
-def make_workload(args, seed: int):
-    from .distributions import Distribution, with_range_ratio
-    from .workloads import FileWorkload, MultiTurnWorkload, RandomWorkload, SharedPrefixWorkload
-
-    d = Distribution.parse
-    if args.bench_command == "random":
-        return RandomWorkload(with_range_ratio(d(args.input_len), args.random_range_ratio), with_range_ratio(d(args.output_len), args.random_range_ratio),
-                              args.vocab_size, args.prompt_format, seed)  # fmt: skip
-    if args.bench_command == "shared-prefix":
-        return SharedPrefixWorkload(args.num_groups, args.prompts_per_group, args.system_prompt_len, d(args.question_len), d(args.output_len), args.vocab_size, seed)
-    if args.bench_command == "multi-turn":
-        return MultiTurnWorkload(d(args.num_turns), d(args.question_len), d(args.output_len), args.system_prompt_len, args.shared_system_prompt,
-                                 d(args.turn_delay), args.vocab_size, args.prompt_format, seed)  # fmt: skip
-    return FileWorkload(args.path, d(args.output_len), args.vocab_size, args.shuffle, seed)
-
-
-def default_num_prompts(args, workload) -> int:
-    if args.bench_command == "shared-prefix":
-        return args.num_groups * args.prompts_per_group
-    if args.bench_command == "file":
-        return len(workload.entries)
-    return 16 if args.bench_command == "multi-turn" else 100
-
-
-def _rate(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"--request-rate {text!r}: a number of requests per second, inf, a list (1,2,4) or auto") from None
-
-
-def _concurrency(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"--max-concurrency {text!r}: a whole number, or a list (1,2,4) to sweep") from None
-
-
-def make_load(args, workload):
-    from .client import LoadSpec
-    from .sweep import parse_values
-
-    rates = parse_values(args.request_rate, integer=False)
-    concurrencies = parse_values(args.max_concurrency, integer=True) if args.max_concurrency is not None else None
-    if rates is not None and concurrencies is not None:
-        raise ValueError("sweep one of --request-rate and --max-concurrency, not both")
-    num_prompts = args.num_prompts
-    if num_prompts is None and args.duration is None:
-        num_prompts = default_num_prompts(args, workload)
-    load = LoadSpec(
-        # a listed sweep starts at its first rate (each point sets its own; inf here would make a
-        # duration-limited sweep fail validation); 'auto' measures saturation at an infinite rate
-        request_rate=(rates[0] if rates else math.inf) if rates is not None else _rate(args.request_rate),
-        burstiness=args.burstiness,
-        max_concurrency=_concurrency(args.max_concurrency) if concurrencies is None else concurrencies[0],
-        num_prompts=num_prompts, duration=args.duration, warmup=args.warmup, warmup_seconds=args.warmup_seconds,
-        request_timeout=args.request_timeout, drain_timeout=args.drain_timeout, seed=args.seed,
-    )  # fmt: skip
-    if rates is not None:
-        return load, "request_rate", rates
-    if concurrencies is not None:
-        return load, "max_concurrency", concurrencies
-    return load, None, None
-
-
-def make_target(args):
-    from .targets import GatewayTarget, SamplingOptions, WorkerTarget
-
-    sampling = SamplingOptions(args.temperature, args.top_p, args.top_k, args.ignore_eos, args.sampling_seed)
-    if args.backend == "openai":
-        from .openai_target import OpenAITarget
-
-        if args.worker or args.serving_mode != "auto":
-            raise ValueError("--worker and --serving-mode are for the gRPC backend; --backend openai sends what any OpenAI-compatible server takes")
-        return OpenAITarget(args.base_url, sampling, args.model, args.api_key or os.environ.get("OPENAI_API_KEY"), args.return_token_ids)
-    if args.worker:
-        if getattr(args, "prompt_format", "tokens") == "text":
-            raise ValueError("--worker takes token ids only: drop --prompt-format text, or benchmark the gateway")
-        if args.serving_mode != "auto":
-            raise ValueError("--serving-mode is the gateway's decision; a worker always serves aggregated")
-        return WorkerTarget(args.worker, sampling)
-    return GatewayTarget(args.gateway, sampling, args.serving_mode, api_key=args.api_key or os.environ.get("TANDEM_API_KEY"))
-
-
-def metric_options(args):
-    from .metrics import LATENCY_METRICS, SLO
-    from .result import MetricOptions
-
-    metrics = [m.strip() for m in args.percentile_metrics.split(",") if m.strip()]
-    for m in metrics:
-        if m not in LATENCY_METRICS:
-            raise ValueError(f"--percentile-metrics: unknown {m!r}; choose from {', '.join(LATENCY_METRICS)}")
-    try:
-        percentiles = [float(p) for p in args.metric_percentiles.split(",") if p.strip()]
-    except ValueError:
-        raise ValueError(f"--metric-percentiles {args.metric_percentiles!r}: comma-separated numbers in (0, 100]") from None
-    if any(not 0 < p <= 100 for p in percentiles):
-        raise ValueError("--metric-percentiles must each be in (0, 100]")
-    slo = SLO.parse(args.slo) if args.slo else None
-    return MetricOptions(percentiles, metrics, slo, args.details)
-
-
-def parse_metadata(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--metadata {item!r}: write KEY=VALUE")
-        out[key] = value
-    return out
-
-
-def default_label(args, load, variable) -> str:
-    if variable:
-        return f"{args.bench_command}-sweep-{variable.replace('_', '-')}"
-    if math.isfinite(load.request_rate):
-        return f"{args.bench_command}-{load.request_rate:g}rps" + (f"-c{load.max_concurrency}" if load.max_concurrency else "")
-    return f"{args.bench_command}-c{load.max_concurrency}" if load.max_concurrency else f"{args.bench_command}-all-at-once"
 
 
 def run(args, argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import contextlib
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .client import LoadRunner
+from .load_runner import LoadRunner
 
 _POLL_S = 0.25
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .client import RunOutcome
+from .load_runner import RunOutcome
 from .metrics import DEFAULT_METRICS, DEFAULT_PERCENTILES, SLO, compute_metrics, per_request_arrays
 from .timeline import RequestRecord
 

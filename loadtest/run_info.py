@@ -1,7 +1,7 @@
 """What a result records about where and how it was made: the command, the machine, the code.
 
 Numbers on a shared or small machine move with whatever else runs there, so a result carries the
-client's own CPU time (see client.py) and enough about the host to tell two results apart.
+client's own CPU time (see load_runner.py) and enough about the host to tell two results apart.
 """
 
 from __future__ import annotations

@@ -70,6 +70,14 @@ class Profile:
     scorers: list[tuple[Scorer, float]]
     picker: Picker
 
+    @property
+    def needs_block_hashes(self) -> bool:
+        """Whether a plugin reads the prompt's block hashes (a plugin says so with a true
+        `needs_block_hashes` attribute), so the gateway must hash the prompt before deciding.
+        A listed scorer counts even at weight 0, so whether a policy hashes does not hang on its weights."""
+        plugins = [*self.filters, *(scorer for scorer, _ in self.scorers), self.picker]
+        return any(getattr(p, "needs_block_hashes", False) for p in plugins)
+
     def schedule(self, ctx: RequestContext, candidates: Sequence, rng: random.Random, observe=None):
         """The chosen candidate, or None. `observe(plugin name, seconds)` gets each plugin's time.
         Mutates only the scorers that remember decisions (session affinity), through on_picked."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..least_loaded import worker_load
+from .worker_load import worker_load
 from .base import RequestContext
 
 

@@ -37,6 +37,7 @@ def pending_prefill_tokens(handle) -> int:
 
 class PrefillWorkScorer:
     name = "prefill-work"
+    needs_block_hashes = True  # the request context must carry the prompt's block hashes
 
     def __init__(self, index: PrefixIndex, max_pending_tokens: int | None = None, min_scale: int = 2048):
         """`max_pending_tokens`: the fixed scale (a prefill worker's queue limit); None: relative

@@ -15,6 +15,7 @@ from .base import RequestContext
 
 class PrefixAffinityScorer:
     name = "prefix-affinity"
+    needs_block_hashes = True  # the request context must carry the prompt's block hashes
 
     def __init__(self, index: PrefixIndex):
         self.index = index

@@ -8,8 +8,8 @@ Where it comes from, later wins:
 
 The file and the key hold the same document, every field optional:
 
-    policy = "prefix-aware"            # prefix-aware | least-loaded | random | round-robin
-    picker = "max-score"               # max-score | weighted-random
+    policy = "prefix-aware"            # prefix-aware | least-loaded | random | round-robin (registry.py)
+    picker = "max-score"               # max-score | weighted-random (prefix-aware's picker)
     session_header = "x-session-id"    # request metadata key that pins a session to a worker
 
     [weights]                          # prefix-aware scorers; 0 turns one off
@@ -37,8 +37,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 
-POLICIES = ("prefix-aware", "least-loaded", "random", "round-robin")
-PICKERS = ("max-score", "weighted-random")
+from .registry import PICKERS, POLICIES, unknown_choice
 
 
 @dataclass(frozen=True)
@@ -149,9 +148,9 @@ def load_file(path: str, base: SchedulingConfig) -> SchedulingConfig:
         raise ValueError(f"{path}: {e}") from None
 
 
-def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+def _check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:  # (a list from TOML is unhashable)
+        raise ValueError(unknown_choice(name, value, choices))
 
 
 def _check_number(name: str, value, low=None, high=None, integer: bool = False) -> None:

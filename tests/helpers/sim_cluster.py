@@ -10,8 +10,8 @@ from collections.abc import Callable
 import grpc
 
 from gateway.service import GatewayService
-from loadtest.sim_fleet import SimFleet
-from loadtest.sim_timing import TimingModel
+from loadtest.sim.fleet import SimFleet
+from loadtest.sim.timing import TimingModel
 from protos.tandem.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.config import ServiceConfig
 from services.common.registry import decode_registration, make_client, workers_prefix

@@ -1,5 +1,5 @@
 """`tandem bench` end to end against simulated workers: a real gateway process and a simulated
-fleet process (python -m loadtest.sim_fleet) over a real etcd. The shared-prefix workload must
+fleet process (python -m loadtest.sim.fleet) over a real etcd. The shared-prefix workload must
 report the cached tokens the simulated workers' prefix caches really served, and compare must lay
 two policies' results side by side (the policy switched live through the etcd key)."""
 

@@ -13,8 +13,8 @@ import uuid
 import pytest
 
 from gateway.scheduling.live_config import delete_scheduling_document, put_scheduling_document
-from loadtest.sim_fleet import SimFleet
-from loadtest.sim_timing import TimingModel
+from loadtest.sim.fleet import SimFleet
+from loadtest.sim.timing import TimingModel
 from protos.tandem.v1 import gateway_pb2
 from services.common.registry import make_client
 from tests.helpers.sim_cluster import BS, FAST, InProcessGateway, check_all, until

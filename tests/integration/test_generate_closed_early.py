@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from gateway.openai_api.choices import HttpCallContext
-from loadtest.sim_fleet import SimFleet
-from loadtest.sim_timing import TimingModel
+from loadtest.sim.fleet import SimFleet
+from loadtest.sim.timing import TimingModel
 from protos.tandem.v1 import common_pb2, gateway_pb2, worker_pb2, worker_pb2_grpc
 from tests.helpers.sim_cluster import InProcessGateway, check_all, until
 

@@ -9,8 +9,9 @@ import math
 import pytest
 from rich.console import Console
 
-from loadtest.bench_cli import build_parser, main, make_load, make_target, make_workload
-from loadtest.client import RunOutcome
+from loadtest.bench_cli import build_parser, main
+from loadtest.bench_setup import make_load, make_target, make_workload
+from loadtest.load_runner import RunOutcome
 from loadtest.compare import compare, labelled, runs_of
 from loadtest.metrics import SLO
 from loadtest.plots import latency_samples, plot_latency_cdfs, plot_sweep
@@ -179,7 +180,7 @@ def test_the_harness_stays_light():
     import subprocess
     import sys
 
-    modules = "loadtest.bench_cli, loadtest.bench, loadtest.client, loadtest.targets, loadtest.metrics, loadtest.result, loadtest.report, loadtest.plots, loadtest.compare, loadtest.progress, loadtest.workloads"
+    modules = "loadtest.bench_cli, loadtest.bench, loadtest.bench_setup, loadtest.load_runner, loadtest.targets, loadtest.metrics, loadtest.result, loadtest.report, loadtest.plots, loadtest.compare, loadtest.progress, loadtest.workloads"
     code = (f"import sys, tandem.cli, {modules}; import loadtest.plots as p; p._pyplot(); "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('services.engine', 'gateway'))]; print(bad); sys.exit(3 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from loadtest.client import LoadRunner, LoadSpec
+from loadtest.load_runner import LoadRunner, LoadSpec
 from loadtest.distributions import Distribution
 from loadtest.metrics import compute_metrics
 from loadtest.targets import GatewayTarget, SamplingOptions, WorkerTarget

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from gateway.least_loaded import pick_least_loaded, worker_load
+from gateway.scheduling.least_loaded_picker import pick_least_loaded
+from gateway.scheduling.worker_load import worker_load
 from protos.tandem.v1 import worker_pb2
 
 

@@ -10,7 +10,7 @@ import pytest
 from gateway.pd_decider import decide, uncached_tokens
 from gateway.prefix_index import PrefixIndex
 from gateway.scheduling.base import RequestContext
-from gateway.scheduling.policies import Router
+from gateway.scheduling.router import Router
 from gateway.scheduling.scheduling_config import SchedulingConfig
 from protos.tandem.v1 import gateway_pb2, worker_pb2
 from services.common.errors import RequestError

@@ -19,7 +19,7 @@ from gateway.scheduling.session_affinity import SessionAffinityScorer
 from gateway.scheduling.weighted_random_picker import WeightedRandomPicker
 from gateway.scheduling.kv_usage import KVUsageScorer
 from gateway.scheduling.max_score_picker import MaxScorePicker
-from gateway.scheduling.policies import Router
+from gateway.scheduling.router import Router
 from gateway.scheduling.prefix_affinity import PrefixAffinityScorer
 from gateway.scheduling.queue_depth import QueueDepthScorer
 from gateway.scheduling.scheduling_config import SchedulingConfig

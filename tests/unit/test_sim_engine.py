@@ -15,11 +15,11 @@ import pytest
 
 from gateway.prefix_index import PrefixIndex
 from kvtransfer.block_hash import hash_blocks
-from loadtest.sim_engine import SimEngine, SimImport
-from loadtest.sim_host import SimHost
-from loadtest.sim_kv_cache import SimKVCache
-from loadtest.sim_leases import SimLeases
-from loadtest.sim_timing import TimingModel
+from loadtest.sim.engine import SimEngine, SimImport
+from loadtest.sim.host import SimHost
+from loadtest.sim.kv_cache import SimKVCache
+from loadtest.sim.leases import SimLeases
+from loadtest.sim.timing import TimingModel
 
 BS = 16
 MODEL = "sim-test"
@@ -76,7 +76,7 @@ def test_timing_model_loads_json_toml_and_rejects_unknown_keys(tmp_path):
 
 
 def test_loadtest_imports_neither_torch_nor_the_engine():
-    code = "import sys, loadtest.sim_fleet; sys.exit(3 if 'torch' in sys.modules or any(m.startswith('services.engine') for m in sys.modules) else 0)"
+    code = "import sys, loadtest.sim.fleet; sys.exit(3 if 'torch' in sys.modules or any(m.startswith('services.engine') for m in sys.modules) else 0)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, "loadtest imports torch or services.engine" if result.returncode == 3 else result.stderr
 

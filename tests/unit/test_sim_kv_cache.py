@@ -10,7 +10,7 @@ import pytest
 
 from gateway.prefix_index import PrefixIndex
 from kvtransfer.block_hash import hash_blocks, root_hash
-from loadtest.sim_kv_cache import SimKVCache
+from loadtest.sim.kv_cache import SimKVCache
 from services.common.kv_event_log import KVEventLog
 
 BS = 4
