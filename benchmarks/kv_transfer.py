@@ -104,7 +104,7 @@ async def serve(conn, tcp_port: int, grpc_port: int) -> None:
     while True:
         msg = await loop.run_in_executor(None, conn.recv)
         if msg[0] == "expose":
-            ucx.expose(msg[1], msg[2], time.time() + 60)
+            ucx.expose(msg[1], msg[2], time.time() + 60, peer_address=msg[3])
             conn.send("ok")
         elif msg[0] == "shm":  # the blocks, gathered into a shared-memory file the client maps
             path, ids = msg[1], msg[2]
@@ -171,7 +171,7 @@ async def bench_paths(args, conn, address: bytes, tcp_port: int, grpc_port: int)
         for rep in range(args.reps + 1):
             token_no += 1
             token = token_no.to_bytes(16, "little")
-            await loop.run_in_executor(None, lambda: (conn.send(("expose", token, src)), conn.recv()))
+            await loop.run_in_executor(None, lambda: (conn.send(("expose", token, src, client.address)), conn.recv()))
             t = time.perf_counter()
             await client.pull(address, token, src, dst, timeout=60)
             times["ucx"].append(time.perf_counter() - t)

@@ -32,6 +32,7 @@ from services.common.errors import RequestError, invalid, unavailable
 from services.common.metrics import GatewayMetrics
 from services.common.registry import workers_prefix
 from services.common.telemetry import tracer
+from services.common.keepalive import Keepalive
 from services.common.tls import TlsFiles
 
 from kvtransfer.block_hash import hash_blocks
@@ -42,7 +43,7 @@ from .outlier_detection import OutlierDetectionConfig, OutlierDetector
 from .pd_decider import PDDecision, decide, uncached_tokens
 from .scheduling.base import RequestContext
 from .scheduling.live_config import LiveSchedulingConfig
-from .scheduling.policies import Router
+from .scheduling.router import Router
 from .scheduling.scheduling_config import DisaggregationConfig, SchedulingConfig, load_file
 from .request_validation import RequestLimits, check_prompt_length, validate_request
 from .worker_pool import WorkerPool
@@ -62,7 +63,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                                    config.outlier_max_ejection_seconds, config.outlier_max_ejection_percent),
             on_eject=lambda handle, seconds: self.metrics.worker_ejections.labels(handle.worker_id, handle.role).inc(),
         )  # fmt: skip
-        self.pool = WorkerPool(config.etcd, config.cluster, on_change=self._count_workers, outliers=outliers, tls=TlsFiles.from_config(config))
+        self.pool = WorkerPool(config.etcd, config.cluster, on_change=self._count_workers, outliers=outliers, tls=TlsFiles.from_config(config),
+                               keepalive=Keepalive.from_config(config))  # fmt: skip
         self._rng = random.Random()
         base = SchedulingConfig(policy=config.routing_policy, disaggregation=DisaggregationConfig(min_uncached_tokens=config.disagg_min_uncached_tokens))
         if config.scheduling_config:
@@ -250,6 +252,14 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         A prefill worker that fails (unreachable, or a worker error another worker would not
         repeat: RETRYABLE_CODES) makes an AUTO request fall back to aggregated serving (the client
         has seen nothing yet); a forced one fails with that status."""
+        if not decode.registration.kv_client_address:  # a decode worker from before token binding: it cannot be handed KV
+            if forced:
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"decode worker {decode.worker_id} does not advertise kv_client_address "
+                                   "(a version without KV token binding), so it cannot take a prefill worker's KV; upgrade it or use mode AUTO")  # fmt: skip
+            async with contextlib.aclosing(self._decode(worker_request, context, route, decode)) as stream:
+                async for chunk in stream:
+                    yield chunk
+            return
         handle = decision.prefill
         self.metrics.decisions.labels(handle.worker_id, "prefill").inc()
         num_prefill_tokens = uncached_tokens(route, self.pool.index, handle)
@@ -258,6 +268,10 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             prompt_token_ids=worker_request.prompt_token_ids,
             sampling=worker_request.sampling,
             cache_salt=worker_request.cache_salt,
+            # the transfer token is bound to the decode worker chosen above: only it can pull the KV
+            # (if the decode leg moves the request, the new worker recomputes the prompt)
+            decode_worker_id=decode.worker_id,
+            decode_kv_address=decode.registration.kv_client_address,
         )
         handle.acquire(num_prefill_tokens)
         try:

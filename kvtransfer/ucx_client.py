@@ -39,6 +39,14 @@ class KVTransportClient:
     async def start(self) -> None:
         self._rt = await asyncio.to_thread(UcxRuntime.get)
 
+    @property
+    def address(self) -> bytes:
+        """This client's identity on the data plane: the UCX worker address its pulls name
+        (PullRequest.client_address), to which a server binds the tokens it issues for us."""
+        if self._rt is None:
+            raise RuntimeError("KVTransportClient.start() has not been awaited")
+        return self._rt.address()
+
     async def pull(self, server_address: bytes, transfer_token: bytes, src_block_ids: list[int], dst_block_ids: list[int], timeout: float) -> None:
         """Copy the server's blocks src_block_ids into this cache's dst_block_ids; KVTransferError on failure.
 

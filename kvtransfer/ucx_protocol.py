@@ -31,6 +31,7 @@ MAGIC = b"TKV1"
 REQUEST_TAG_BASE = 0x5444_4B56_0000_0000  # "TDKV" in the high half
 MAX_REQUEST_BYTES = 1 << 20  # the server's receive buffer for one request
 MAX_RESPONSE_BYTES = 4096
+MAX_ADDRESS_BYTES = 0xFFFF  # a client address travels with a u16 length
 CHUNK_INDEX_BITS = 20  # response = index 0, chunk k = index k + 1, ABORT_INDEX = the server gave up
 ABORT_INDEX = (1 << CHUNK_INDEX_BITS) - 1
 MAX_CHUNKS = ABORT_INDEX - 1
@@ -50,6 +51,7 @@ class Status(enum.IntEnum):
     BAD_REQUEST = 6
     SERVER_CLOSED = 7
     ABORTED = 8  # sent on ABORT_INDEX: revoked during the pull, server closing, server timeout
+    WRONG_PEER = 9  # never sent: a token presented by a client it was not bound to is dropped unanswered
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,19 @@
 """KVTransportServer: the prefill side of the UCX KV transport (see ucx_transport.py).
 
 Serves pulls of exposed blocks: one worker-level receive per server waits for requests (tag =
-this server's id), each request is checked (token known, unused, unexpired, blocks exposed with
-it, same layout) before anything is read, then its blocks are gathered chunk by chunk into a
-pooled staging buffer and sent over a fresh error-handling endpoint to the client's worker, the
-gather of chunk k+1 overlapping the client's read of chunk k.
+this server's id), each request is checked (token known, presented by its peer, unused, unexpired,
+blocks exposed with it, same layout) before anything is read, then its blocks are gathered chunk by
+chunk into a pooled staging buffer and sent over a fresh error-handling endpoint to the client's
+worker, the gather of chunk k+1 overlapping the client's read of chunk k.
 
-Exposure: the request names the client's address, so the server dials only for a request whose
-token it issued (used or not): a request with an unknown token is dropped without a byte sent back
-(its sender times out), and requests being handled at once are capped (MAX_PENDING_FACTOR), so a
-peer that can reach the UCX port cannot make this worker dial arbitrary addresses or pile up work.
+Exposure: each token is bound to one peer, the decode worker it was issued for (its UCX client
+address, from the PrefillRequest). The request names the client's address, so the server dials
+only for a request whose token it issued (used or not) AND whose address is the bound one, and
+so it dials only the bound address: a request with an unknown token, or a known token presented from
+any other address (a stolen token), is dropped without a byte sent back (its sender times out;
+`dropped` counts it) and burns nothing, so the real peer's pull still succeeds. Requests being
+handled at once are capped (MAX_PENDING_FACTOR), so a peer that can reach the UCX port cannot
+make this worker dial arbitrary addresses or pile up work.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .ucx_protocol import ABORT_INDEX, MAX_CHUNKS, MAX_REQUEST_BYTES, PullRequest, PullResponse, ServerAddress, Status, reply_tag, request_tag
+from .ucx_protocol import ABORT_INDEX, MAX_ADDRESS_BYTES, MAX_CHUNKS, MAX_REQUEST_BYTES, PullRequest, PullResponse, ServerAddress, Status, reply_tag, request_tag
 from .ucx_runtime import CopyTask, UcxRuntime, abort_soon, ucx_address
 from .ucx_staging import DEFAULT_CHUNK_BYTES, StagingPool, as_ucx_buffer, gather, layout_of, run_view
 
@@ -43,6 +47,7 @@ MAX_PENDING_FACTOR = 4
 class _Grant:
     block_ids: frozenset[int]
     expires_at: float
+    peer_address: bytes  # the only client address a pull with this token is served to
     used: bool = False
     revoked: bool = False  # set by revoke() while its pull runs: stop before sending another chunk
 
@@ -51,9 +56,14 @@ class _Aborted(Exception):
     """The server stops a pull itself (revoked token, closing): the client is told why."""
 
 
-def _bounded(timeout: float) -> float:
-    """The client's timeout as the server's deadline for the pull (garbage → one hour)."""
-    return timeout if 0.0 < timeout < 3600.0 else 3600.0
+def _bounded(timeout: float, grant: _Grant | None = None) -> float:
+    """The client's timeout as the server's deadline for the pull (garbage → one hour), never past
+    the grant's expiry: a request that named its peer's address without being that peer (a stolen
+    token) gets sends nobody receives, and must not hold a pull slot for longer than the lease."""
+    limit = timeout if 0.0 < timeout < 3600.0 else 3600.0
+    if grant is not None:
+        limit = min(limit, max(grant.expires_at - time.time(), 0.0) + _SHORT_SEND_TIMEOUT)
+    return limit
 
 
 class KVTransportServer:
@@ -64,13 +74,14 @@ class KVTransportServer:
     """
 
     def __init__(self, kv_storage: torch.Tensor, *, on_pull_done: Callable[[bytes, bool], None] | None = None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_concurrent_pulls: int = 8):
+                 on_drop: Callable[[], None] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_concurrent_pulls: int = 8):
         self._layout = layout_of(kv_storage)
         self._storage = kv_storage  # keeps the memory behind _runs alive
         self._runs = run_view(kv_storage)
         self._num_blocks = kv_storage.shape[3]
         self._pool = StagingPool(self._layout, chunk_bytes)
         self._on_pull_done = on_pull_done
+        self._on_drop = on_drop  # called (on the UCX loop thread) for each request dropped unanswered: a metric
         self._server_id = secrets.randbits(32)
         self._grants: dict[bytes, _Grant] = {}
         self._lock = threading.Lock()
@@ -82,7 +93,7 @@ class KVTransportServer:
         self._max_concurrent = max_concurrent_pulls
         self._slots: asyncio.Semaphore | None = None  # bounds staging memory; made on the UCX loop
         self._closed = False
-        self.dropped = 0  # requests dropped unanswered: unknown token, or too many at once
+        self.dropped = 0  # requests dropped unanswered: unknown token, token of another peer, or too many at once
 
     async def start(self) -> None:
         self._caller_loop = asyncio.get_running_loop()
@@ -96,16 +107,19 @@ class KVTransportServer:
             raise RuntimeError("KVTransportServer.start() has not been awaited")
         return self._address
 
-    def expose(self, transfer_token: bytes, block_ids: list[int], expires_at: float) -> None:
-        """Allow one pull of `block_ids` (or a subset) with this token until `expires_at` (time.time())."""
+    def expose(self, transfer_token: bytes, block_ids: list[int], expires_at: float, *, peer_address: bytes) -> None:
+        """Allow one pull of `block_ids` (or a subset) with this token until `expires_at` (time.time()),
+        by the client whose UCX worker address is `peer_address` (KVTransportClient.address) only."""
         bad = [b for b in block_ids if not 0 <= b < self._num_blocks]
         if bad:
             raise ValueError(f"block ids out of range [0, {self._num_blocks}): {bad[:8]}")
+        if not peer_address or len(peer_address) > MAX_ADDRESS_BYTES:
+            raise ValueError(f"peer_address must be the pulling client's UCX worker address (1..{MAX_ADDRESS_BYTES} bytes), got {len(peer_address)} bytes")
         now = time.time()
         with self._lock:
             for tok in [t for t, g in self._grants.items() if g.expires_at < now]:
                 del self._grants[tok]
-            self._grants[bytes(transfer_token)] = _Grant(frozenset(int(b) for b in block_ids), float(expires_at))
+            self._grants[bytes(transfer_token)] = _Grant(frozenset(int(b) for b in block_ids), float(expires_at), bytes(peer_address))
 
     def revoke(self, transfer_token: bytes) -> None:
         """Forget the token; a pull already running with it sends no further chunk and fails."""
@@ -171,13 +185,19 @@ class KVTransportServer:
 
     def _drop(self, req: PullRequest, why: str) -> None:
         self.dropped += 1
+        if self._on_drop is not None:
+            with contextlib.suppress(Exception):  # a metric must never take the accept loop down
+                self._on_drop()
         if self.dropped & (self.dropped - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood cannot flood the log
             log.warning("KV server %08x: dropped request %x unanswered (%s); %d dropped so far", self._server_id, req.request_id, why, self.dropped)
 
     def _check(self, req: PullRequest) -> tuple[Status, str, _Grant | None]:
-        with self._lock:  # the token first: nothing else is answered to a sender without one
-            if req.token not in self._grants:
+        with self._lock:  # the token and its peer first: nothing else is answered to anyone else
+            grant = self._grants.get(req.token)
+            if grant is None:
                 return Status.UNKNOWN_TOKEN, "unknown transfer token (never exposed, revoked, or expired)", None
+            if req.client_address != grant.peer_address:  # not secret (it is in etcd): no constant-time compare needed
+                return Status.WRONG_PEER, "transfer token presented by a client it was not issued to", None
         if req.layout != self._layout:
             return Status.LAYOUT_MISMATCH, f"KV layout differs: client {req.layout}, server {self._layout}", None
         if self._closed:
@@ -187,7 +207,7 @@ class KVTransportServer:
         now = time.time()
         with self._lock:
             grant = self._grants.get(req.token)
-            if grant is None:
+            if grant is None or req.client_address != grant.peer_address:  # revoked (and re-exposed) meanwhile
                 return Status.UNKNOWN_TOKEN, "unknown transfer token (never exposed, revoked, or expired)", None
             if grant.used:
                 return Status.TOKEN_USED, "transfer token already used (a token allows one pull)", None
@@ -203,12 +223,12 @@ class KVTransportServer:
 
     async def _serve(self, req: PullRequest) -> None:
         status, message, grant = self._check(req)
-        if status is Status.UNKNOWN_TOKEN:  # never dial an address for a sender without a token
+        if status in (Status.UNKNOWN_TOKEN, Status.WRONG_PEER):  # never dial an address for a sender without its own token
             return self._drop(req, message)
         if status is not Status.OK:
             return await self._transfer(req, status, message, None)
         try:
-            async with asyncio.timeout(_bounded(req.timeout)):
+            async with asyncio.timeout(_bounded(req.timeout, grant)):
                 await self._slots.acquire()
         except TimeoutError:
             self._notify(req.token, False)
@@ -229,11 +249,12 @@ class KVTransportServer:
                 n = -(-len(ids) // cb)
                 staging = self._pool.take()
                 copy.start(gather, self._runs, ids[:cb], staging.slots[0][: len(ids[:cb])])
+            # _check passed the token's peer check: req.client_address is the address the token is bound to
             ep = await self._rt.ctx.create_endpoint_from_worker_address(ucx_address(req.client_address), endpoint_error_handling=True)
             if status is not Status.OK:
                 await asyncio.wait_for(ep.send(PullResponse(status, message).pack(), tag=reply_tag(rid, 0), force_tag=True), _SHORT_SEND_TIMEOUT)
                 return
-            async with asyncio.timeout(_bounded(req.timeout) + 1.0):
+            async with asyncio.timeout(_bounded(req.timeout, grant) + 1.0):
                 await ep.send(PullResponse(Status.OK).pack(), tag=reply_tag(rid, 0), force_tag=True)
                 for k in range(n):
                     chunk_ids = ids[k * cb : (k + 1) * cb]

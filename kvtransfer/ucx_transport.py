@@ -1,9 +1,10 @@
 """KV-cache block transfer between a prefill worker (server) and a decode worker (client) over UCX.
 
+    client = KVTransportClient(kv_cache.storage); await client.start()   # decode; client.address → etcd
     server = KVTransportServer(kv_cache.storage); await server.start()
-    server.expose(token, block_ids, expires_at=time.time() + 30)   # one pull of these blocks
+    server.expose(token, block_ids, expires_at=time.time() + 30,     # one pull of these blocks,
+                  peer_address=client.address)                       # by that client only
     handle = (server.address, token, block_ids)                      # → decode, via the gateway
-    client = KVTransportClient(kv_cache.storage); await client.start()
     await client.pull(server.address, token, src_ids, dst_ids, timeout=10)
 
 Data path (ucx_protocol.py has the message flow): the server checks the token, gathers the blocks
@@ -21,7 +22,8 @@ the worker keeps going.
     ucx_runtime.py   the UCX context on its own loop thread; the UCX settings and why
 
 Guarantees: no byte of the requested blocks is read before the server accepted the token; a
-token allows one pull; a failed pull raises KVTransferError only after no copy into the client's
+token allows one pull, by the client it was exposed for (another client's request is dropped
+unanswered: the server never dials an address that did not earn it); a failed pull raises KVTransferError only after no copy into the client's
 cache is still running, so the caller may free the destination blocks at once.
 """
 

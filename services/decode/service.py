@@ -4,8 +4,12 @@ Aggregated: the worker prefills the prompt itself (reusing its prefix cache), th
 Disaggregated (the request carries a prefill worker's KV handle and first token): the worker
 checks the layout fingerprint before any byte moves, allocates the prompt's blocks after its own
 cached prefix, pulls only the missing blocks over UCX with the handle's one-time token, and then
-decodes from the first token on. A failed or timed-out pull recomputes the prompt here (policy
-`recompute`) or fails the request with UNAVAILABLE (policy `fail`); either way nothing is held.
+decodes from the first token on. The token is bound to the decode worker the gateway chose (this
+worker's kv_client_address, from its etcd registration): a handle bound to another worker (the
+gateway moved the request after prefill) is not pulled at all — the prefill worker would drop the
+pull unanswered — and counts as a failed pull at once. A failed or timed-out pull recomputes the
+prompt here (policy `recompute`) or fails the request with UNAVAILABLE (policy `fail`); either way
+nothing is held.
 Migrated (the request carries resume_token_ids: another decode worker died mid-stream): the worker
 computes prompt + those tokens as if it had generated them (nothing of them is streamed again)
 and continues the generation where the dead worker stopped.
@@ -37,6 +41,10 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
         set_data_plane_host(self.host.config.host)  # UCX listens where gRPC does, not on every interface
         self.transport = KVTransportClient(self.host.kv_storage)
         await self.transport.start()
+
+    def fill_registration(self, reg) -> None:
+        super().fill_registration(reg)
+        reg.kv_client_address = self.transport.address  # prefill workers bind the KV they hand us to it
 
     async def close(self) -> None:
         if getattr(self, "transport", None) is not None:
@@ -91,6 +99,8 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
         with tracer().start_as_current_span("kv.pull", attributes=attrs) as span:
             t0 = time.perf_counter()
             try:
+                if handle.decode_kv_address and handle.decode_kv_address != self.transport.address:  # empty: a prefill worker before binding
+                    raise KVTransferError(f"the KV handle is bound to decode worker {handle.decode_worker_id or '(unnamed)'}, not this one")
                 await self.transport.pull(handle.ucx_address, handle.transfer_token, src, dst, timeout=self.host.config.kv_transfer_timeout)
                 seconds = time.perf_counter() - t0
                 m = self.host.metrics

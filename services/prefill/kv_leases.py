@@ -1,6 +1,7 @@
 """KVLeases: a prefill worker's prefilled prompts, each held for one decode worker under a lease.
 
-    Prefill ──grant(pinned)──► lease {request id → token, timer}, blocks exposed to the transport
+    Prefill ──grant(pinned, decode address)──► lease {request id → token, timer}, blocks exposed
+                                                to the transport for that decode worker only
        decode pulls (token) ──► transport on_pull_done ──► release ──► engine.release_pinned
        gateway ReleaseKV(token) ───────────────────────► release        (request ended first)
        timer fires after kv_lease_seconds ─────────────► release        (nobody came)
@@ -45,15 +46,16 @@ class KVLeases:
     def __len__(self) -> int:
         return len(self._leases)
 
-    def grant(self, pinned) -> Lease:
-        """Hold `pinned` (a PinnedKV) for one pull; returns the lease with its token. Mutates."""
+    def grant(self, pinned, peer_address: bytes) -> Lease:
+        """Hold `pinned` (a PinnedKV) for one pull by the decode worker whose UCX client address is
+        `peer_address`; returns the lease with its token. Mutates."""
         loop = asyncio.get_running_loop()
         token = secrets.token_bytes(TOKEN_BYTES)
         rid = pinned.request_id
         lease = Lease(rid, token, pinned.block_ids, time.time() + self.lease_seconds, loop.call_later(self.lease_seconds, self._expire, rid))
         self._leases[rid] = lease
         self._by_token[token] = rid
-        self._transport.expose(token, list(pinned.block_ids), lease.expires_at)
+        self._transport.expose(token, list(pinned.block_ids), lease.expires_at, peer_address=peer_address)
         return lease
 
     def pull_done(self, token: bytes, ok: bool) -> None:

@@ -3,8 +3,10 @@
 Prefill computes the prompt's KV (reusing its own prefix cache) and samples the first token with
 the request's own sampling parameters. Unless that token ends the request, the prompt's blocks
 stay pinned under a lease and the reply carries a KV handle: this worker's UCX address, the block
-ids and hashes, the layout fingerprint, the expiry and a one-time transfer token. A decode worker
-pulls the blocks with it (which ends the lease), or the gateway releases it, or it expires.
+ids and hashes, the layout fingerprint, the expiry and a one-time transfer token. The token is
+bound to the decode worker the request names (decode_kv_address, required): only a pull from that
+UCX client address is served. That decode worker pulls the blocks with it (which ends the lease),
+or the gateway releases it, or it expires.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from kvtransfer.ucx_runtime import set_data_plane_host
 from kvtransfer.ucx_transport import KVTransportServer
 from protos.tandem.v1 import worker_pb2, worker_pb2_grpc
 from services.common.engine_worker import EngineWorker
-from services.common.kv_handle import prefill_reply
+from services.common.kv_handle import prefill_reply, prefill_request_problem
 from services.common.translate import response_from_output
 
 from .kv_leases import KVLeases
@@ -35,7 +37,8 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
     async def start(self) -> None:
         await super().start()
         set_data_plane_host(self.host.config.host)  # UCX listens where gRPC does, not on every interface
-        self.transport = KVTransportServer(self.host.kv_storage, on_pull_done=lambda token, ok: self.leases.pull_done(token, ok))
+        self.transport = KVTransportServer(self.host.kv_storage, on_pull_done=lambda token, ok: self.leases.pull_done(token, ok),
+                                           on_drop=self.host.metrics.kv_pull_requests_dropped.inc)  # fmt: skip
         self.leases = KVLeases(self.host.engine, self.transport, self.host.config.kv_lease_seconds, self.host.metrics.kv_leases_expired.inc)
         await self.transport.start()
 
@@ -50,6 +53,9 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
         await super().close()
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        problem = prefill_request_problem(request)
+        if problem is not None:  # before the engine sees it: nothing is computed or pinned
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         # the request's own parameters, so the first token's finish (EOS, a stop, max_tokens=1) is
         # decided exactly as a single engine would
         if not request.request_id:
@@ -59,7 +65,7 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
         try:
             async for out in stream:
                 if out.finished:
-                    reply = self._reply(out)  # from here a lease owns the pinned blocks
+                    reply = self._reply(out, request)  # from here a lease owns the pinned blocks
                     handed_over = True
                     return reply
         finally:
@@ -71,9 +77,9 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
                 self.host.engine.release_pinned(request.request_id)
         await context.abort(grpc.StatusCode.INTERNAL, "the engine ended the request without a token")
 
-    def _reply(self, out) -> worker_pb2.PrefillResponse:
+    def _reply(self, out, request: worker_pb2.PrefillRequest) -> worker_pb2.PrefillResponse:
         return prefill_reply(response_from_output(out, 0), out.num_cached_tokens, out.request_id, out.pinned_kv, self.leases.grant,
-                             self.host.config.worker_id, self.transport.address, self.host.kv_layout.fingerprint)  # fmt: skip
+                             self.host.config.worker_id, self.transport.address, self.host.kv_layout.fingerprint, bound_to=request)  # fmt: skip
 
     async def ReleaseKV(self, request: worker_pb2.ReleaseKVRequest, context: grpc.aio.ServicerContext):
         return worker_pb2.ReleaseKVResponse(released=self.leases.release(request.request_id, request.transfer_token))

@@ -10,8 +10,9 @@ and sends it one JSON request a line on stdin; each answer is one JSON line on s
 
 Operations: health, generate (text or token_ids), workers (Gateway.ListWorkers), load
 (Worker.GetLoad), integrity (Worker.CheckIntegrity), metric (a sum over /metrics samples), and the
-two legs of a disaggregated request called directly: prefill (keeps the KV handle under the
-request id) and decode (uses it). A gRPC
+two legs of a disaggregated request called directly: prefill (bound to the decode worker whose
+kv_client_address, hex as `workers` gives it, it names; keeps the KV handle under the request id)
+and decode (uses it). A gRPC
 error is an answer too: {"error": "UNAVAILABLE", "message": ...}.
 """
 
@@ -66,9 +67,11 @@ def _serve() -> None:  # runs inside the namespace
             if req["op"] == "workers":
                 reply = gateway_pb2_grpc.GatewayStub(channel).ListWorkers(gateway_pb2.ListWorkersRequest(), timeout=timeout)
                 return {"workers": [{"role": w.registration.role, "grpc_address": w.registration.grpc_address,
-                                     "num_indexed_blocks": w.num_indexed_blocks} for w in reply.workers]}  # fmt: skip
+                                     "num_indexed_blocks": w.num_indexed_blocks, "kv_client_address": w.registration.kv_client_address.hex()}
+                                    for w in reply.workers]}  # fmt: skip
             if req["op"] == "prefill":
-                request = worker_pb2.PrefillRequest(request_id=req["request_id"], prompt_token_ids=req["token_ids"], sampling=sampling_of(req))
+                request = worker_pb2.PrefillRequest(request_id=req["request_id"], prompt_token_ids=req["token_ids"], sampling=sampling_of(req),
+                                                    decode_kv_address=bytes.fromhex(req["decode_kv_address"]))  # the handle is bound to it
                 handles[req["request_id"]] = reply = worker_pb2_grpc.PrefillStub(channel).Prefill(request, timeout=timeout)
                 return {"tokens": list(reply.first.token_ids)}
             if req["op"] == "decode":

@@ -105,17 +105,26 @@ def test_decode_pulls_only_the_blocks_it_lacks(pd):
     wait_idle(pd, "prefill-0", "decode-0")
 
 
-def prefill_directly(c, prompt, request_id: str) -> worker_pb2.PrefillResponse:
+def registration(c, worker_id: str) -> common_pb2.WorkerRegistration:
+    """A worker's registration as the gateway sees it (its data-plane identity included)."""
+    workers = gateway(c).ListWorkers(gateway_pb2.ListWorkersRequest(), timeout=10).workers
+    return next(w.registration for w in workers if w.registration.worker_id == worker_id)
+
+
+def prefill_directly(c, prompt, request_id: str, for_decode: str = "decode-0") -> worker_pb2.PrefillResponse:
+    """The prefill leg as the gateway calls it: the KV handle is bound to decode worker `for_decode`."""
+    decode = registration(c, for_decode)
     with grpc.insecure_channel(c.service("prefill-0").address) as ch:
         return worker_pb2_grpc.PrefillStub(ch).Prefill(
             worker_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
-                                      sampling=common_pb2.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)),
+                                      sampling=common_pb2.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+                                      decode_worker_id=decode.worker_id, decode_kv_address=decode.kv_client_address),
             timeout=60,
         )  # fmt: skip
 
 
-def decode_directly(c, prompt, reply: worker_pb2.PrefillResponse, request_id: str) -> list[common_pb2.GenerateResponse]:
-    with grpc.insecure_channel(c.service("decode-0").address) as ch:
+def decode_directly(c, prompt, reply: worker_pb2.PrefillResponse, request_id: str, name: str = "decode-0") -> list[common_pb2.GenerateResponse]:
+    with grpc.insecure_channel(c.service(name).address) as ch:
         request = worker_pb2.WorkerGenerateRequest(
             request_id=request_id, prompt_token_ids=prompt, kv_handle=reply.kv_handle, first_token_id=reply.first.token_ids[0],
             sampling=common_pb2.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),

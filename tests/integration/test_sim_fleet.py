@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from kvtransfer.block_hash import hash_blocks
-from loadtest.sim_fleet import SimFleet
-from loadtest.sim_timing import TimingModel
+from loadtest.sim.fleet import SimFleet
+from loadtest.sim.timing import TimingModel
 from protos.tandem.v1 import common_pb2, gateway_pb2, worker_pb2, worker_pb2_grpc
 from tests.helpers.sim_cluster import BS, FAST, InProcessGateway, check_all, keys, tokens, until
 
@@ -48,6 +48,7 @@ async def test_registrations_describe_the_simulated_workers(etcd, cluster_name):
         for w in fleet.workers:
             reg = regs[w.key]
             assert (reg.worker_id, reg.role, reg.grpc_address, reg.ucx_address) == (w.worker_id, w.role, w.address, w.address.encode())
+            assert reg.kv_client_address == (w.address.encode() if w.role == "decode" else b"")  # what prefill binds handles to
             assert (reg.model, reg.kv_layout.model_id, reg.block_size, reg.num_kv_blocks) == ("sim-model", "sim-model", BS, 500)
             assert reg.kv_layout.fingerprint == w.layout.fingerprint and reg.max_num_seqs == FAST.max_num_seqs and reg.max_model_len == 8192
             assert abs(reg.started_unix_ms - time.time() * 1000) < 60_000
@@ -121,8 +122,11 @@ async def test_bad_requests_get_the_real_workers_status_codes(sim_cluster):
                 _ = [c async for c in decode_stub.Generate(request, timeout=5)]
             assert err.value.code() == code and text in err.value.details(), (request.request_id, err.value)
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await prefill_stub.Prefill(worker_pb2.PrefillRequest(request_id="e5"), timeout=5)
+            await prefill_stub.Prefill(worker_pb2.PrefillRequest(request_id="e5", decode_kv_address=b"decode"), timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in err.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # every KV handle is bound to a decode worker
+            await prefill_stub.Prefill(worker_pb2.PrefillRequest(request_id="e6", prompt_token_ids=[1, 2]), timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "decode_kv_address is required" in err.value.details()
         released = await prefill_stub.ReleaseKV(worker_pb2.ReleaseKVRequest(request_id="nope", transfer_token=b"x"), timeout=5)
         assert not released.released
     assert decoder.engine.stats().num_used_blocks == 0
@@ -188,7 +192,7 @@ async def test_a_fleet_of_200_starts_registers_and_stops_without_leftover_keys(e
 
 
 async def test_the_command_line_fleet_reports_ready_and_stops_cleanly_on_sigterm(etcd, cluster_name):
-    cmd = [sys.executable, "-m", "loadtest.sim_fleet", "--etcd", etcd, "--cluster", cluster_name, "--decode", "3", "--prefill", "1",
+    cmd = [sys.executable, "-m", "loadtest.sim.fleet", "--etcd", etcd, "--cluster", cluster_name, "--decode", "3", "--prefill", "1",
            "--instant", "--json", "--lease-ttl", "3"]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:

@@ -54,7 +54,7 @@ async def test_an_unknown_token_is_dropped_unanswered_and_the_real_one_still_wor
     client = KVTransportClient(cache)
     await client.start()
     try:
-        server.expose(b"real", [1], time.time() + 30)
+        server.expose(b"real", [1], time.time() + 30, peer_address=client.address)
         with pytest.raises(KVTransferError, match="timed out"):
             await client.pull(server.address, b"forged", [1], [1], timeout=1.0)
         assert server.dropped == 1

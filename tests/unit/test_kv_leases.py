@@ -19,10 +19,12 @@ class FakeEngine:
 class FakeTransport:
     def __init__(self):
         self.exposed: dict[bytes, list[int]] = {}
+        self.peers: dict[bytes, bytes] = {}
         self.revoked: list[bytes] = []
 
-    def expose(self, token, block_ids, expires_at) -> None:
+    def expose(self, token, block_ids, expires_at, *, peer_address) -> None:
         self.exposed[token] = block_ids
+        self.peers[token] = peer_address
 
     def revoke(self, token) -> None:
         self.revoked.append(token)
@@ -34,14 +36,18 @@ def setup(lease_seconds: float = 30.0):
     return engine, transport, KVLeases(engine, transport, lease_seconds, on_expired=lambda: expired.append(1)), expired
 
 
+PEER = b"decode-ucx-address"
+
+
 def pinned(rid: str) -> PinnedKV:
     return PinnedKV(rid, (4, 5, 6), (111, 222), 40)
 
 
 async def test_pull_ends_the_lease_without_revoking():
     engine, transport, leases, _ = setup()
-    lease = leases.grant(pinned("a"))
+    lease = leases.grant(pinned("a"), PEER)
     assert transport.exposed[lease.token] == [4, 5, 6] and len(lease.token) == 16
+    assert transport.peers[lease.token] == PEER  # exposed for that decode worker only
     leases.pull_done(lease.token, ok=True)
     assert engine.released == ["a"] and transport.revoked == [] and len(leases) == 0
     leases.pull_done(lease.token, ok=True)  # a second notification finds nothing
@@ -52,14 +58,14 @@ async def test_pull_ends_the_lease_without_revoking():
 
 async def test_failed_pull_also_ends_the_lease():
     engine, _, leases, _ = setup()
-    lease = leases.grant(pinned("a"))
+    lease = leases.grant(pinned("a"), PEER)
     leases.pull_done(lease.token, ok=False)  # the token is spent either way
     assert engine.released == ["a"]
 
 
 async def test_release_needs_the_right_token():
     engine, transport, leases, _ = setup()
-    lease = leases.grant(pinned("a"))
+    lease = leases.grant(pinned("a"), PEER)
     assert not leases.release("a", b"\0" * 16)
     assert not leases.release("b", lease.token)
     assert engine.released == []
@@ -70,8 +76,8 @@ async def test_release_needs_the_right_token():
 
 async def test_expiry_frees_and_revokes():
     engine, transport, leases, expired = setup(lease_seconds=0.05)
-    lease = leases.grant(pinned("a"))
-    other = leases.grant(pinned("b"))
+    lease = leases.grant(pinned("a"), PEER)
+    other = leases.grant(pinned("b"), PEER)
     leases.pull_done(other.token, ok=True)
     await asyncio.sleep(0.2)
     assert engine.released == ["b", "a"] and transport.revoked == [lease.token]
@@ -80,7 +86,7 @@ async def test_expiry_frees_and_revokes():
 
 async def test_close_frees_everything():
     engine, transport, leases, _ = setup()
-    tokens = [leases.grant(pinned(r)).token for r in "abc"]
+    tokens = [leases.grant(pinned(r), PEER).token for r in "abc"]
     leases.close()
     assert sorted(engine.released) == ["a", "b", "c"] and sorted(transport.revoked) == sorted(tokens)
     leases.check_integrity()

@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+from kvtransfer.ucx_runtime import UcxRuntime
 from kvtransfer.ucx_transport import KVTransferError, KVTransportClient, KVTransportServer
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="ucxx-cu12 is not installed")
@@ -63,8 +64,8 @@ def server_child(conn, dtype_name: str, seed: int, slow_gather: float) -> None:
         loop = asyncio.get_running_loop()
         while True:
             msg = await loop.run_in_executor(None, conn.recv)
-            if msg[0] == "expose":
-                server.expose(*msg[1:])
+            if msg[0] == "expose":  # token, block ids, expiry, the one client address it is for
+                server.expose(*msg[1:4], peer_address=msg[4])
                 conn.send("ok")
             elif msg[0] == "revoke":
                 server.revoke(msg[1])
@@ -76,7 +77,8 @@ def server_child(conn, dtype_name: str, seed: int, slow_gather: float) -> None:
     uvloop.run(main())
 
 
-def client_child(conn, server_address: bytes, token: bytes, src: list[int], dst: list[int], slow_scatter: float) -> None:
+def client_child(conn, server_address: bytes, token: bytes, src: list[int], dst: list[int], slow_scatter: float, timeout: float = 20.0) -> None:
+    """Sends its UCX address (a server binds the token to it), waits for "go", pulls, reports."""
     import uvloop
 
     import kvtransfer.ucx_client as C
@@ -88,8 +90,10 @@ def client_child(conn, server_address: bytes, token: bytes, src: list[int], dst:
         cache = make_cache(torch.float32, None)
         client = KVTransportClient(cache)
         await client.start()
+        conn.send(client.address)
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)
         try:
-            await client.pull(server_address, token, src, dst, timeout=20)
+            await client.pull(server_address, token, src, dst, timeout=timeout)
         except KVTransferError as e:
             conn.send(("error", str(e)))
             return
@@ -122,6 +126,21 @@ class Child:
         return recv(self.conn)
 
 
+class ClientChild(Child):
+    """A pulling peer in its own process (its own UCX worker, so its own address)."""
+
+    def __init__(self, server_address: bytes, token: bytes, src: list[int], dst: list[int], slow_scatter: float = 0.0, timeout: float = 20.0):
+        super().__init__(client_child, server_address, token, src, dst, slow_scatter, timeout)
+        try:
+            self.address = recv(self.conn)
+        except BaseException:
+            self.kill()
+            raise
+
+    def go(self) -> None:
+        self.conn.send("go")
+
+
 class ServerChild(Child):
     def __init__(self, dtype: str = "float32", seed: int = 1, slow_gather: float = 0.0):
         super().__init__(server_child, dtype, seed, slow_gather)
@@ -131,8 +150,9 @@ class ServerChild(Child):
             self.kill()
             raise
 
-    def expose(self, token: bytes, ids: list[int], ttl: float = 60.0) -> None:
-        assert self.call("expose", token, ids, time.time() + ttl) == "ok"
+    def expose(self, token: bytes, ids: list[int], ttl: float = 60.0, peer: bytes | None = None) -> None:
+        """Expose for `peer` (default: this test process's client, whose UCX worker is the process's)."""
+        assert self.call("expose", token, ids, time.time() + ttl, peer if peer is not None else UcxRuntime.get().address()) == "ok"
 
 
 @pytest.fixture
@@ -287,9 +307,10 @@ async def test_client_killed_mid_pull_server_serves_next(children):
     await server.start()
     try:
         src, dst = random_blocks(23, seed=9)
-        server.expose(b"victim", src, time.time() + 60)
-        victim = Child(client_child, server.address, b"victim", src, dst, 0.2)
+        victim = ClientChild(server.address, b"victim", src, dst, slow_scatter=0.2)
         children.append(victim)
+        server.expose(b"victim", src, time.time() + 60, peer_address=victim.address)
+        victim.go()
         assert await arecv(victim.conn) == "copying"  # the client is inside the pull
         await asyncio.sleep(0.3)
         victim.kill()
@@ -299,9 +320,10 @@ async def test_client_killed_mid_pull_server_serves_next(children):
             await asyncio.sleep(0.1)
         assert done == [(b"victim", False)]
 
-        server.expose(b"next", src, time.time() + 60)
-        nxt = Child(client_child, server.address, b"next", src, dst, 0.0)
+        nxt = ClientChild(server.address, b"next", src, dst)
         children.append(nxt)
+        server.expose(b"next", src, time.time() + 60, peer_address=nxt.address)
+        nxt.go()
         assert await arecv(nxt.conn) == ("ok", True)
         for _ in range(50):
             if len(done) == 2:

@@ -133,7 +133,7 @@ class KVLayout(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("prefill_worker_id", "ucx_address", "request_id", "block_ids", "block_hashes", "num_tokens", "layout_fingerprint", "expires_unix_ms", "transfer_token")
+    __slots__ = ("prefill_worker_id", "ucx_address", "request_id", "block_ids", "block_hashes", "num_tokens", "layout_fingerprint", "expires_unix_ms", "transfer_token", "decode_worker_id", "decode_kv_address")
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     UCX_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,8 @@ class KVHandle(_message.Message):
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DECODE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DECODE_KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     prefill_worker_id: str
     ucx_address: bytes
     request_id: str
@@ -152,10 +154,12 @@ class KVHandle(_message.Message):
     layout_fingerprint: str
     expires_unix_ms: int
     transfer_token: bytes
-    def __init__(self, prefill_worker_id: _Optional[str] = ..., ucx_address: _Optional[bytes] = ..., request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ..., transfer_token: _Optional[bytes] = ...) -> None: ...
+    decode_worker_id: str
+    decode_kv_address: bytes
+    def __init__(self, prefill_worker_id: _Optional[str] = ..., ucx_address: _Optional[bytes] = ..., request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ..., transfer_token: _Optional[bytes] = ..., decode_worker_id: _Optional[str] = ..., decode_kv_address: _Optional[bytes] = ...) -> None: ...
 
 class WorkerRegistration(_message.Message):
-    __slots__ = ("worker_id", "role", "grpc_address", "metrics_address", "ucx_address", "model", "kv_layout", "block_size", "num_kv_blocks", "max_num_seqs", "max_model_len", "started_unix_ms", "version")
+    __slots__ = ("worker_id", "role", "grpc_address", "metrics_address", "ucx_address", "model", "kv_layout", "block_size", "num_kv_blocks", "max_num_seqs", "max_model_len", "started_unix_ms", "version", "kv_client_address")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +173,7 @@ class WorkerRegistration(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    KV_CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     grpc_address: str
@@ -182,4 +187,5 @@ class WorkerRegistration(_message.Message):
     max_model_len: int
     started_unix_ms: int
     version: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., grpc_address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., ucx_address: _Optional[bytes] = ..., model: _Optional[str] = ..., kv_layout: _Optional[_Union[KVLayout, _Mapping]] = ..., block_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_model_len: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    kv_client_address: bytes
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., grpc_address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., ucx_address: _Optional[bytes] = ..., model: _Optional[str] = ..., kv_layout: _Optional[_Union[KVLayout, _Mapping]] = ..., block_size: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_model_len: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., version: _Optional[str] = ..., kv_client_address: _Optional[bytes] = ...) -> None: ...
