@@ -153,6 +153,8 @@ def cmd_up(args) -> int:
         print(f"Tandem is up in {time.perf_counter() - t:.1f}s: gateway at {cluster.gateway_address} (gRPC){http}", file=sys.stderr)
         certs_dir = cluster.workdir / "certs"
         etcd_tls = f" --tls-cert {certs_dir}/client.pem --tls-key {certs_dir}/client-key.pem --tls-ca {certs_dir}/ca.pem" if args.tls else ""
+        if cluster.etcd_auth is not None:  # our etcd's auth is on: its user and the password's file
+            etcd_tls += f" --etcd-username {cluster.etcd_auth.username} --etcd-password-file {cluster.etcd_auth.password_file}"
         print(f"  etcd at {cluster.etcd_endpoint} (cluster {args.cluster}): `tandem scheduling --etcd {cluster.etcd_endpoint}{etcd_tls} show`", file=sys.stderr)
         # from here Ctrl-C/SIGTERM mean "stop everything in order". Supervision halts at once: a
         # Ctrl-C in the terminal also reaches the children, whose exits must not be restarted
@@ -222,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workdir", default=None, help="where logs and etcd data go (default: a new temp dir)")
     up.add_argument("--tls", action="store_true",
                     help="mTLS between every service and TLS on the gateway's gRPC and HTTP ports, with development certificates "
-                         "made in WORKDIR/certs (`tandem certs`); clients trust WORKDIR/certs/ca.pem")
+                         "made in WORKDIR/certs (`tandem certs`); clients trust WORKDIR/certs/ca.pem. Its own etcd also gets "
+                         "user/password auth: services log in as `tandem` (password in WORKDIR/certs/etcd-password, 0600)")
     up.add_argument("--ask", metavar="PROMPT", default=None, help="send this chat prompt once everything is up, print the answer, and stop")
     up.add_argument("--max-tokens", type=int, default=64, help="max_tokens for --ask")
     up.set_defaults(func=cmd_up)

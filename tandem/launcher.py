@@ -123,6 +123,9 @@ class ClusterSpec:
     # mTLS on every gRPC hop and TLS on the gateway's gRPC port, with dev certificates made in
     # workdir/certs (tandem/certs.py)
     tls: bool = False
+    # with tls and our own etcd: etcd's user/password auth on too, services as user `tandem` limited
+    # to /tandem/<cluster>/ (etcd_auth_setup.py; passwords in workdir/certs, 0600)
+    etcd_auth: bool = True
 
 
 class LocalCluster:
@@ -131,6 +134,7 @@ class LocalCluster:
         self.spec = spec
         self.workdir = Path(spec.workdir or tempfile.mkdtemp(prefix="tandem-"))
         self.etcd: EtcdProcess | None = None
+        self.etcd_auth = None  # EtcdAuthFiles once our etcd's auth is on
         self.services: list[ServiceProcess] = []
         self.supervisor: Supervisor | None = None
         self._on_event = on_event
@@ -184,6 +188,8 @@ class LocalCluster:
         tls_dir = self.workdir / "certs" if s.tls else None
         if tls_dir is not None:
             args += ["--tls-cert", str(tls_dir / f"{role}.pem"), "--tls-key", str(tls_dir / f"{role}-key.pem"), "--tls-ca", str(tls_dir / "ca.pem")]
+        if self.etcd_auth is not None:  # the password's file, never the password: argv is public
+            args += ["--etcd-username", self.etcd_auth.username, "--etcd-password-file", str(self.etcd_auth.password_file)]
         args += s.role_args.get(role, [])
         metrics_port = self._ports[f"{name}/metrics"] if s.metrics else 0
         return ServiceProcess(role, name, self._ports[name], metrics_port, args, self.workdir / f"{name}.log", dict(s.env), tls_dir=tls_dir)
@@ -200,6 +206,8 @@ class LocalCluster:
                 self.etcd = EtcdProcess(self.workdir / "etcd-data", self._ports["etcd"], self._ports["etcd-peer"], self.workdir / "etcd.log", tls_dir=tls_dir)
                 self.etcd.start()
                 self.etcd.wait_healthy()
+                if self.spec.tls and self.spec.etcd_auth:
+                    self._enable_etcd_auth(tls_dir)
             s = self.spec
             plan = [("tokenizer", "tokenizer")] if s.tokenizer else []
             plan += [("prefill", f"prefill-{i}") for i in range(s.num_prefill)]
@@ -216,6 +224,14 @@ class LocalCluster:
         except BaseException:
             self.stop()
             raise
+
+    def _enable_etcd_auth(self, tls_dir: Path) -> None:
+        from services.common.tls import TlsFiles
+
+        from .etcd_auth_setup import enable_auth
+
+        client = TlsFiles(str(tls_dir / "client.pem"), str(tls_dir / "client-key.pem"), str(tls_dir / "ca.pem"))
+        self.etcd_auth = enable_auth(self.etcd_endpoint, self.spec.cluster, tls_dir, tls=client)
 
     def wait_serving(self, svc: ServiceProcess, deadline: float) -> None:
         while True:

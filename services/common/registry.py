@@ -24,6 +24,8 @@ from google.protobuf import json_format
 
 from protos.tandem.v1 import common_pb2
 
+from .etcd_auth import client_credentials, explain_refusal
+from .etcd_client import EtcdClient
 from .etcd_tls import TlsEtcdClient, client_tls_for
 
 log = logging.getLogger(__name__)
@@ -59,12 +61,20 @@ def decode_registration(value: bytes) -> common_pb2.WorkerRegistration:
 
 
 def make_client(endpoint: str) -> aetcd.Client:
-    """A client of `endpoint`; https://HOST:PORT: TLS with this process's certificate (etcd_tls.py)."""
-    tls = client_tls_for(endpoint)
-    host, port = parse_endpoint(endpoint)
+    """A client of `endpoint`; https://HOST:PORT: TLS with this process's certificate (etcd_tls.py);
+    authenticated as this process's etcd user when one is set (etcd_auth.py)."""
+    tls, host_port = client_tls_for(endpoint), parse_endpoint(endpoint)
     if tls is not None:
-        return TlsEtcdClient(host=host, port=port, timeout=ETCD_CALL_TIMEOUT_S, tls=tls)
-    return aetcd.Client(host=host, port=port, timeout=ETCD_CALL_TIMEOUT_S)
+        return TlsEtcdClient(host=host_port[0], port=host_port[1], timeout=ETCD_CALL_TIMEOUT_S, tls=tls, credentials=client_credentials())
+    return EtcdClient(host=host_port[0], port=host_port[1], timeout=ETCD_CALL_TIMEOUT_S, credentials=client_credentials())
+
+
+async def close_quietly(client: aetcd.Client) -> None:
+    """Close `client` (its next call reconnects and authenticates again); a dead channel's errors are dropped."""
+    try:
+        await asyncio.wait_for(client.close(), ETCD_CALL_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - closing a dead channel can fail; nothing leaks
+        pass
 
 
 class Registration:
@@ -85,13 +95,21 @@ class Registration:
 
     async def start(self, timeout: float = 30.0) -> None:
         """Start the background keep-alive; return once the key is in etcd. Raises TimeoutError
-        (saying which endpoint) when etcd cannot be reached in `timeout` seconds."""
-        self._task = asyncio.create_task(self._keep_registered(), name=f"etcd-registration {self.key}")
+        (saying which endpoint) when etcd cannot be reached in `timeout` seconds, and EtcdAuthError
+        at once when etcd refuses our credentials or permissions (no retry fixes those)."""
+        task = self._task = asyncio.create_task(self._keep_registered(), name=f"etcd-registration {self.key}")
+        registered = asyncio.ensure_future(self._registered.wait())
         try:
-            await asyncio.wait_for(self._registered.wait(), timeout)
-        except asyncio.TimeoutError:
+            await asyncio.wait((registered, task), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            registered.cancel()
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            self._task = None
             await self.stop()
-            raise TimeoutError(f"could not register {self.key} in etcd at {self._endpoint} within {timeout:.0f}s; is etcd running?") from None
+            raise task.exception()
+        if not self._registered.is_set():
+            await self.stop()
+            raise TimeoutError(f"could not register {self.key} in etcd at {self._endpoint} within {timeout:.0f}s; is etcd running?")
 
     async def _keep_registered(self) -> None:
         attempt = 0
@@ -110,9 +128,14 @@ class Registration:
                 raise
             except Exception as e:  # noqa: BLE001 - any etcd failure means: register again later
                 self._registered.clear()
+                refusal = explain_refusal(e, self._endpoint, f"register {self.key}")
+                if refusal is not None and self.num_registrations == 0:
+                    raise refusal from None  # at startup: start() reports it, the service stops
+                # a fresh connection authenticates again: etcd forgets tokens when it restarts
+                await close_quietly(self._client)
                 delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
                 attempt += 1
-                log.warning("etcd registration of %s lost (%s); retrying in %.1fs", self.key, e, delay)
+                log.log(logging.ERROR if refusal else logging.WARNING, "etcd registration of %s lost (%s); retrying in %.1fs", self.key, refusal or e, delay)
                 await asyncio.sleep(delay)
 
     async def _refresh_until_lost(self, lease_id: int) -> None:
@@ -209,13 +232,11 @@ class RegistryWatcher:
             except Exception as e:  # noqa: BLE001 - reconnect and resync on any failure
                 delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
                 attempt += 1
-                log.warning("etcd watch of %s interrupted (%s); resyncing in %.1fs", self.prefix, e, delay)
+                refusal = explain_refusal(e, self._endpoint, f"read {self.prefix}")  # logged as what to fix; retried, as rights can be granted live
+                log.log(logging.ERROR if refusal else logging.WARNING, "etcd watch of %s interrupted (%s); resyncing in %.1fs", self.prefix, refusal or e, delay)
                 await asyncio.sleep(delay)
             finally:
-                try:
-                    await asyncio.wait_for(client.close(), ETCD_CALL_TIMEOUT_S)
-                except Exception:  # noqa: BLE001 - closing a dead channel can fail; nothing leaks
-                    pass
+                await close_quietly(client)
 
     @staticmethod
     def _decode_registration(key: bytes, value: bytes) -> common_pb2.WorkerRegistration | None:

@@ -46,8 +46,32 @@ def tandem_containers(objects):
                 yield workload, container, role
 
 
+TLS_SETTINGS = ("TANDEM_TLS_CERT", "TANDEM_TLS_KEY", "TANDEM_TLS_CA")
+
+
 def config_of(container: dict, role: str, objects) -> ServiceConfig:
-    return load_config(role, None, container_env(container, objects))
+    # TLS files exist in the pod only (a mounted Secret: test_tls_files_come_from_the_roles_secret);
+    # load_config checks they are readable, so a readable stand-in takes their place here
+    env = {k: (os.devnull if k in TLS_SETTINGS and v else v) for k, v in container_env(container, objects).items()}
+    return load_config(role, None, env)
+
+
+def tls_dir_of(container: dict, objects) -> str | None:
+    """The directory TANDEM_TLS_* name (one directory for the three), or None without TLS."""
+    env = container_env(container, objects)
+    dirs = {os.path.dirname(env[k]) for k in TLS_SETTINGS if env.get(k)}
+    assert len(dirs) <= 1, f"TLS files in several directories: {dirs}"
+    return dirs.pop() if dirs else None
+
+
+def projected_files(workload: dict, container: dict, directory: str) -> tuple[str | None, set[str]]:
+    """(Secret name, file names) that `directory` of `container` holds from a Secret volume."""
+    mount = next((m for m in container.get("volumeMounts") or [] if m["mountPath"].rstrip("/") == directory), None)
+    if mount is None:
+        return None, set()
+    volume = next(v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"])
+    secret = volume.get("secret") or {}
+    return secret.get("secretName"), {item["path"] for item in secret.get("items") or []}
 
 
 def role_settings(role: str) -> set[str]:
@@ -150,14 +174,40 @@ def test_probes_point_at_ports_the_container_serves(objects):
                 assert probe, f"{where}: no {kind}"
                 action = next(probe[k] for k in ("grpc", "httpGet", "tcpSocket", "exec") if k in probe)
                 port = action.get("port")
+                if "exec" in probe:
+                    continue  # checked below: `tandem health` dials the role's gRPC port
                 if isinstance(port, str):
                     assert port in ports, f"{where}: {kind} names port {port!r}, the container has {ports}"
                 else:
                     assert port in ports.values(), f"{where}: {kind} dials {port}, the container serves {ports}"
-            if tandem_role(container):
+            role = tandem_role(container)
+            if role and tls_dir_of(container, objects):
+                # Kubernetes' gRPC probes cannot speak TLS: `tandem health` with the role's certificate
+                from tandem.cli import build_parser
+
+                for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    command = container[kind].get("exec", {}).get("command") or []
+                    assert command[:2] == ["tandem", "health"], f"{where}: {kind} must exec `tandem health` on a TLS port, got {container[kind]}"
+                    args = build_parser().parse_args(command[1:])
+                    assert args.address == f"127.0.0.1:{ports['grpc']}" and args.role == role, f"{where}: {kind} {command}"
+                    _, files = projected_files(workload, container, args.tls_dir.rstrip("/"))
+                    assert {"ca.pem", "client.pem", "client-key.pem"} <= files, f"{where}: {kind}: --tls-dir {args.tls_dir} holds {files}"
+                    assert container[kind].get("timeoutSeconds", 1) > args.timeout, f"{where}: {kind} times out before `tandem health` does"
+            elif role:
                 # grpc.health.v1, on the gRPC port: SERVING only once the model is loaded and registered
                 for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
                     assert container[kind].get("grpc", {}).get("port") == ports["grpc"], f"{where}: {kind} must be a native gRPC probe"
+
+
+def test_tls_files_come_from_the_roles_secret(objects):
+    for workload, container, role in tandem_containers(objects):
+        directory = tls_dir_of(container, objects)
+        if directory is None:
+            continue
+        secret, files = projected_files(workload, container, directory)
+        env = container_env(container, objects)
+        assert secret == f"tandem-{role}-tls", f"{role}: {directory} is mounted from {secret!r}, not the role's Secret"
+        assert {os.path.basename(env[k]) for k in TLS_SETTINGS} <= files, f"{role}: {directory} holds {files}, the settings name {[env[k] for k in TLS_SETTINGS]}"
 
 
 def test_startup_probes_wait_for_the_model_load_and_kernel_build(objects):
@@ -308,7 +358,13 @@ def test_autoscalers_use_the_metric_the_adapter_serves():
 def test_services_dial_the_etcd_the_overlay_runs(objects):
     statefulsets = [s for s in of_kind(objects, "StatefulSet") if pod_labels(s).get("app.kubernetes.io/component") == "etcd"]
     for _, container, role in tandem_containers(objects):
-        host, _, port = config_of(container, role, objects).etcd.rpartition(":")
+        endpoint = config_of(container, role, objects).etcd
+        host, _, port = endpoint.removeprefix("https://").rpartition(":")
+        if statefulsets:  # https: etcd serves TLS to certificates of the CA; plaintext: it does not
+            env = {v["name"]: v.get("value", "") for v in pod_spec(statefulsets[0])["containers"][0]["env"]}
+            tls = endpoint.startswith("https://")
+            assert env["ETCD_LISTEN_CLIENT_URLS"].startswith("https://" if tls else "http://"), f"{role} dials {endpoint}, etcd listens on {env['ETCD_LISTEN_CLIENT_URLS']}"
+            assert (env.get("ETCD_CLIENT_CERT_AUTH") == "true") == tls and (not tls or tls_dir_of(container, objects)), f"{role}: {endpoint} without a client certificate"
         if not statefulsets:  # external etcd: the NetworkPolicy must let the pods reach that address
             egress = named(objects, "NetworkPolicy", "tandem-etcd-client")["spec"]["egress"]
             blocks = [ipaddress.ip_network(peer["ipBlock"]["cidr"]) for rule in egress for peer in rule.get("to", []) if "ipBlock" in peer]
