@@ -31,10 +31,13 @@ RUN tandem model prepare \
 
 # Run as an unprivileged user. The converted model stays root-owned (read-only at run time); the
 # kernel cache under $TANDEM_CACHE_DIR/kernels is written on first use, so the user owns it.
-RUN useradd --create-home --shell /usr/sbin/nologin tandem \
+# A fixed uid/gid 1000: the Kubernetes manifests run the pods as runAsUser/runAsGroup 1000 (and
+# fsGroup 1000 for their volumes), and a numeric USER lets the kubelet verify runAsNonRoot.
+RUN groupadd --gid 1000 tandem \
+ && useradd --uid 1000 --gid 1000 --create-home --shell /usr/sbin/nologin tandem \
  && mkdir -p "$TANDEM_CACHE_DIR/kernels" \
- && chown tandem:tandem "$TANDEM_CACHE_DIR/kernels"
-USER tandem
+ && chown 1000:1000 "$TANDEM_CACHE_DIR/kernels"
+USER 1000:1000
 # Outside the source tree, so the installed package is what runs.
 WORKDIR /home/tandem
 

@@ -21,12 +21,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.tandem.v1 import common_pb2, tokenizer_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.keepalive import Keepalive
 from services.common.registry import RegistryWatcher, WatchEvent
+from services.common.rotating_channel import RotatingChannel
+from services.common.telemetry import client_interceptors
+from services.common.tls import TlsFiles
 
 from .outlier_detection import OutlierDetectionConfig, OutlierDetector
 from .prefix_index import PrefixIndex
-from services.common.telemetry import client_interceptors
-from services.common.tls import TlsFiles, dial
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +36,21 @@ WATCH_RETRY_S = (0.1, 0.25, 0.5, 1.0)
 # After etcd comes back empty (it lost its data), services need a moment to register again; a
 # worker missing from that listing whose Watch stream is still live keeps serving this long.
 RESYNC_GRACE_S = 15.0
+# large messages both ways (long prompts and generations); keepalive (keepalive.py) is added per pool
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
 
 
 class WorkerHandle:
     """One registered service: its registration, a channel, and (workers) its latest load."""
 
-    def __init__(self, key: str, registration: common_pb2.WorkerRegistration, on_kv_events: Callable | None = None, tls: TlsFiles | None = None):
+    def __init__(self, key: str, registration: common_pb2.WorkerRegistration, on_kv_events: Callable | None = None, tls: TlsFiles | None = None,
+                 keepalive: Keepalive | None = None):  # fmt: skip
         self.key = key
         self.registration = registration
-        # with TLS, the worker must prove the role it registered as (its certificate's tandem-<role>)
-        self.channel = dial(tls, registration.grpc_address, registration.role, CHANNEL_OPTIONS, client_interceptors())
+        # with TLS, the worker must prove the role it registered as (its certificate's tandem-<role>);
+        # a rotated client certificate is picked up by new calls, and the Watch stream moves over
+        options = [*CHANNEL_OPTIONS, *(keepalive or Keepalive()).channel_options()]
+        self.channels = RotatingChannel(tls, registration.grpc_address, registration.role, options, client_interceptors(), on_rotate=self._restart_watch)
         self.load: worker_pb2.LoadSnapshot | None = None
         self.kv_sequence = 0
         self.num_in_flight = 0  # requests this gateway sent here that have not finished
@@ -57,6 +63,11 @@ class WorkerHandle:
         self._watch_task: asyncio.Task | None = None
         if registration.role in ("prefill", "decode"):
             self._watch_task = asyncio.create_task(self._watch(), name=f"watch {registration.worker_id}")
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel a new call must use (it changes when the client certificate is rotated)."""
+        return self.channels.current()
 
     @property
     def worker_id(self) -> str:
@@ -75,9 +86,17 @@ class WorkerHandle:
     def tokenizer_stub(self) -> tokenizer_pb2_grpc.TokenizerStub:
         return tokenizer_pb2_grpc.TokenizerStub(self.channel)
 
+    def _restart_watch(self) -> None:
+        """The channel was replaced (certificate rotation): resubscribe on the new one from the last
+        batch applied (the worker replays the rest), so the old channel can finish and close."""
+        if self._watch_task is not None and not self.retired:
+            self._watch_task.cancel()
+            self._watch_task = asyncio.create_task(self._watch(), name=f"watch {self.registration.worker_id}")
+
     async def _watch(self) -> None:
         attempt = 0
         while True:
+            call = None
             try:
                 call = worker_pb2_grpc.WorkerStub(self.channel).Watch(worker_pb2.WatchRequest(last_sequence=self.kv_sequence))
                 async for event in call:
@@ -100,6 +119,9 @@ class WorkerHandle:
                 self.connected = False
                 await asyncio.sleep(WATCH_RETRY_S[min(attempt, len(WATCH_RETRY_S) - 1)])
                 attempt += 1
+            finally:
+                if call is not None:
+                    call.cancel()  # a cancelled watch must not hold its channel open
 
     def acquire(self, num_tokens: int = 0) -> None:
         """A request is being sent here (counted at decision time, so a burst spreads out), with
@@ -117,7 +139,7 @@ class WorkerHandle:
         self.num_in_flight -= 1
         self.num_in_flight_tokens -= num_tokens
         if self.retired and self.num_in_flight == 0:
-            self._closing = asyncio.create_task(self.channel.close())  # held so it is not collected mid-close
+            self._closing = asyncio.create_task(self.channels.close())  # held so it is not collected mid-close
 
     def mark_unreachable(self) -> None:
         """A call failed with UNAVAILABLE: skip this worker until its Watch stream answers again."""
@@ -131,13 +153,14 @@ class WorkerHandle:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
         if self.num_in_flight == 0:
-            await self.channel.close()
+            await self.channels.close()
 
 
 class WorkerPool:
     def __init__(self, etcd: str, cluster: str, on_change: Callable | None = None, index: PrefixIndex | None = None, outliers: OutlierDetector | None = None,
-                 tls: TlsFiles | None = None):  # fmt: skip
+                 tls: TlsFiles | None = None, keepalive: Keepalive | None = None):  # fmt: skip
         self.tls = tls  # None: plaintext channels
+        self.keepalive = keepalive or Keepalive()
         self.workers: dict[str, WorkerHandle] = {}
         self.index = index or PrefixIndex()  # which worker holds which KV blocks, from their events
         self.outliers = outliers or OutlierDetector(OutlierDetectionConfig())
@@ -235,7 +258,7 @@ class WorkerPool:
             return
         if old is not None:
             await self._remove(key)
-        self.workers[key] = WorkerHandle(key, reg, self._apply_kv_events, tls=self.tls)
+        self.workers[key] = WorkerHandle(key, reg, self._apply_kv_events, tls=self.tls, keepalive=self.keepalive)
         log.info("discovered %s %s at %s", reg.role, reg.worker_id, reg.grpc_address)
 
     def _apply_kv_events(self, handle: WorkerHandle, batch) -> bool:

@@ -44,10 +44,14 @@ class ServiceConfig:
     lease_ttl: int = _opt(10, "etcd lease TTL in seconds: how long a dead service stays listed")
     worker_id: str = _opt("", "this process's id in etcd; default: <role>-<hostname>-<random>")
     drain_timeout: float = _opt(30.0, "seconds to let in-flight requests finish on SIGTERM")
+    grpc_keepalive_time: float = _opt(10.0, "seconds between HTTP/2 keepalive pings on gRPC connections between services (the gateway's to the workers, and each server's to its clients): a peer silent for this plus --grpc-keepalive-timeout fails its calls with UNAVAILABLE instead of hanging; servers accept pings down to half this interval, so keep it equal on every service; 0 = no pings sent")
+    grpc_keepalive_timeout: float = _opt(5.0, "seconds a keepalive ping waits for its answer before the connection is closed")
     log_level: str = _opt("info", "debug | info | warning | error")
     tls_cert: str = _opt("", "PEM certificate of this service (its role as DNS SAN tandem-<role>; `tandem certs` makes them); with tls_key and tls_ca: mTLS on every internal gRPC hop, TLS on the gateway's gRPC port and HTTPS on its OpenAI API; re-read when the file changes; empty = plaintext")
     tls_key: str = _opt("", "PEM private key of --tls-cert (keep it mode 0600)")
     tls_ca: str = _opt("", "PEM CA certificate(s) that sign the cluster's certificates: the only issuer peers are trusted from")
+    etcd_username: str = _opt("", "etcd user to authenticate as, for an etcd with auth enabled (`tandem up --tls` makes one: tandem); its password comes from etcd_password_file or TANDEM_ETCD_PASSWORD; empty = no etcd authentication")
+    etcd_password_file: str = _opt("", "file holding the etcd user's password (mode 0600, or a mounted secret); the TANDEM_ETCD_PASSWORD environment variable is the alternative. There is no password flag: argv is readable by every user")
     # ---- the model (tokenizer and workers) --------------------------------------------------------
     model: str = _opt("default", "HF model directory, or 'default' (embedded SmolLM2-135M)", ("tokenizer", "prefill", "decode"))
     # ---- the engine (workers) -------------------------------------------------------------------
@@ -121,6 +125,10 @@ class ServiceConfig:
             raise ValueError(f"max_requests_in_flight must be >= 0 (0 = no limit), got {self.max_requests_in_flight}")
         if self.max_migrations < 0:
             raise ValueError(f"max_migrations must be >= 0 (0 = never migrate), got {self.max_migrations}")
+        if self.grpc_keepalive_time != 0 and self.grpc_keepalive_time < 1:
+            raise ValueError(f"grpc_keepalive_time must be >= 1 second (0 = no pings), got {self.grpc_keepalive_time}")
+        if self.grpc_keepalive_timeout <= 0:
+            raise ValueError(f"grpc_keepalive_timeout must be > 0 seconds, got {self.grpc_keepalive_timeout}")
         if self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         tls = {"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_ca": self.tls_ca}
@@ -161,6 +169,10 @@ def add_config_args(parser: argparse.ArgumentParser, role: str | None) -> None:
             default=None,
             help=f"{f.metadata['help']} (default {f.default!r}; env {ENV_PREFIX}{f.name.upper()})",
         )
+    if role is None or "etcd_password_file" in {f.name for f in _fields_for(role)}:
+        # exists only to be refused: argparse would otherwise take --etcd-password as an
+        # abbreviation of --etcd-password-file and echo the password back as a file name
+        parser.add_argument("--etcd-password", dest="etcd_password_on_argv", default=None, help=argparse.SUPPRESS)
 
 
 def load_config(role: str, args: argparse.Namespace | None = None, environ: dict[str, str] | None = None) -> ServiceConfig:
@@ -191,6 +203,9 @@ def load_config(role: str, args: argparse.Namespace | None = None, environ: dict
         if value is not None:
             values[name] = value
     _refuse_secrets_on_argv(getattr(args, "api_keys", None) if args is not None else None)
+    if getattr(args, "etcd_password_on_argv", None) is not None:
+        raise ValueError("--etcd-password: a password on the command line is visible to every user of the machine (ps, /proc); "
+                         "use --etcd-password-file FILE (mode 0600) or the TANDEM_ETCD_PASSWORD environment variable")  # fmt: skip
     for name, value in values.items():
         values[name] = _parse(known[name], value, f"setting {name}")
     return ServiceConfig(role=role, **values)

@@ -33,7 +33,10 @@ from protos.tandem.v1 import common_pb2
 
 from .config import ServiceConfig
 from .errors import ErrorStatusInterceptor
+from .etcd_auth import check_access as check_etcd_access
+from .etcd_auth import credentials_from_config, set_client_credentials
 from .etcd_tls import set_client_tls
+from .keepalive import Keepalive
 from .metrics import MetricsServer
 from .peer_roles import PeerRoleInterceptor
 from .registry import Registration, encode_registration, worker_key
@@ -45,7 +48,10 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 # streams of long generations and big prompts: allow large messages both ways
-GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
+MESSAGE_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
+# with the default keepalive (keepalive.py): servers that are not built from a ServiceConfig (the
+# simulated workers) still accept the gateway's pings
+GRPC_OPTIONS = [*MESSAGE_OPTIONS, *Keepalive().server_options()]
 
 
 class Service(Protocol):
@@ -121,9 +127,12 @@ class ServiceRunner:
         # with TLS on, the peer's certificate role is checked before any handler runs (peer_roles.py)
         tls = TlsFiles.from_config(config)
         set_client_tls(tls)  # etcd at https://... is dialed with this service's certificate
+        set_client_credentials(credentials_from_config(config))  # and as its etcd user, if set (etcd_auth.py)
+        await check_etcd_access(config.etcd, config.cluster)  # refused credentials: one clear error now, not after the model load
         authz = [PeerRoleInterceptor()] if tls is not None else []
         interceptors = [*server_interceptors(), *authz, ErrorStatusInterceptor(), RequestDecodingInterceptor(), *getattr(service, "interceptors", ())]
-        server = self.server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
+        options = [*MESSAGE_OPTIONS, *Keepalive.from_config(config).server_options()]
+        server = self.server = grpc.aio.server(interceptors=interceptors, options=options)
         drain_timeout = config.drain_timeout
         try:
             service.add_to_server(server)

@@ -8,7 +8,8 @@
 
 Rotation: the server re-reads the three files when their mtimes change, at the next handshake
 (grpc's dynamic credentials), so a renewed certificate is served without a restart and in-flight
-RPCs keep their connection. Channels made after a rotation present the new client certificate.
+RPCs keep their connection. A client channel presents the certificate it was dialed with; the
+gateway's channels (rotating_channel.py) notice a rotation and dial again for new calls.
 """
 
 from __future__ import annotations
@@ -54,6 +55,29 @@ class TlsFiles:
     def mtimes(self) -> tuple[float, ...]:
         return tuple(os.stat(p).st_mtime_ns for p in (self.cert, self.key, self.ca))
 
+    def fingerprint(self) -> tuple[int, ...]:
+        """(mtime, size) of the three files: a cheap test for a rotation (three stat calls, no reading;
+        a rewrite within one mtime tick still changes the size, as a new certificate nearly always does)."""
+        return tuple(v for p in (self.cert, self.key, self.ca) for st in (os.stat(p),) for v in (st.st_mtime_ns, st.st_size))
+
+    def read_checked(self) -> tuple[bytes, bytes, bytes]:
+        """read(), refusing (ValueError) a certificate whose key is not the one beside it: a
+        rotation caught half-written (key written, certificate not yet) fails every handshake."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        cert, key, ca = self.read()
+        try:
+            public = x509.load_pem_x509_certificate(cert).public_key()
+            private = serialization.load_pem_private_key(key, password=None)
+            x509.load_pem_x509_certificates(ca)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"cannot load the TLS files {self.cert}, {self.key}, {self.ca}: {e}") from None
+        spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        if public.public_bytes(*spki) != private.public_key().public_bytes(*spki):
+            raise ValueError(f"{self.key} is not the private key of {self.cert} (a rotation in progress?)")
+        return cert, key, ca
+
 
 class _ReloadingServerConfig:
     """grpc calls fetch() (from its own threads) before each handshake: a new configuration when
@@ -90,8 +114,9 @@ def server_credentials(files: TlsFiles, require_client_auth: bool) -> grpc.Serve
     return grpc.dynamic_ssl_server_credentials(reloader.initial, reloader.fetch, require_client_authentication=require_client_auth)
 
 
-def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
-    cert, key, ca = files.read()
+def channel_credentials(files: TlsFiles, pem: tuple[bytes, bytes, bytes] | None = None) -> grpc.ChannelCredentials:
+    """Client credentials from `files` (read now), or from `pem` (cert, key, ca) already read."""
+    cert, key, ca = pem or files.read()
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
@@ -101,8 +126,11 @@ def role_channel_options(role: str) -> list[tuple[str, str]]:
     return [("grpc.ssl_target_name_override", role_identity(role))]
 
 
-def dial(files: TlsFiles | None, address: str, role: str, options=(), interceptors=None) -> grpc.aio.Channel:
-    """A grpc.aio channel to a `role` service at `address`: plaintext when `files` is None."""
+def dial(files: TlsFiles | None, address: str, role: str, options=(), interceptors=None, pem: tuple[bytes, bytes, bytes] | None = None) -> grpc.aio.Channel:
+    """A grpc.aio channel to a `role` service at `address`: plaintext when `files` is None. `pem`:
+    the files' contents already read (and checked: TlsFiles.read_checked). The channel presents
+    the certificate it was made with; rotating_channel.py follows rotations."""
     if files is None:
         return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
-    return grpc.aio.secure_channel(address, channel_credentials(files), options=[*options, *role_channel_options(role)], interceptors=interceptors)
+    credentials = channel_credentials(files, pem)
+    return grpc.aio.secure_channel(address, credentials, options=[*options, *role_channel_options(role)], interceptors=interceptors)

@@ -19,3 +19,17 @@ def wait_for(probe: Callable[[], T], what: str, timeout: float = 10.0, interval:
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last probe: {last!r})")
+
+
+async def wait_for_async(probe: Callable[[], T], what: str, timeout: float = 10.0, interval: float = 0.05) -> T:
+    """wait_for inside an event loop: sleeps with asyncio, so the loop's tasks run meanwhile."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last probe: {last!r})")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -170,16 +171,20 @@ def test_partitioned_decode_worker_leaves_routing_and_rejoins(hosts):
     hosts.assert_clean("prefill", "decode")
 
 
-@pytest.mark.xfail(strict=True, reason="the gateway leaves a call to a worker that went silent open until the client's "
-                   "deadline: its worker channels have no gRPC keepalive, and a worker leaving etcd does not end its calls")  # fmt: skip
 def test_request_in_flight_to_a_cut_off_decode_worker_fails_before_its_deadline(hosts):
+    deadline = 60.0
     hosts.bed.partition("decode")  # before the lease expires, the gateway still routes there
     try:
-        answer = hosts.generate("aggregated", max_tokens=4, timeout=15)
+        t0 = time.monotonic()
+        answer = hosts.generate("aggregated", max_tokens=4, timeout=deadline)
+        elapsed = time.monotonic() - t0
     finally:
         rejoin(hosts, "decode")
-    # UNAVAILABLE (or an answer from another worker) once the worker's lease is gone, not the deadline
-    assert answer.get("error") != "DEADLINE_EXCEEDED", answer
+    # the gateway's keepalive (default 10 s + 5 s) closes the silent connection; the call ends
+    # UNAVAILABLE and, with no other decode worker to migrate to, the request fails cleanly
+    # instead of hanging until the client's deadline (without keepalive: DEADLINE_EXCEEDED at 60 s)
+    assert answer.get("error") == "UNAVAILABLE", answer
+    assert elapsed < deadline / 2, f"the request took {elapsed:.0f}s of its {deadline:.0f}s deadline: {answer}"
 
 
 def ids(n: int, start: int) -> list[int]:
@@ -210,7 +215,9 @@ def test_prefill_cut_off_during_a_pull_falls_back_to_recompute(hosts, offline_ll
     prompt = ids(16 * 20, start=41)
     expected = offline_llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0].token_ids
     failures = hosts.metric("decode", "tandem_kv_pull_failures_total")
-    first = hosts.client.call("prefill", address=hosts.address("prefill"), token_ids=prompt, request_id="cut-off", max_tokens=8)
+    workers = hosts.client.call("workers", address=hosts.address("gateway"))["workers"]
+    decode_kv = next(w["kv_client_address"] for w in workers if w["role"] == "decode")  # the handle is bound to that worker
+    first = hosts.client.call("prefill", address=hosts.address("prefill"), token_ids=prompt, request_id="cut-off", max_tokens=8, decode_kv_address=decode_kv)
     hosts.bed.partition("prefill")  # the KV handle names a host that no longer answers
     try:
         # bounded by the decode worker's transfer timeout, then the prompt is recomputed there
