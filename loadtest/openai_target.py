@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 
 import aiohttp
 import grpc
@@ -70,7 +71,7 @@ class OpenAITarget:
     kind = "openai"
 
     def __init__(self, base_url: str, sampling: SamplingOptions, model: str | None = None, api_key: str | None = None,
-                 return_token_ids: bool = True, cache_salt: str = ""):  # fmt: skip
+                 return_token_ids: bool = True, cache_salt: str = "", tls_ca: str | None = None):  # fmt: skip
         """`model`: None = the first the server lists. `cache_salt` may change between runs (vLLM
         and Tandem isolate prefix caches by it; a server without it ignores the field)."""
         if not base_url.startswith(("http://", "https://")):
@@ -80,13 +81,15 @@ class OpenAITarget:
         self.model = model
         self.return_token_ids = return_token_ids
         self.cache_salt = cache_salt
+        self.tls_ca = tls_ca  # a CA file for an https base URL whose certificate it signed (default: the system's)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session: aiohttp.ClientSession | None = None
         self._models: list[str] = []
 
     async def __aenter__(self) -> "OpenAITarget":
         # no connection cap: the load shape decides how many requests are in flight
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=self._headers)
+        ssl_context = ssl.create_default_context(cafile=self.tls_ca) if self.tls_ca else True
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=ssl_context), headers=self._headers)
         return self
 
     async def __aexit__(self, *exc) -> None:

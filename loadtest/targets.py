@@ -51,14 +51,20 @@ class SamplingOptions:
 class _ChannelTarget:
     """A gRPC target's channel: opened by `async with`, closed after the run."""
 
-    def __init__(self, address: str, sampling: SamplingOptions, cache_salt: str):
+    def __init__(self, address: str, sampling: SamplingOptions, cache_salt: str, tls_ca: str | None = None):
         self.address = address
         self.sampling = sampling
         self.cache_salt = cache_salt  # may be changed between runs (bench_cli gives every run a fresh one)
+        self.tls_ca = tls_ca  # a CA file: TLS to a front door whose certificate it signed (`tandem up --tls`)
         self._channel: grpc.aio.Channel | None = None
 
     async def __aenter__(self):
-        self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+        if self.tls_ca:
+            with open(self.tls_ca, "rb") as f:
+                credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+            self._channel = grpc.aio.secure_channel(self.address, credentials, options=_CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -72,10 +78,11 @@ class _ChannelTarget:
 class GatewayTarget(_ChannelTarget):
     kind = "gateway"
 
-    def __init__(self, address: str, sampling: SamplingOptions, serving_mode: str = "auto", cache_salt: str = "", api_key: str | None = None):
+    def __init__(self, address: str, sampling: SamplingOptions, serving_mode: str = "auto", cache_salt: str = "", api_key: str | None = None,
+                 tls_ca: str | None = None):
         if serving_mode not in SERVING_MODES:
             raise ValueError(f"serving mode must be one of {', '.join(SERVING_MODES)}, got {serving_mode!r}")
-        super().__init__(address, sampling, cache_salt)
+        super().__init__(address, sampling, cache_salt, tls_ca)
         self.mode = gateway_pb2.ServingMode.Value("SERVING_MODE_" + serving_mode.upper())
         self.serving_mode = serving_mode
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None  # a gateway with api_keys set

@@ -8,6 +8,7 @@ import socket
 import ssl
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 import openai
@@ -120,6 +121,7 @@ def test_etcd_serves_only_clients_with_a_certificate_of_the_ca(tls_cluster, tmp_
 
     import aetcd
 
+    from services.common.etcd_auth import EtcdCredentials
     from services.common.etcd_tls import TlsEtcdClient
     from services.common.registry import parse_endpoint
     from services.common.tls import TlsFiles
@@ -131,10 +133,16 @@ def test_etcd_serves_only_clients_with_a_certificate_of_the_ca(tls_cluster, tmp_
 
     async def count_keys(client) -> int:
         async with client:
-            return (await client.get_prefix(b"/tandem/")).count
+            return (await client.get_prefix(f"/tandem/{tls_cluster.spec.cluster}/".encode())).count  # the services user may read its cluster only
+
+    client_tls = TlsFiles(str(d / "client.pem"), str(d / "client-key.pem"), str(d / "ca.pem"))
+    auth = tls_cluster.etcd_auth  # `tandem up --tls` also turns on etcd's user/password auth
+    login = EtcdCredentials(auth.username, auth.password_file.read_text().strip())
 
     async def main():
-        assert await count_keys(TlsEtcdClient(host=host, port=port, timeout=5, tls=TlsFiles(str(d / "client.pem"), str(d / "client-key.pem"), str(d / "ca.pem")))) > 0
+        assert await count_keys(TlsEtcdClient(host=host, port=port, timeout=5, tls=client_tls, credentials=login)) > 0
+        with pytest.raises(Exception, match="user name is empty|permission denied"):  # the CA's certificate alone no longer suffices
+            await asyncio.wait_for(count_keys(TlsEtcdClient(host=host, port=port, timeout=3, tls=client_tls)), 10)
         for client in (aetcd.Client(host=host, port=port, timeout=3),  # plaintext
                        TlsEtcdClient(host=host, port=port, timeout=3, tls=TlsFiles(str(foreign / "client.pem"), str(foreign / "client-key.pem"), str(d / "ca.pem")))):  # fmt: skip
             with pytest.raises(Exception):
@@ -146,4 +154,33 @@ def test_etcd_serves_only_clients_with_a_certificate_of_the_ca(tls_cluster, tmp_
     from tandem.cli import main as cli_main
 
     tls_flags = ["--tls-cert", str(d / "client.pem"), "--tls-key", str(d / "client-key.pem"), "--tls-ca", str(d / "ca.pem")]
-    assert cli_main(["scheduling", "--etcd", tls_cluster.etcd_endpoint, *tls_flags, "show"]) == 0
+    auth_flags = ["--etcd-username", auth.username, "--etcd-password-file", str(auth.password_file)]
+    assert cli_main(["scheduling", "--etcd", tls_cluster.etcd_endpoint, *tls_flags, *auth_flags, "show"]) == 0
+
+
+def test_the_etcd_password_is_in_no_childs_argv_or_log(tls_cluster):
+    auth = tls_cluster.etcd_auth
+    password = auth.password_file.read_text().strip()
+    assert auth.password_file.stat().st_mode & 0o077 == 0 and auth.root_password_file.stat().st_mode & 0o077 == 0
+    for svc in tls_cluster.services:
+        argv = Path(f"/proc/{svc.proc.pid}/cmdline").read_bytes().decode()
+        assert "--etcd-password-file" in argv and password not in argv, svc.name
+        assert password not in svc.log_path.read_text(errors="replace"), svc.name
+
+
+@pytest.mark.parametrize("backend", ["tandem", "openai"])
+def test_tandem_bench_drives_a_tls_front_door_with_the_dev_ca(tls_cluster, tmp_path, backend):
+    import json
+    import subprocess
+    import sys
+
+    target = ["--gateway", tls_cluster.gateway_address] if backend == "tandem" else ["--backend", "openai", "--base-url", tls_cluster.gateway_http_url]
+    cmd = [sys.executable, "-m", "tandem", "bench", "random", *target, "--input-len", "32", "--output-len", "4", "--num-prompts", "3",
+           "--request-rate", "inf", "--vocab-size", "30000", "--no-progress", "--connect-timeout", "20"]  # fmt: skip
+    refused = subprocess.run([*cmd, "--out", str(tmp_path / "no-ca")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0  # the system's trust store does not know the dev CA
+    done = subprocess.run([*cmd, "--out", str(tmp_path / "ca"), "--tls-ca", str(certs.ca_file(cert_dir(tls_cluster)))],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "ca" / "result.json").read_text())
+    assert (result["completed"], result["failed"]) == (3, 0)
