@@ -3,25 +3,20 @@ and the engine giving the same tokens with either."""
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
 
-from services.engine.cpu_kernels import kernels_disabled, load_fused_elementwise
+from services.engine.cpu_kernels import load_fused_elementwise
 from services.engine.model_config import RopeConfig
 from services.engine.models.layer_ops import FusedLayerOps, TorchLayerOps, select_layer_ops
 from services.engine.models.rope import RotaryEmbedding
+from tests.helpers.kernels import require_kernel
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    k = load_fused_elementwise()
-    if k is None:
-        if shutil.which("c++") and not kernels_disabled():
-            pytest.fail("the fused elementwise kernels did not build on a machine with a C++ compiler (see the logged warning)")
-        pytest.skip("no C++ compiler: the engine uses the torch steps")
-    return k
+    return require_kernel(load_fused_elementwise(), "the fused elementwise CPU kernels")
 
 
 def ops_pair(kernels, dtype, head_dim=64):

@@ -1,6 +1,6 @@
 """The fused CPU paged decode attention kernel against a plain torch reference.
 
-Skipped when the kernel cannot be built here (no compiler / ninja, or TANDEM_DISABLE_CPU_KERNELS=1).
+Fails when the kernel does not build on a machine with a compiler; skipped without one, or with TANDEM_DISABLE_CPU_KERNELS=1.
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ import torch
 
 from services.engine import cpu_kernels
 from services.engine.cpu_kernels import load_paged_decode_attention
+from tests.helpers.kernels import require_kernel
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    fn = load_paged_decode_attention()
-    if fn is None:
-        pytest.skip("paged decode attention CPU kernel could not be built (see the logged warning)")
-    return fn
+    return require_kernel(load_paged_decode_attention(), "the paged decode attention CPU kernel")
 
 
 def reference(q, k_cache, v_cache, block_table, context_lens, scale):

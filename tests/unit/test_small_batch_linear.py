@@ -8,14 +8,12 @@ import torch.nn.functional as F
 
 from services.engine.cpu_kernels import load_small_batch_linear
 from services.engine.models.llama import Linear, small_batch_max_rows
+from tests.helpers.kernels import require_kernel
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    fn = load_small_batch_linear()
-    if fn is None:
-        pytest.skip("small-batch linear CPU kernel could not be built (see the logged warning)")
-    return fn
+    return require_kernel(load_small_batch_linear(), "the small-batch linear CPU kernel")
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
