@@ -163,22 +163,15 @@ def _load(name: str, source: str, symbol: str | None, self_check: Callable, fall
 
 
 @functools.cache
-def load_paged_decode_attention_module():
-    """The compiled paged decode attention module (`paged_decode_attention`, and `uses_amx`: whether bf16
-    scores run on AMX tiles here), or None (logged once) when unavailable."""
+def load_paged_decode_attention() -> Callable | None:
+    """The compiled paged decode attention function, or None (logged once) when unavailable."""
     return _load(
         "tandem_paged_decode_attention",
         "paged_decode_attention.cpp",
-        None,
-        lambda m: _self_check(m.paged_decode_attention),
+        "paged_decode_attention",
+        _self_check,
         "the torch fallback for decode attention",
     )
-
-
-def load_paged_decode_attention() -> Callable | None:
-    """The compiled paged decode attention function, or None (logged once) when unavailable."""
-    module = load_paged_decode_attention_module()
-    return None if module is None else module.paged_decode_attention
 
 
 def _self_check_linear(fn: Callable) -> None:

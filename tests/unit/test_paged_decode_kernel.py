@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from services.engine import cpu_kernels
-from services.engine.cpu_kernels import load_paged_decode_attention, load_paged_decode_attention_module
+from services.engine.cpu_kernels import load_paged_decode_attention
 from tests.helpers.kernels import require_kernel
 
 
@@ -118,7 +118,6 @@ def test_non_contiguous_kv_head_stride(kernel, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_thread_counts_agree(kernel, threads, dtype):
-    """Every thread sets up its own state (bf16 on an AMX CPU: its tile configuration)."""
     case = make_case(lens=LENGTHS["ragged"], kv_heads=3, group=3, head_dim=64, seed=5, dtype=dtype)
     old = torch.get_num_threads()
     try:
@@ -213,11 +212,11 @@ def test_backend_decode_uses_kernel_and_matches_mask_path(kernel):
 
 def test_disabled_by_env(monkeypatch):
     monkeypatch.setenv("TANDEM_DISABLE_CPU_KERNELS", "1")
-    load_paged_decode_attention_module.cache_clear()
+    load_paged_decode_attention.cache_clear()
     try:
         assert load_paged_decode_attention() is None
     finally:
-        load_paged_decode_attention_module.cache_clear()
+        load_paged_decode_attention.cache_clear()
 
 
 def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
@@ -226,7 +225,7 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
 
     monkeypatch.delenv("TANDEM_DISABLE_CPU_KERNELS", raising=False)
     monkeypatch.setattr(cpu_kernels, "_compile", broken)
-    load_paged_decode_attention_module.cache_clear()
+    load_paged_decode_attention.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
             assert load_paged_decode_attention() is None
@@ -235,7 +234,7 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
         assert len(warnings) == 1
         assert "torch fallback" in warnings[0].getMessage() and "Ninja" in warnings[0].getMessage()
     finally:
-        load_paged_decode_attention_module.cache_clear()
+        load_paged_decode_attention.cache_clear()
 
 
 def test_build_hash_depends_on_cpu_flags(monkeypatch, tmp_path):

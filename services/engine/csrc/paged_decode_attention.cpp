@@ -26,8 +26,6 @@
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #endif
 
 #include <algorithm>
@@ -155,100 +153,6 @@ NOINLINE float max_of(const float* __restrict s, int64_t n) {
   return m;
 }
 
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-// bf16 scores on AMX: one block's 16 K rows against the group's G query heads in one tile multiply per
-// 32 of head_dim, S^T[16, G] = K[16, D] . Q^T[D, G]. The K rows are the A tile, loaded straight from the
-// cache with the row stride (no copy); Q^T is the B tile in AMX's pair-interleaved (VNNI) layout, built
-// once per (sequence, kv head). The dot products are bf16 x bf16 accumulated in float32, as vdpbf16ps's
-// (the same numbers to rounding order), but a tile multiply does 16 x G x 32 of them at once, where the
-// vector path paid a horizontal reduction for every (row, head): measured here (64 sequences, 320
-// tokens, 9/3 heads) pass 1 went from about two thirds of the kernel to a small part of it.
-constexpr bool kHaveAmx = true;
-
-// Linux gives a process AMX's 8 KiB of tile state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM); a
-// kernel or hypervisor without AMX support refuses, and the vector path is used instead.
-bool amx_usable() {
-  static const bool ok = [] {
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-constexpr int kAmxRows = 16;    // K rows per tile: one block of 16 tokens
-constexpr int kAmxChunk = 32;   // bf16 elements of head_dim per tile multiply (64 bytes, a tile row)
-
-// tile 0: S^T [16 rows, G floats]; tile 1: K rows [16, 32 bf16]; tiles 2..2+NC-1: Q^T chunks [16 pairs, G pairs]
-template <int NC>
-void configure_score_tiles(int64_t G) {
-  TileConfig cfg;
-  cfg.rows[0] = kAmxRows;
-  cfg.colsb[0] = static_cast<uint16_t>(G * 4);
-  cfg.rows[1] = kAmxRows;
-  cfg.colsb[1] = kAmxChunk * 2;
-  for (int c = 0; c < NC; ++c) {
-    cfg.rows[2 + c] = kAmxChunk / 2;
-    cfg.colsb[2 + c] = static_cast<uint16_t>(G * 4);
-  }
-  _tile_loadconfig(&cfg);
-}
-
-// qt[c][r][g][0..1] = q_g[c * 32 + 2r + 0..1]: the B tiles of Q^T for one (sequence, kv head)
-inline void pack_q_vnni(const at::BFloat16* q, int64_t q_sh, int64_t G, int64_t D, at::BFloat16* qt) {
-  const int64_t nc = D / kAmxChunk;
-  for (int64_t c = 0; c < nc; ++c)
-    for (int64_t r = 0; r < kAmxChunk / 2; ++r)
-      for (int64_t g = 0; g < G; ++g) {
-        at::BFloat16* dst = qt + ((c * (kAmxChunk / 2) + r) * G + g) * 2;
-        const at::BFloat16* src = q + g * q_sh + c * kAmxChunk + 2 * r;
-        dst[0] = src[0];
-        dst[1] = src[1];
-      }
-}
-
-template <int NC>
-inline void load_q_tiles(const at::BFloat16* qt, int64_t G) {
-  const int64_t tile = (kAmxChunk / 2) * G * 2;  // elements per chunk
-  _tile_loadd(2, qt, G * 4);
-  if constexpr (NC > 1) _tile_loadd(3, qt + tile, G * 4);
-  if constexpr (NC > 2) _tile_loadd(4, qt + 2 * tile, G * 4);
-  if constexpr (NC > 3) _tile_loadd(5, qt + 3 * tile, G * 4);
-}
-
-// st[t * G + g] = q_g . k_t for the block's 16 rows (rows past the context are computed and ignored:
-// they lie inside the same allocated block)
-template <int NC>
-inline void score_block_amx(float* st, const at::BFloat16* rows, int64_t row_stride, int64_t G) {
-  const int64_t stride_bytes = row_stride * static_cast<int64_t>(sizeof(at::BFloat16));
-  _tile_zero(0);
-  _tile_loadd(1, rows, stride_bytes);
-  _tile_dpbf16ps(0, 1, 2);
-  if constexpr (NC > 1) {
-    _tile_loadd(1, rows + kAmxChunk, stride_bytes);
-    _tile_dpbf16ps(0, 1, 3);
-  }
-  if constexpr (NC > 2) {
-    _tile_loadd(1, rows + 2 * kAmxChunk, stride_bytes);
-    _tile_dpbf16ps(0, 1, 4);
-  }
-  if constexpr (NC > 3) {
-    _tile_loadd(1, rows + 3 * kAmxChunk, stride_bytes);
-    _tile_dpbf16ps(0, 1, 5);
-  }
-  _tile_stored(0, st, G * 4);
-}
-#else
-constexpr bool kHaveAmx = false;
-#endif
-
 // acc[0:D] += sum_t p[t] * rows[t * stride + 0:D] over one block's n rows. DT > 0: the accumulator is a
 // fixed-size local array, which gcc keeps in vector registers for the whole block.
 template <int DT>
@@ -316,12 +220,6 @@ void decode_attention(
     int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale) {
   const int64_t G = H / KVH;
   const bool q_sh_contiguous = true;  // q rows have stride 1 along D (checked by the caller)
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-  constexpr int NC = DT > 0 && DT % kAmxChunk == 0 && DT / kAmxChunk <= 4 ? DT / kAmxChunk : 0;
-  const bool use_amx = std::is_same_v<T, at::BFloat16> && NC > 0 && BS == kAmxRows && G <= 16 && amx_usable();
-#else
-  const bool use_amx = false;
-#endif
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     int64_t max_len = 0;
     for (int64_t item = begin; item < end; ++item) max_len = std::max(max_len, lens[item / KVH]);
@@ -330,13 +228,6 @@ void decode_attention(
     std::vector<float> acc(static_cast<size_t>(G * D));
     std::vector<float> scratch(std::is_same_v<T, float> ? 0 : static_cast<size_t>(BS * D));
     std::vector<float> inv_sum(static_cast<size_t>(G));
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-    std::vector<at::BFloat16> qt(use_amx ? static_cast<size_t>(D * G) : 0);  // Q^T tiles of the current item
-    alignas(64) float st[kAmxRows * 16];                                      // one block's S^T [16, G]
-    if constexpr (NC > 0) {
-      if (use_amx) configure_score_tiles<NC>(G);  // tile configuration is per thread
-    }
-#endif
 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / KVH;
@@ -348,14 +239,6 @@ void decode_attention(
       const T* k_head = k + kvh * ks.h;
       const T* v_head = v + kvh * vs.h;
       for (int64_t g = 0; g < G; ++g) load_q_row(q + b * q_sb + (h0 + g) * q_sh, qf.data() + g * D, D);
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-      if constexpr (NC > 0 && std::is_same_v<T, at::BFloat16>) {
-        if (use_amx) {
-          pack_q_vnni(q + b * q_sb + h0 * q_sh, q_sh, G, D, qt.data());
-          load_q_tiles<NC>(qt.data(), G);
-        }
-      }
-#endif
 
       // pass 1: scores[g, pos] = (q_g . k_pos) * scale
       for (int64_t i = 0; i < nblk; ++i) {
@@ -366,18 +249,6 @@ void decode_attention(
           // V's rows too, so pass 2 finds them in cache instead of waiting on a second random walk
           prefetch_block(v_head + table[i + 1] * vs.blk, vs.tok, n_next, D);
         }
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-        if constexpr (NC > 0 && std::is_same_v<T, at::BFloat16>) {
-          if (use_amx) {
-            score_block_amx<NC>(st, k_head + table[i] * ks.blk, ks.tok, G);
-            for (int64_t g = 0; g < G; ++g) {
-              float* s_g = scores.data() + g * len + i * BS;
-              for (int64_t t = 0; t < n; ++t) s_g[t] = st[t * G + g] * scale;
-            }
-            continue;
-          }
-        }
-#endif
         if constexpr (std::is_same_v<T, at::BFloat16> && kHaveBf16Dot) {
           if (D % 32 == 0 && q_sh_contiguous) {
             for (int64_t g = 0; g < G; ++g)
@@ -412,9 +283,6 @@ void decode_attention(
       }
       for (int64_t g = 0; g < G; ++g) store_row(acc.data() + g * D, out + (b * H + h0 + g) * D, D, inv_sum[g]);
     }
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-    if (use_amx) _tile_release();
-#endif
   });
 }
 
@@ -517,17 +385,7 @@ at::Tensor paged_decode_attention(
   return out;
 }
 
-// Whether bf16 scores run on AMX tiles here (built for a CPU with AMX, and the OS grants the tile state).
-bool uses_amx() {
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-  return amx_usable();
-#else
-  return false;
-#endif
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("uses_amx", &uses_amx, "True when bf16 attention scores are computed with AMX tile multiplies");
   m.def("paged_decode_attention", &paged_decode_attention,
         "Paged decode attention (one query per sequence) reading K/V blocks in place",
         pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("block_table"),
