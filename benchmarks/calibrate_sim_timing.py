@@ -105,7 +105,7 @@ class Calibrator:
         self._add(prefix + self._ids(self.block_size), 1)  # the shared prefix into the cache first
         self._drain()
         for batch in batches:
-            for i in range(batch):
+            for _ in range(batch):
                 self._add(prefix + self._ids(self.block_size), steps + 2)
             while any(not r.output_token_ids for r in self.core.requests.values()):  # every prompt prefilled
                 self.core.step()

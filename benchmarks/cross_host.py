@@ -108,7 +108,9 @@ def run_kv(bed, hosts: tuple[str, str], env: dict[str, str], args, logs: Path) -
         for host, role, sock in ((hosts[0], "server", a), (hosts[1], "client", b)):
             cmd = bed.command(host, [sys.executable, "-m", "benchmarks.cross_host", "kv-peer", "--role", role, "--fd", str(sock.fileno()), *common])
             with open(logs / f"kv-{role}-{hosts[0]}-{hosts[1]}.log", "ab") as log:
-                procs.append(subprocess.Popen(cmd, pass_fds=[sock.fileno()], cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=log, text=True))
+                procs.append(
+                    subprocess.Popen(cmd, pass_fds=[sock.fileno()], cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=log, text=True)
+                )
         a.close(), b.close()
         out, _ = procs[1].communicate(timeout=600)
         procs[0].wait(timeout=30)

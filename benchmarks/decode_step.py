@@ -43,8 +43,18 @@ def main() -> None:
         core.step()
         times.append((time.perf_counter() - t) * 1000)
     times.sort()
-    print(json.dumps({"dtype": args.dtype, "batch": args.batch, "threads": args.threads, "min_ms": round(times[0], 1),
-                      "p25_ms": round(times[len(times) // 4], 1), "median_ms": round(times[len(times) // 2], 1)}))
+    print(
+        json.dumps(
+            {
+                "dtype": args.dtype,
+                "batch": args.batch,
+                "threads": args.threads,
+                "min_ms": round(times[0], 1),
+                "p25_ms": round(times[len(times) // 4], 1),
+                "median_ms": round(times[len(times) // 2], 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

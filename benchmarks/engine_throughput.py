@@ -72,9 +72,15 @@ def timed(fn):
 def bench_tandem(model_dir: str, dtype: str, prompts, output_len: int, args) -> dict:
     from services.engine import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, dtype=dtype, num_threads=args.threads, kv_cache_memory_gb=args.kv_cache_gb,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-              enable_prefix_caching=False)
+    llm = LLM(
+        model=model_dir,
+        dtype=dtype,
+        num_threads=args.threads,
+        kv_cache_memory_gb=args.kv_cache_gb,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        enable_prefix_caching=False,
+    )
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     llm.generate(prompt_token_ids=prompts[:2], sampling_params=SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     outs, wall, cpu = timed(lambda: llm.generate(prompt_token_ids=prompts, sampling_params=params))
@@ -87,13 +93,12 @@ def bench_tandem(model_dir: str, dtype: str, prompts, output_len: int, args) -> 
     core.add_request("b1", prompts[0][:128], one)
     stamps = []
     while core.has_work():
-        for o in core.step():
+        for _ in core.step():
             stamps.append(time.perf_counter())
     result["batch1_decode_ms_per_token"] = (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1000
 
     # TTFT cold vs warm (960 of 1,024 prompt tokens cached), with the prefix cache on
-    llm = LLM(model=model_dir, dtype=dtype, num_threads=args.threads, kv_cache_memory_gb=args.kv_cache_gb,
-              max_num_batched_tokens=2048)
+    llm = LLM(model=model_dir, dtype=dtype, num_threads=args.threads, kv_cache_memory_gb=args.kv_cache_gb, max_num_batched_tokens=2048)
     first = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     prefix = random_prompts(1, 960, llm.engine.model_config.vocab_size, seed=7)[0]
     cold_prompt = prefix + random_prompts(1, 64, llm.engine.model_config.vocab_size, seed=8)[0]
@@ -110,14 +115,16 @@ def bench_transformers(model_dir: str, dtype: torch.dtype, prompts, output_len: 
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+
     # equal-length random prompts: left padding is a no-op here, as in the reference measurement
     def run():
         n = 0
         with torch.inference_mode():
             for i in range(0, len(prompts), batch):
                 ids = torch.tensor(prompts[i : i + batch])
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-                                     min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+                out = model.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0
+                )
                 n += (out.shape[1] - ids.shape[1]) * ids.shape[0]
         return n
 
@@ -151,10 +158,14 @@ def main() -> None:
     cfg = ModelConfig.from_dir(model_dir)
     prompts = random_prompts(args.num_requests, args.prompt_len, cfg.vocab_size)
     report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
-                    "torch": torch.__version__, "read_bandwidth_GBps": measure_read_bandwidth()},
-        "workload": {"model": args.model, "requests": args.num_requests, "prompt_len": args.prompt_len,
-                     "output_len": args.output_len},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "read_bandwidth_GBps": measure_read_bandwidth(),
+        },
+        "workload": {"model": args.model, "requests": args.num_requests, "prompt_len": args.prompt_len, "output_len": args.output_len},
         "results": {},
     }
     flops = workload_flops(cfg, args.num_requests, args.prompt_len, args.output_len)

@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from tandem.launcher import ClusterSpec, LocalCluster
 
-    spec = ClusterSpec(free_ports=True, lease_ttl=5, worker_args=["--threads", "1", "--kv-cache-gb", "0.25"], workdir=Path(tempfile.mkdtemp(prefix="tandem-fuzz-")))
+    spec = ClusterSpec(
+        free_ports=True, lease_ttl=5, worker_args=["--threads", "1", "--kv-cache-gb", "0.25"], workdir=Path(tempfile.mkdtemp(prefix="tandem-fuzz-"))
+    )
     cluster = LocalCluster(spec)
     cluster.start(timeout=300)
     try:

@@ -59,7 +59,9 @@ def main() -> int:
                 total = r["num_requests"] + r.get("num_warmup_requests", 0)
                 rows.append((num_workers, concurrency, r, cpu / total))
     print(f"\n{args.input_len}-token prompts (token ids), {args.output_len} output tokens, prefix-aware routing, instant simulated workers")
-    print(f"{'workers':>7s} {'conc':>5s} {'req/s':>7s} {'out tok/s':>10s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'E2E p50':>8s} {'E2E p99':>8s} {'gw CPU ms/req':>14s} {'failed':>6s}")
+    print(
+        f"{'workers':>7s} {'conc':>5s} {'req/s':>7s} {'out tok/s':>10s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'E2E p50':>8s} {'E2E p99':>8s} {'gw CPU ms/req':>14s} {'failed':>6s}"
+    )
     for n, c, r, cpu in rows:
         print(f"{n:7d} {c:5d} {r['request_throughput']:7.1f} {r['output_throughput']:10.0f} {r['median_ttft_ms']:9.1f} {r['p99_ttft_ms']:9.1f} "
               f"{r['median_e2el_ms']:8.1f} {r['p99_e2el_ms']:8.1f} {cpu * 1000:14.2f} {r['failed']:6d}")  # fmt: skip

@@ -298,7 +298,9 @@ def main() -> None:
         record["ttft"] = share
         print("\nDisaggregated requests (median): prompt tokens, TTFT, decode's pull, pull / TTFT, gap to the second token")
         for n, r in share.items():
-            print(f"{n:>6} {r['ttft_s'] * 1e3:8.1f} ms {r['pull_s'] * 1e3:8.1f} ms {100 * r['pull_share_of_ttft']:6.1f} % {r['second_token_gap_s'] * 1e3:8.1f} ms")
+            print(
+                f"{n:>6} {r['ttft_s'] * 1e3:8.1f} ms {r['pull_s'] * 1e3:8.1f} ms {100 * r['pull_share_of_ttft']:6.1f} % {r['second_token_gap_s'] * 1e3:8.1f} ms"
+            )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=2))

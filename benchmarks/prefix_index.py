@@ -62,7 +62,7 @@ def main() -> None:
             cells = [percentiles_us(lambda: index.match(prompt)), percentiles_us(lambda: index.match(prompt, some)), percentiles_us(lambda: index.match(miss))]
             print(f"{num_workers:5d} workers, {label:18s}  all: {cells[0][0]:6.1f} / {cells[0][1]:6.1f}   "
                   f"10% by id: {cells[1][0]:6.1f} / {cells[1][1]:6.1f}   miss: {cells[2][0]:6.1f} / {cells[2][1]:6.1f}")  # fmt: skip
-            del index
+            index = None  # freed before the next build
     for num_workers in (100, 1000):
         gc.collect()
         tracemalloc.start()
@@ -70,7 +70,7 @@ def main() -> None:
         size = tracemalloc.get_traced_memory()[0]
         tracemalloc.stop()
         print(f"memory at {index.num_entries:,} entries, {num_workers} workers: {size / 2**20:.0f} MiB")
-        del index
+        index = None
 
 
 if __name__ == "__main__":

@@ -81,7 +81,9 @@ async def bench_in_process(args) -> Result:
         await run_engine_request(engine, "warmup", prompts(1, args.prompt_len, 99)[0], 4)
         seq = [await run_engine_request(engine, f"s{i}", p, args.max_tokens) for i, p in enumerate(prompts(args.sequential, args.prompt_len, 1))]
         t0 = time.perf_counter()
-        conc = await asyncio.gather(*(run_engine_request(engine, f"c{i}", p, args.max_tokens) for i, p in enumerate(prompts(args.concurrent, args.prompt_len, 2))))
+        conc = await asyncio.gather(
+            *(run_engine_request(engine, f"c{i}", p, args.max_tokens) for i, p in enumerate(prompts(args.concurrent, args.prompt_len, 2)))
+        )
         wall = time.perf_counter() - t0
     finally:
         await engine.shutdown()
@@ -147,7 +149,9 @@ def main() -> None:
         cluster.stop()
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
 
-    print(f"{args.sequential} sequential + {args.concurrent} concurrent requests × {args.prompt_len} prompt tokens × {args.max_tokens} output tokens, {args.threads} threads")
+    print(
+        f"{args.sequential} sequential + {args.concurrent} concurrent requests × {args.prompt_len} prompt tokens × {args.max_tokens} output tokens, {args.threads} threads"
+    )
     print(f"{'path':34} {'TTFT p50 ms':>12} {'ITL p50 ms':>11} {'conc tok/s':>11}")
     for r in results:
         print(f"{r.path:34} {r.seq_ttft_ms_p50:12.1f} {r.seq_itl_ms_p50:11.2f} {r.conc_tok_per_s:11.1f}")

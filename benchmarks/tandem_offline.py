@@ -31,8 +31,14 @@ def main() -> None:
     from services.engine import LLM, SamplingParams
 
     t_load = time.perf_counter()
-    llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads, kv_cache_memory_gb=2.0,
-              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False)
+    llm = LLM(
+        model=args.model,
+        dtype=args.dtype,
+        num_threads=args.threads,
+        kv_cache_memory_gb=2.0,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=False,
+    )
     load_s = time.perf_counter() - t_load
     ps = random_prompts(args.num_prompts, args.input_len, llm.engine.model_config.vocab_size)
     greedy = dict(temperature=0, ignore_eos=True)
@@ -54,8 +60,21 @@ def main() -> None:
         return best
 
     batch1_ms = (timed(65) - timed(1)) / 64 * 1000
-    print(json.dumps({"engine": "tandem", "dtype": args.dtype, "output_tokens": n_out, "wall_s": wall, "machine_cpu_s": cpu,
-                      "output_tok_per_s": n_out / wall, "batch1_decode_ms_per_token": batch1_ms, "load_s": load_s}), flush=True)
+    print(
+        json.dumps(
+            {
+                "engine": "tandem",
+                "dtype": args.dtype,
+                "output_tokens": n_out,
+                "wall_s": wall,
+                "machine_cpu_s": cpu,
+                "output_tok_per_s": n_out / wall,
+                "batch1_decode_ms_per_token": batch1_ms,
+                "load_s": load_s,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

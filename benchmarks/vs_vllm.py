@@ -127,7 +127,9 @@ def markdown(summary: dict) -> str:
         for name in ("vllm", "tandem"):
             if name in off:
                 r = off[name]
-                lines.append(f"| {name} `LLM.generate` | {r['output_tok_per_s']:.0f} | {r['wall_s']:.1f} | {r['machine_cpu_s']:.1f} | {r['batch1_decode_ms_per_token']:.1f} |")
+                lines.append(
+                    f"| {name} `LLM.generate` | {r['output_tok_per_s']:.0f} | {r['wall_s']:.1f} | {r['machine_cpu_s']:.1f} | {r['batch1_decode_ms_per_token']:.1f} |"
+                )
         lines.append("")
     for workload in ("burst", "burst-vllm-client", "shared-prefix"):
         rows = [(label, r[workload]) for label, r in summary.get("served", {}).items() if workload in r]

@@ -26,26 +26,25 @@ import uuid
 
 import grpc
 
+from kvtransfer.block_hash import hash_blocks
 from protos.tandem.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2, worker_pb2
 from services.common.config import ServiceConfig
 from services.common.errors import RequestError, invalid, unavailable
+from services.common.keepalive import Keepalive
 from services.common.metrics import GatewayMetrics
 from services.common.registry import workers_prefix
 from services.common.telemetry import tracer
-from services.common.keepalive import Keepalive
 from services.common.tls import TlsFiles
-
-from kvtransfer.block_hash import hash_blocks
 
 from .api_keys import ApiKeys, KeyCheck
 from .decode_leg import RETRYABLE_CODES, DecodeLeg
 from .outlier_detection import OutlierDetectionConfig, OutlierDetector
 from .pd_decider import PDDecision, decide, uncached_tokens
+from .request_validation import RequestLimits, check_prompt_length, validate_request
 from .scheduling.base import RequestContext
 from .scheduling.live_config import LiveSchedulingConfig
 from .scheduling.router import Router
 from .scheduling.scheduling_config import DisaggregationConfig, SchedulingConfig, load_file
-from .request_validation import RequestLimits, check_prompt_length, validate_request
 from .worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -133,7 +132,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         limit = self.config.max_requests_in_flight
         if limit and self._num_in_flight >= limit:
             self.metrics.requests.labels(grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the gateway is serving its limit of {limit} requests (max_requests_in_flight); retry later")
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"the gateway is serving its limit of {limit} requests (max_requests_in_flight); retry later"
+            )
         self._num_in_flight += 1
         self.metrics.in_flight.inc()
         try:
@@ -187,13 +188,15 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(request.sampling)
         sampling.max_tokens = check_prompt_length(len(prompt_ids), request.sampling, max_model_len, self.config.default_max_tokens)
-        worker_request = worker_pb2.WorkerGenerateRequest(
-            request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling, cache_salt=request.cache_salt
-        )
+        worker_request = worker_pb2.WorkerGenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling, cache_salt=request.cache_salt)
         route = self._routing_context(request, request_id, prompt_ids, decoders, context)
         decode, decision = self._schedule(request.mode, route)
         forced = request.mode == gateway_pb2.SERVING_MODE_DISAGGREGATED
-        stream = self._disaggregated(worker_request, context, route, decision, decode, forced) if decision.disaggregate else self._decode(worker_request, context, route, decode)
+        stream = (
+            self._disaggregated(worker_request, context, route, decision, decode, forced)
+            if decision.disaggregate
+            else self._decode(worker_request, context, route, decode)
+        )
         # counted from the decision (a disaggregated request's prefill included), so a burst
         # spreads; the prompt tokens it computes count in its prefill backlog until the first token
         backlog = 0 if decision.disaggregate else decision.num_uncached_tokens
@@ -231,7 +234,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             workers = self.pool.workers.values()
             decode = self.router.pick(route, workers, observe=observe)
             if decode is None:
-                raise unavailable(f"no decode worker can take the request ({len(self.pool.registered('decode'))} registered, none ready for model {route.model or 'any'})")
+                raise unavailable(
+                    f"no decode worker can take the request ({len(self.pool.registered('decode'))} registered, none ready for model {route.model or 'any'})"
+                )
             decision = decide(mode, route, decode, workers, self.router, observe=observe)
             self.metrics.decision_latency.observe(time.perf_counter() - t)
             self.metrics.pd_decisions.labels(decision.reason).inc()
@@ -245,7 +250,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
     def _observe_plugin(self, plugin: str, seconds: float) -> None:
         self.metrics.plugin_latency.labels(plugin).observe(seconds)
 
-    async def _disaggregated(self, worker_request: worker_pb2.WorkerGenerateRequest, context, route: RequestContext, decision: PDDecision, decode, forced: bool):
+    async def _disaggregated(
+        self, worker_request: worker_pb2.WorkerGenerateRequest, context, route: RequestContext, decision: PDDecision, decode, forced: bool
+    ):
         """Prefill on the decided prefill worker, stream its first token at once, then decode on
         `decode` (pulling only the blocks it lacks) with the KV handle.
 
@@ -299,7 +306,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         worker_request.kv_handle.CopyFrom(reply.kv_handle)
         worker_request.first_token_id = reply.first.token_ids[0]
         try:
-            decoding = self._decode(worker_request, context, route, decode, cached_prompt_tokens=reply.num_cached_tokens, streamed_token_ids=reply.first.token_ids)
+            decoding = self._decode(
+                worker_request, context, route, decode, cached_prompt_tokens=reply.num_cached_tokens, streamed_token_ids=reply.first.token_ids
+            )
             async with contextlib.aclosing(decoding) as stream:
                 async for chunk in stream:
                     yield chunk
@@ -328,7 +337,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         tok_request = tokenizer_pb2.TokenizeRequest(text=request.text) if which == "text" else tokenizer_pb2.TokenizeRequest(chat=request.chat)
         tokenizers = self.pool.registered("tokenizer")
         if not tokenizers:
-            raise unavailable(f"no tokenizer service is registered (etcd prefix {workers_prefix(self.config.cluster)}tokenizer/); start one with `tandem serve tokenizer`")
+            raise unavailable(
+                f"no tokenizer service is registered (etcd prefix {workers_prefix(self.config.cluster)}tokenizer/); start one with `tandem serve tokenizer`"
+            )
         last_error = None
         for i in range(len(tokenizers)):  # round robin, moving on when one is unreachable
             handle = tokenizers[(self._tokenizer_turn + i) % len(tokenizers)]

@@ -225,8 +225,12 @@ class WorkerPool:
             if not serving:
                 await self._remove_and_report(key)
                 return
-            log.warning("%s %s lost its etcd key but still serves (an etcd outage?); keeping it %.0fs for it to register again",
-                        handle.role, handle.worker_id, RESYNC_GRACE_S)
+            log.warning(
+                "%s %s lost its etcd key but still serves (an etcd outage?); keeping it %.0fs for it to register again",
+                handle.role,
+                handle.worker_id,
+                RESYNC_GRACE_S,
+            )
             handle.unlisted_since = time.monotonic()
             await self._drop_if_still_unlisted(key, handle)
         finally:

@@ -75,7 +75,7 @@ class KVTransportClient:
         self._inflight.add(inner)
         try:
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(inner)), timeout + _CALLER_GRACE)
-        except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+        except (TimeoutError, asyncio.CancelledError) as e:
             inner.cancel()  # the UCX side stops, and finishes any copy into our cache, before it ends
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.wrap_future(inner), _CALLER_GRACE)

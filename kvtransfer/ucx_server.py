@@ -25,13 +25,24 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
-from .ucx_protocol import ABORT_INDEX, MAX_ADDRESS_BYTES, MAX_CHUNKS, MAX_REQUEST_BYTES, PullRequest, PullResponse, ServerAddress, Status, reply_tag, request_tag
+from .ucx_protocol import (
+    ABORT_INDEX,
+    MAX_ADDRESS_BYTES,
+    MAX_CHUNKS,
+    MAX_REQUEST_BYTES,
+    PullRequest,
+    PullResponse,
+    ServerAddress,
+    Status,
+    reply_tag,
+    request_tag,
+)
 from .ucx_runtime import CopyTask, UcxRuntime, abort_soon, ucx_address
 from .ucx_staging import DEFAULT_CHUNK_BYTES, StagingPool, as_ucx_buffer, gather, layout_of, run_view
 
@@ -73,8 +84,15 @@ class KVTransportServer:
     check has ended; from then on the pull reads none of its blocks, so they may be released.
     """
 
-    def __init__(self, kv_storage: torch.Tensor, *, on_pull_done: Callable[[bytes, bool], None] | None = None,
-                 on_drop: Callable[[], None] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_concurrent_pulls: int = 8):
+    def __init__(
+        self,
+        kv_storage: torch.Tensor,
+        *,
+        on_pull_done: Callable[[bytes, bool], None] | None = None,
+        on_drop: Callable[[], None] | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_concurrent_pulls: int = 8,
+    ):
         self._layout = layout_of(kv_storage)
         self._storage = kv_storage  # keeps the memory behind _runs alive
         self._runs = run_view(kv_storage)
@@ -275,7 +293,9 @@ class KVTransportServer:
             if isinstance(e, (_Aborted, TimeoutError)) and ep is not None:
                 with contextlib.suppress(BaseException):  # tell the client now rather than at its timeout
                     why = str(e) if isinstance(e, _Aborted) else "the server's deadline for this pull passed"
-                    await asyncio.wait_for(ep.send(PullResponse(Status.ABORTED, why).pack(), tag=reply_tag(rid, ABORT_INDEX), force_tag=True), _SHORT_SEND_TIMEOUT)
+                    await asyncio.wait_for(
+                        ep.send(PullResponse(Status.ABORTED, why).pack(), tag=reply_tag(rid, ABORT_INDEX), force_tag=True), _SHORT_SEND_TIMEOUT
+                    )
             if isinstance(e, asyncio.CancelledError) and not self._closed:
                 raise
         finally:

@@ -28,7 +28,9 @@ DEFAULT_SLOTS = 2  # chunks in flight per transfer: copy one while UCX moves the
 
 def layout_of(storage: torch.Tensor) -> Layout:
     if storage.device.type != "cpu" or not storage.is_contiguous() or storage.dim() != 6 or storage.shape[1] != 2:
-        raise ValueError(f"KV storage must be a contiguous CPU tensor [L, 2, kv_heads, num_blocks, block_size, head_dim], got {tuple(storage.shape)} on {storage.device}")
+        raise ValueError(
+            f"KV storage must be a contiguous CPU tensor [L, 2, kv_heads, num_blocks, block_size, head_dim], got {tuple(storage.shape)} on {storage.device}"
+        )
     L, _, H, _, bs, D = storage.shape
     return Layout(L, H, bs, D, storage.element_size(), str(storage.dtype).removeprefix("torch."))
 

@@ -40,7 +40,9 @@ class Bench:
         self.options = metric_options(args)
         self.target = make_target(args)
         self.label = args.label or default_label(args, self.load, self.variable)
-        self.ctx = RunContext(command_line(argv), machine_info(), {}, self.workload.describe(), self.target.sampling.to_json(), self.label, parse_metadata(args.metadata))
+        self.ctx = RunContext(
+            command_line(argv), machine_info(), {}, self.workload.describe(), self.target.sampling.to_json(), self.label, parse_metadata(args.metadata)
+        )
         self.err = Console(stderr=True)
         self.runner = None
         self.interrupted = False

@@ -29,55 +29,97 @@ def _common_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     t = p.add_argument_group("target")
     t.add_argument("--gateway", default=DEFAULT_GATEWAY, help=f"gateway address (default {DEFAULT_GATEWAY}, what `tandem up` prints)")
-    t.add_argument("--worker", metavar="ADDRESS", default=None,
-                   help="benchmark one decode worker's Decode.Generate directly instead of the gateway (token-id prompts only)")
-    t.add_argument("--serving-mode", choices=["auto", "aggregated", "disaggregated"], default="auto",
-                   help="force where prompts are prefilled (gateway only; default: the gateway decides)")
-    t.add_argument("--cache-salt", default="fresh",
-                   help="cache_salt sent with every request: 'fresh' (default) draws a new one per run, so a run never finds an earlier "
-                        "run's prompts in the prefix cache; 'none' sends none (share the cache with earlier runs); anything else is sent as is")
+    t.add_argument(
+        "--worker",
+        metavar="ADDRESS",
+        default=None,
+        help="benchmark one decode worker's Decode.Generate directly instead of the gateway (token-id prompts only)",
+    )
+    t.add_argument(
+        "--serving-mode",
+        choices=["auto", "aggregated", "disaggregated"],
+        default="auto",
+        help="force where prompts are prefilled (gateway only; default: the gateway decides)",
+    )
+    t.add_argument(
+        "--cache-salt",
+        default="fresh",
+        help="cache_salt sent with every request: 'fresh' (default) draws a new one per run, so a run never finds an earlier "
+        "run's prompts in the prefix cache; 'none' sends none (share the cache with earlier runs); anything else is sent as is",
+    )
     t.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the target to answer (default 10)")
-    t.add_argument("--backend", choices=["tandem", "openai"], default="tandem",
-                   help="tandem: the gateway's gRPC API (default); openai: any OpenAI-compatible HTTP server at --base-url "
-                        "(Tandem's gateway, vLLM, SGLang, ...): /v1/completions for token ids and text, /v1/chat/completions for chat")
+    t.add_argument(
+        "--backend",
+        choices=["tandem", "openai"],
+        default="tandem",
+        help="tandem: the gateway's gRPC API (default); openai: any OpenAI-compatible HTTP server at --base-url "
+        "(Tandem's gateway, vLLM, SGLang, ...): /v1/completions for token ids and text, /v1/chat/completions for chat",
+    )
     t.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="--backend openai: the API's base URL (default http://127.0.0.1:8000/v1)")
     t.add_argument("--model", default=None, help="--backend openai: the model to ask for (default: the first the server lists)")
-    t.add_argument("--api-key", default=None,
-                   help="sent as `authorization: Bearer KEY` (default: $TANDEM_API_KEY for the gateway's gRPC API, $OPENAI_API_KEY with --backend openai)")
-    t.add_argument("--tls-ca", default=os.environ.get("TANDEM_TLS_CA"),
-                   help="a CA file: connect with TLS to a front door whose certificate it signed, e.g. `tandem up --tls`'s "
-                        "WORKDIR/certs/ca.pem (gRPC gateway, or an https --base-url; env TANDEM_TLS_CA)")
-    t.add_argument("--no-return-token-ids", dest="return_token_ids", action="store_false",
-                   help="--backend openai: do not ask for token ids (vLLM's return_token_ids) from a server that rejects unknown fields; "
-                        "each streamed event then counts as one token")
+    t.add_argument(
+        "--api-key",
+        default=None,
+        help="sent as `authorization: Bearer KEY` (default: $TANDEM_API_KEY for the gateway's gRPC API, $OPENAI_API_KEY with --backend openai)",
+    )
+    t.add_argument(
+        "--tls-ca",
+        default=os.environ.get("TANDEM_TLS_CA"),
+        help="a CA file: connect with TLS to a front door whose certificate it signed, e.g. `tandem up --tls`'s "
+        "WORKDIR/certs/ca.pem (gRPC gateway, or an https --base-url; env TANDEM_TLS_CA)",
+    )
+    t.add_argument(
+        "--no-return-token-ids",
+        dest="return_token_ids",
+        action="store_false",
+        help="--backend openai: do not ask for token ids (vLLM's return_token_ids) from a server that rejects unknown fields; "
+        "each streamed event then counts as one token",
+    )
 
     load = p.add_argument_group("load")
-    load.add_argument("--request-rate", default="inf",
-                      help="requests (jobs) per second, open loop; inf = all at once (default). "
-                           "A list (1,2,4) sweeps the rates; 'auto' sweeps up to the measured saturation")
-    load.add_argument("--burstiness", type=float, default=1.0,
-                      help="gamma shape of the gaps between arrivals: 1 = Poisson (default), <1 burstier, inf = constant rate")
-    load.add_argument("--max-concurrency", default=None,
-                      help="at most this many jobs in flight; with an infinite rate, a closed loop at this concurrency. A list (1,2,4) sweeps it")
-    load.add_argument("--num-prompts", type=int, default=None,
-                      help="measured jobs to send (multi-turn: conversations); default 100, or one round of the shared-prefix groups, or the file's lines")
+    load.add_argument(
+        "--request-rate",
+        default="inf",
+        help="requests (jobs) per second, open loop; inf = all at once (default). A list (1,2,4) sweeps the rates; 'auto' sweeps up to the measured saturation",
+    )
+    load.add_argument(
+        "--burstiness", type=float, default=1.0, help="gamma shape of the gaps between arrivals: 1 = Poisson (default), <1 burstier, inf = constant rate"
+    )
+    load.add_argument(
+        "--max-concurrency",
+        default=None,
+        help="at most this many jobs in flight; with an infinite rate, a closed loop at this concurrency. A list (1,2,4) sweeps it",
+    )
+    load.add_argument(
+        "--num-prompts",
+        type=int,
+        default=None,
+        help="measured jobs to send (multi-turn: conversations); default 100, or one round of the shared-prefix groups, or the file's lines",
+    )
     load.add_argument("--duration", type=float, default=None, help="send for this many seconds (after the warm-up) instead of a number of prompts")
     load.add_argument("--warmup", type=int, default=0, help="jobs sent first under the same load and left out of the metrics")
     load.add_argument("--warmup-seconds", type=float, default=0.0, help="leave out the jobs sent in the first this many seconds")
     load.add_argument("--request-timeout", type=float, default=300.0, help="deadline of each request in seconds (default 300)")
-    load.add_argument("--drain-timeout", type=float, default=None,
-                      help="duration runs: seconds in-flight requests may take after sending stops, then they are cancelled (default: the request timeout)")
+    load.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        help="duration runs: seconds in-flight requests may take after sending stops, then they are cancelled (default: the request timeout)",
+    )
     load.add_argument("--sweep-points", type=int, default=5, help="points of a --request-rate auto sweep (default 5)")
     load.add_argument("--stop-at-saturation", action="store_true", help="end a rate sweep at the first point that cannot keep up")
-    load.add_argument("--saturation-threshold", type=float, default=0.9,
-                      help="a point is saturated below this share of its offered rate (default 0.9)")
+    load.add_argument("--saturation-threshold", type=float, default=0.9, help="a point is saturated below this share of its offered rate (default 0.9)")
 
     s = p.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=0.0, help="default 0 (greedy)")
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
-                   help="let the model stop at EOS (default: ignore EOS, so outputs are as long as the workload asks)")
+    s.add_argument(
+        "--no-ignore-eos",
+        dest="ignore_eos",
+        action="store_false",
+        help="let the model stop at EOS (default: ignore EOS, so outputs are as long as the workload asks)",
+    )
     s.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed = this + the request's index")
 
     w = p.add_argument_group("workload (common)")
@@ -100,8 +142,12 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def _prompt_format(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt-format", choices=["tokens", "text"], default="tokens",
-                   help="tokens: random token ids (default); text: English words (~1 token each) tokenized by the gateway")
+    p.add_argument(
+        "--prompt-format",
+        choices=["tokens", "text"],
+        default="tokens",
+        help="tokens: random token ids (default); text: English words (~1 token each) tokenized by the gateway",
+    )
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +156,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command", required=True, metavar="{" + ",".join((*WORKLOADS, "compare")) + "}")
 
     r = sub.add_parser("random", parents=[common], help="random prompts; input/output lengths from distributions (vLLM's random)")
-    r.add_argument("--input-len", default="256", help="prompt tokens: N, uniform:LO:HI, normal:MEAN:STD, exponential:MEAN, lognormal:MEDIAN:SIGMA (default 256)")
+    r.add_argument(
+        "--input-len", default="256", help="prompt tokens: N, uniform:LO:HI, normal:MEAN:STD, exponential:MEAN, lognormal:MEDIAN:SIGMA (default 256)"
+    )
     r.add_argument("--output-len", default="128", help="output tokens, same forms (default 128)")
     r.add_argument("--random-range-ratio", type=float, default=0.0, help="vLLM's: fixed lengths L become uniform over [L(1-r), L(1+r)]")
     _prompt_format(r)
@@ -132,7 +180,11 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     _prompt_format(t)
 
     f = sub.add_parser("file", parents=[common], help="prompts (or token counts) from a JSONL file")
-    f.add_argument("path", type=Path, help='one JSON object a line: {"prompt": ...} | {"messages": [...]} | {"prompt_token_ids": [...]} | {"input_len": N}; optional "output_len"')
+    f.add_argument(
+        "path",
+        type=Path,
+        help='one JSON object a line: {"prompt": ...} | {"messages": [...]} | {"prompt_token_ids": [...]} | {"input_len": N}; optional "output_len"',
+    )
     f.add_argument("--output-len", default="128", help="output tokens for lines without their own, a distribution (default 128)")
     f.add_argument("--shuffle", action="store_true", help="send the lines in a seeded random order (each pass)")
 

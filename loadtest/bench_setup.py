@@ -24,7 +24,9 @@ def make_workload(args, seed: int):
         return RandomWorkload(with_range_ratio(d(args.input_len), args.random_range_ratio), with_range_ratio(d(args.output_len), args.random_range_ratio),
                               args.vocab_size, args.prompt_format, seed)  # fmt: skip
     if args.bench_command == "shared-prefix":
-        return SharedPrefixWorkload(args.num_groups, args.prompts_per_group, args.system_prompt_len, d(args.question_len), d(args.output_len), args.vocab_size, seed)
+        return SharedPrefixWorkload(
+            args.num_groups, args.prompts_per_group, args.system_prompt_len, d(args.question_len), d(args.output_len), args.vocab_size, seed
+        )
     if args.bench_command == "multi-turn":
         return MultiTurnWorkload(d(args.num_turns), d(args.question_len), d(args.output_len), args.system_prompt_len, args.shared_system_prompt,
                                  d(args.turn_delay), args.vocab_size, args.prompt_format, seed)  # fmt: skip
@@ -91,8 +93,7 @@ def make_target(args):
 
         if args.worker or args.serving_mode != "auto":
             raise ValueError("--worker and --serving-mode are for the gRPC backend; --backend openai sends what any OpenAI-compatible server takes")
-        return OpenAITarget(args.base_url, sampling, args.model, args.api_key or os.environ.get("OPENAI_API_KEY"), args.return_token_ids,
-                            tls_ca=args.tls_ca)
+        return OpenAITarget(args.base_url, sampling, args.model, args.api_key or os.environ.get("OPENAI_API_KEY"), args.return_token_ids, tls_ca=args.tls_ca)
     if args.worker:
         if getattr(args, "prompt_format", "tokens") == "text":
             raise ValueError("--worker takes token ids only: drop --prompt-format text, or benchmark the gateway")

@@ -25,7 +25,7 @@ import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import grpc
 import numpy as np
@@ -148,7 +148,7 @@ class LoadRunner:
 
     async def run(self) -> RunOutcome:
         s = self.spec
-        started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        started_at = datetime.now(UTC).isoformat(timespec="seconds")
         cpu0 = _cpu_seconds()
         self._t0 = time.perf_counter()
         offsets = s.arrivals.offsets(np.random.default_rng([s.seed, 1]))
@@ -210,7 +210,7 @@ class LoadRunner:
         if delay > 0:
             try:
                 await asyncio.wait_for(self._stop.wait(), delay)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return not self._stop.is_set()
 

@@ -110,7 +110,7 @@ class OpenAITarget:
                     last = f"HTTP {r.status}: {body.strip()[:200]}"
                     if r.status in (401, 403, 404):
                         raise ConnectionError(f"{self.base_url}/models answered {last}")
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            except (TimeoutError, aiohttp.ClientError, ValueError) as e:
                 last = str(e) or type(e).__name__
             if loop.time() >= deadline:
                 raise ConnectionError(f"no OpenAI-compatible server answers at {self.base_url} after {timeout:.0f}s ({last}); "
@@ -124,7 +124,13 @@ class OpenAITarget:
     def build(self, spec: RequestSpec, index: int) -> tuple[str, dict]:
         """The endpoint and JSON body of one request."""
         s = self.sampling
-        body: dict = {"model": self.model, "max_tokens": spec.max_tokens, "temperature": s.temperature, "stream": True, "stream_options": {"include_usage": True}}
+        body: dict = {
+            "model": self.model,
+            "max_tokens": spec.max_tokens,
+            "temperature": s.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         if s.top_p is not None:
             body["top_p"] = s.top_p
         if s.top_k is not None:
@@ -193,7 +199,7 @@ class OpenAIStream:
                         finish = None
                 if finish is not None:  # a server that sent no usage event
                     yield common_pb2.GenerateResponse(request_id=self._request_id, finish_reason=finish)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise OpenAIHTTPError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no end of stream after {self._timeout:.0f}s (client timeout)") from None
         except aiohttp.ClientError as e:
             raise OpenAIHTTPError(grpc.StatusCode.UNAVAILABLE, f"HTTP connection failed: {e}") from None
@@ -220,6 +226,9 @@ class OpenAIStream:
         return common_pb2.GenerateResponse(
             request_id=self._request_id,
             finish_reason=finish or common_pb2.FINISH_REASON_UNSPECIFIED,
-            usage=common_pb2.Usage(prompt_tokens=usage.get("prompt_tokens") or 0, completion_tokens=usage.get("completion_tokens") or 0,
-                                   cached_prompt_tokens=details.get("cached_tokens") or 0),  # fmt: skip
+            usage=common_pb2.Usage(
+                prompt_tokens=usage.get("prompt_tokens") or 0,
+                completion_tokens=usage.get("completion_tokens") or 0,
+                cached_prompt_tokens=details.get("cached_tokens") or 0,
+            ),  # fmt: skip
         )

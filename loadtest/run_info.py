@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 # flags whose value is a secret: a result (shared, committed, attached to issues) never holds it
 SECRET_FLAGS = ("--api-key", "--api-keys")
 REDACTED = "<redacted>"
@@ -68,9 +67,7 @@ def _memory_gib() -> float | None:
 def _git_commit() -> str | None:
     """The checkout's commit, when the code runs from one (best effort, 2 s at most)."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=2
-        )
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=2)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

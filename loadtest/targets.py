@@ -78,8 +78,9 @@ class _ChannelTarget:
 class GatewayTarget(_ChannelTarget):
     kind = "gateway"
 
-    def __init__(self, address: str, sampling: SamplingOptions, serving_mode: str = "auto", cache_salt: str = "", api_key: str | None = None,
-                 tls_ca: str | None = None):
+    def __init__(
+        self, address: str, sampling: SamplingOptions, serving_mode: str = "auto", cache_salt: str = "", api_key: str | None = None, tls_ca: str | None = None
+    ):
         if serving_mode not in SERVING_MODES:
             raise ValueError(f"serving mode must be one of {', '.join(SERVING_MODES)}, got {serving_mode!r}")
         super().__init__(address, sampling, cache_salt, tls_ca)
@@ -150,5 +151,5 @@ class WorkerTarget(_ChannelTarget):
 async def wait_channel_ready(channel: grpc.aio.Channel, address: str, timeout: float) -> None:
     try:
         await asyncio.wait_for(channel.channel_ready(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise ConnectionError(f"nothing answers gRPC at {address} after {timeout:.0f}s (is `tandem up` running? it prints the gateway's address)") from None

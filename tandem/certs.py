@@ -82,7 +82,7 @@ def _san_entries(role: str, hosts: tuple[str, ...]) -> list[x509.GeneralName]:
 def make_ca(days: int = DEFAULT_DAYS, name: str = "Tandem development CA"):
     key = _new_key()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -105,7 +105,7 @@ def make_role_cert(ca_cert, ca_key, role: str, hosts: tuple[str, ...] = (), days
     if role not in CERT_ROLES:
         raise ValueError(f"unknown role {role!r}; roles: {', '.join(CERT_ROLES)}")
     key = _new_key()
-    start = not_before or datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
+    start = not_before or datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
     end = start + datetime.timedelta(days=days) if days > 0 else start + datetime.timedelta(seconds=1)
     cert = (
         x509.CertificateBuilder()

@@ -1,11 +1,11 @@
 """The `tandem` command line: one entry point for every part of Tandem.
 
-  tandem up [--ask PROMPT]        the whole system locally (etcd + every service as processes)
-  tandem serve ROLE               one service: gateway | tokenizer | prefill | decode
-  tandem generate "prompt"        stream a generation from the gateway (--chat: as a user message)
-  tandem bench WORKLOAD           load-test the gateway (or one worker): TTFT, TPOT, ITL, throughput
-  tandem health HOST:PORT         grpc.health.v1 Check (container healthchecks)
-  tandem model prepare            convert the embedded SmolLM2 default into its cached HF directory
+tandem up [--ask PROMPT]        the whole system locally (etcd + every service as processes)
+tandem serve ROLE               one service: gateway | tokenizer | prefill | decode
+tandem generate "prompt"        stream a generation from the gateway (--chat: as a user message)
+tandem bench WORKLOAD           load-test the gateway (or one worker): TTFT, TPOT, ITL, throughput
+tandem health HOST:PORT         grpc.health.v1 Check (container healthchecks)
+tandem model prepare            convert the embedded SmolLM2 default into its cached HF directory
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def cmd_up(args) -> int:
             ca = str(cluster.workdir / "certs" / "ca.pem") if args.tls else None
             return print_stream(cluster.gateway_address, build_request(args.ask, chat=True, max_tokens=args.max_tokens, temperature=0.0), 300, tls_ca=ca)
         tls_hint = f" --tls-ca {cluster.workdir / 'certs' / 'ca.pem'}" if args.tls else ""
-        print(f"try: tandem generate --gateway {cluster.gateway_address}{tls_hint} --chat \"What is the capital of France?\"", file=sys.stderr)
+        print(f'try: tandem generate --gateway {cluster.gateway_address}{tls_hint} --chat "What is the capital of France?"', file=sys.stderr)
         if cluster.gateway_http_url:
             print(f"  or: curl{tls_hint.replace('--tls-ca', '--cacert')} {cluster.gateway_http_url}/chat/completions -H 'Content-Type: application/json' "
                   f"-d '{{\"model\": \"{args.model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'", file=sys.stderr)  # fmt: skip
@@ -201,31 +201,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run the whole system locally: etcd, tokenizer, prefill, decode, gateway")
     up.add_argument("--model", default="default", help="HF model directory, or 'default' (embedded SmolLM2-135M)")
-    up.add_argument("--prefill", type=int, default=None,
-                    help=f"prefill workers (default: 1 on machines of {SPLIT_MIN_CORES}+ cores, else 0: the decode worker prefills)")
+    up.add_argument(
+        "--prefill", type=int, default=None, help=f"prefill workers (default: 1 on machines of {SPLIT_MIN_CORES}+ cores, else 0: the decode worker prefills)"
+    )
     up.add_argument("--decode", type=int, default=1, help="decode workers")
     up.add_argument("--base-port", type=int, default=None, help=f"the gateway's port; the others follow (default {DEFAULT_GRPC_PORTS['gateway']})")
-    up.add_argument("--http-port", type=int, default=None,
-                    help="the gateway's OpenAI-compatible HTTP API port (default 8000, or after the other ports with --base-port; 0 = off)")
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="the gateway's OpenAI-compatible HTTP API port (default 8000, or after the other ports with --base-port; 0 = off)",
+    )
     up.add_argument("--etcd", default=None, help="use this etcd (host:port) instead of starting one")
     up.add_argument("--cluster", default="default", help="cluster name (etcd key prefix)")
     up.add_argument("--kv-cache-gb", type=float, default=0.5, help="KV cache memory per worker")
     up.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
     up.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = the cores divided among the workers)")
-    up.add_argument("--routing-policy", default="prefix-aware", choices=["prefix-aware", "least-loaded", "random", "round-robin"],
-                    help="how the gateway picks a decode worker")
-    up.add_argument("--disagg-min-uncached-tokens", type=int, default=512,
-                    help="a prompt whose uncached part on the chosen decode worker is this long or longer is prefilled on a prefill "
-                         "worker and its KV pulled by decode over UCX (0 = never)")
+    up.add_argument(
+        "--routing-policy",
+        default="prefix-aware",
+        choices=["prefix-aware", "least-loaded", "random", "round-robin"],
+        help="how the gateway picks a decode worker",
+    )
+    up.add_argument(
+        "--disagg-min-uncached-tokens",
+        type=int,
+        default=512,
+        help="a prompt whose uncached part on the chosen decode worker is this long or longer is prefilled on a prefill "
+        "worker and its KV pulled by decode over UCX (0 = never)",
+    )
     up.add_argument("--scheduling-config", default=None, help="a TOML file of scheduling weights and thresholds for the gateway")
-    up.add_argument("--max-restarts", type=int, default=5,
-                    help="restarts in a row (with backoff 1 s, 2 s, 4 s ... 30 s) of a service that keeps exiting before giving up on "
-                         "it; a service that stayed up 60 s starts a new count (0 = never restart). etcd is given 3")
+    up.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="restarts in a row (with backoff 1 s, 2 s, 4 s ... 30 s) of a service that keeps exiting before giving up on "
+        "it; a service that stayed up 60 s starts a new count (0 = never restart). etcd is given 3",
+    )
     up.add_argument("--workdir", default=None, help="where logs and etcd data go (default: a new temp dir)")
-    up.add_argument("--tls", action="store_true",
-                    help="mTLS between every service and TLS on the gateway's gRPC and HTTP ports, with development certificates "
-                         "made in WORKDIR/certs (`tandem certs`); clients trust WORKDIR/certs/ca.pem. Its own etcd also gets "
-                         "user/password auth: services log in as `tandem` (password in WORKDIR/certs/etcd-password, 0600)")
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="mTLS between every service and TLS on the gateway's gRPC and HTTP ports, with development certificates "
+        "made in WORKDIR/certs (`tandem certs`); clients trust WORKDIR/certs/ca.pem. Its own etcd also gets "
+        "user/password auth: services log in as `tandem` (password in WORKDIR/certs/etcd-password, 0600)",
+    )
     up.add_argument("--ask", metavar="PROMPT", default=None, help="send this chat prompt once everything is up, print the answer, and stop")
     up.add_argument("--max-tokens", type=int, default=64, help="max_tokens for --ask")
     up.set_defaults(func=cmd_up)
@@ -248,10 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    gen.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"), help="sent as `authorization: Bearer KEY` when the gateway requires keys (env TANDEM_API_KEY)")
-    gen.add_argument("--tls-ca", default=os.environ.get("TANDEM_TLS_CA"), help="CA file: connect with TLS to a gateway whose certificate it signed (env TANDEM_TLS_CA)")
-    gen.add_argument("--mode", choices=["auto", "aggregated", "disaggregated"], default="auto",
-                     help="force where the prompt is prefilled (default: the gateway decides by prompt length)")
+    gen.add_argument(
+        "--api-key", default=os.environ.get("TANDEM_API_KEY"), help="sent as `authorization: Bearer KEY` when the gateway requires keys (env TANDEM_API_KEY)"
+    )
+    gen.add_argument(
+        "--tls-ca", default=os.environ.get("TANDEM_TLS_CA"), help="CA file: connect with TLS to a gateway whose certificate it signed (env TANDEM_TLS_CA)"
+    )
+    gen.add_argument(
+        "--mode",
+        choices=["auto", "aggregated", "disaggregated"],
+        default="auto",
+        help="force where the prompt is prefilled (default: the gateway decides by prompt length)",
+    )
     gen.set_defaults(func=cmd_generate)
 
     from .scheduling_cli import add_parser as add_scheduling_parser

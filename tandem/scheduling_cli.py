@@ -19,7 +19,9 @@ def add_parser(sub, default_etcd: str) -> None:
     for name, what in (("cert", "client certificate"), ("key", "its private key"), ("ca", "CA that signed etcd's certificate")):
         env = f"TANDEM_TLS_{name.upper()}"
         sched.add_argument(f"--tls-{name}", default=os.environ.get(env, ""), help=f"for --etcd https://...: the {what} (PEM; env {env})")
-    sched.add_argument("--etcd-username", default=os.environ.get("TANDEM_ETCD_USERNAME", ""), help="etcd user, for an etcd with auth enabled (env TANDEM_ETCD_USERNAME)")
+    sched.add_argument(
+        "--etcd-username", default=os.environ.get("TANDEM_ETCD_USERNAME", ""), help="etcd user, for an etcd with auth enabled (env TANDEM_ETCD_USERNAME)"
+    )
     sched.add_argument("--etcd-password-file", default=os.environ.get("TANDEM_ETCD_PASSWORD_FILE", ""),
                        help="file holding its password (env TANDEM_ETCD_PASSWORD_FILE; or the password itself in TANDEM_ETCD_PASSWORD)")  # fmt: skip
     # refused, never a prefix of --etcd-password-file (argparse abbreviations would echo it as a file name)
@@ -42,14 +44,16 @@ def _etcd(args, coro):
 
     try:
         if args.etcd_password_on_argv is not None:
-            raise ValueError("--etcd-password: a password on the command line is visible to every user (ps, /proc); use --etcd-password-file or TANDEM_ETCD_PASSWORD")
+            raise ValueError(
+                "--etcd-password: a password on the command line is visible to every user (ps, /proc); use --etcd-password-file or TANDEM_ETCD_PASSWORD"
+            )
         set_client_tls(TlsFiles.from_config(args))  # ValueError (shown as an error) when only some are given
         set_client_credentials(credentials_from_config(args))  # ValueError naming the setting
         return asyncio.run(asyncio.wait_for(coro, 10))
     except ValueError:
         coro.close()  # never awaited when the settings were refused
         raise
-    except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001 - aetcd raises several kinds
+    except (TimeoutError, Exception) as e:  # noqa: BLE001 - aetcd raises several kinds
         refusal = explain_refusal(e, args.etcd, f"use {args.cluster}'s scheduling key")
         if refusal is not None:  # a wrong password or missing permission: say what to fix
             raise refusal from None

@@ -61,9 +61,22 @@ def main() -> None:
         return best
 
     batch1_ms = (timed(65) - timed(1)) / 64 * 1000
-    print(json.dumps({"engine": "vllm", "dtype": args.dtype, "output_tokens": n_out, "wall_s": wall, "machine_cpu_s": cpu,
-                      "output_tok_per_s": n_out / wall, "batch1_decode_ms_per_token": batch1_ms, "load_s": load_s,
-                      "omp_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")}), flush=True)
+    print(
+        json.dumps(
+            {
+                "engine": "vllm",
+                "dtype": args.dtype,
+                "output_tokens": n_out,
+                "wall_s": wall,
+                "machine_cpu_s": cpu,
+                "output_tok_per_s": n_out / wall,
+                "batch1_decode_ms_per_token": batch1_ms,
+                "load_s": load_s,
+                "omp_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", ""),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

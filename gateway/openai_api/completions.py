@@ -129,7 +129,9 @@ class CompletionEndpoints:
                 raise
             except Exception:  # noqa: BLE001 - a bug: the headers are sent, so it can only be an event
                 log.exception("streaming %s failed", rid)
-                await response.write(sse(ApiError(500, f"internal error in the gateway while serving request {rid}; its log has the details", code="internal_error").to_json()))
+                await response.write(
+                    sse(ApiError(500, f"internal error in the gateway while serving request {rid}; its log has the details", code="internal_error").to_json())
+                )
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         except ConnectionError:  # the client left between chunks; leaving Choices cancels the rest

@@ -37,7 +37,21 @@ _PROTO_NAMES = [
     ("prompt_token_ids", "prompt"),
 ]
 _PARAM = re.compile(r"^([a-z_]+(?:\[\d+\])*(?:\.[a-z_]+(?:\[\d+\])*)*) (?:must|is|=)")
-_KNOWN_PARAMS = {"prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs", "text", "model", "cache_salt"}
+_KNOWN_PARAMS = {
+    "prompt",
+    "messages",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "logprobs",
+    "text",
+    "model",
+    "cache_salt",
+}
 
 
 class ApiError(Exception):

@@ -242,7 +242,7 @@ def _content(content, i: int) -> str:
 def _chat(body: _Body) -> common_pb2.ChatMessages:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise invalid_field("messages", f"messages must be a non-empty list of {{\"role\", \"content\"}} objects, got {_show(messages)}")
+        raise invalid_field("messages", f'messages must be a non-empty list of {{"role", "content"}} objects, got {_show(messages)}')
     chat = common_pb2.ChatMessages(add_generation_prompt=body.boolean("add_generation_prompt", True))
     for i, m in enumerate(messages):
         if not isinstance(m, dict):

@@ -110,7 +110,9 @@ class Responder:
 
     def role_chunk(self, index: int, include_usage: bool) -> dict:
         """Chat streams open each choice with the assistant's role, as OpenAI does."""
-        body = self._envelope("chat.completion.chunk", [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+        body = self._envelope(
+            "chat.completion.chunk", [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+        )
         return {**body, "usage": None} if include_usage else body
 
     def chunk(self, state: ChoiceState, chunk: common_pb2.GenerateResponse, texts: dict[int, str], include_usage: bool) -> dict:

@@ -64,7 +64,9 @@ class LiveSchedulingConfig:
                 log.error("ignoring the scheduling config at %s (keeping the last good one): %s", self.key, e)
                 return
         if config != self.current:
-            log.info("scheduling config from %s: policy %s, picker %s", self.key if value is not None else "the gateway's settings", config.policy, config.picker)
+            log.info(
+                "scheduling config from %s: policy %s, picker %s", self.key if value is not None else "the gateway's settings", config.policy, config.picker
+            )
         self.current = config
         self._on_change(config)
 

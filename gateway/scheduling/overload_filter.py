@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .worker_load import worker_load
 from .base import RequestContext
+from .worker_load import worker_load
 
 
 class OverloadFilter:

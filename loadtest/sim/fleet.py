@@ -44,8 +44,7 @@ class SimFleet:
             raise ValueError(f"a fleet needs at least one worker (got --decode {num_decode}, --prefill {num_prefill})")
         roles = [("prefill", i) for i in range(num_prefill)] + [("decode", i) for i in range(num_decode)]
         self.workers = [
-            SimWorker(SimWorkerConfig(role=role, worker_id=f"{id_prefix}-{role}-{i}", etcd=etcd, cluster=cluster, **worker_settings))
-            for role, i in roles
+            SimWorker(SimWorkerConfig(role=role, worker_id=f"{id_prefix}-{role}-{i}", etcd=etcd, cluster=cluster, **worker_settings)) for role, i in roles
         ]
         self.started = False
 

@@ -41,9 +41,9 @@ from grpc_reflection.v1alpha import reflection
 
 from kvtransfer.layout import layout_fingerprint
 from protos.tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from services.common.kv_handle import kv_handle_problem, prefill_reply, prefill_request_problem
 from services.common.registry import Registration, encode_registration, worker_key
 from services.common.server import GRPC_OPTIONS, VERSION
-from services.common.kv_handle import kv_handle_problem, prefill_reply, prefill_request_problem
 from services.common.worker_servicer import WORKER_SERVICE_NAME, WorkerServicer
 
 from .engine import SimEngine, SimOutput

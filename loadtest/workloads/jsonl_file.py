@@ -48,7 +48,11 @@ def parse_line(line: str, where: str) -> FileEntry:
     if kind == "prompt" and not (isinstance(value, str) and value):
         raise ValueError(f"{where}: prompt must be a non-empty string")
     if kind == "messages":
-        if not (isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)):
+        if not (
+            isinstance(value, list)
+            and value
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+        ):
             raise ValueError(f'{where}: messages must be a non-empty list of {{"role": str, "content": str}}')
         value = [(m["role"], m["content"]) for m in value]
     if kind == "prompt_token_ids" and not (isinstance(value, list) and value and all(isinstance(t, int) and t >= 0 for t in value)):

@@ -44,14 +44,26 @@ class ServiceConfig:
     lease_ttl: int = _opt(10, "etcd lease TTL in seconds: how long a dead service stays listed")
     worker_id: str = _opt("", "this process's id in etcd; default: <role>-<hostname>-<random>")
     drain_timeout: float = _opt(30.0, "seconds to let in-flight requests finish on SIGTERM")
-    grpc_keepalive_time: float = _opt(10.0, "seconds between HTTP/2 keepalive pings on gRPC connections between services (the gateway's to the workers, and each server's to its clients): a peer silent for this plus --grpc-keepalive-timeout fails its calls with UNAVAILABLE instead of hanging; servers accept pings down to half this interval, so keep it equal on every service; 0 = no pings sent")
+    grpc_keepalive_time: float = _opt(
+        10.0,
+        "seconds between HTTP/2 keepalive pings on gRPC connections between services (the gateway's to the workers, and each server's to its clients): a peer silent for this plus --grpc-keepalive-timeout fails its calls with UNAVAILABLE instead of hanging; servers accept pings down to half this interval, so keep it equal on every service; 0 = no pings sent",
+    )
     grpc_keepalive_timeout: float = _opt(5.0, "seconds a keepalive ping waits for its answer before the connection is closed")
     log_level: str = _opt("info", "debug | info | warning | error")
-    tls_cert: str = _opt("", "PEM certificate of this service (its role as DNS SAN tandem-<role>; `tandem certs` makes them); with tls_key and tls_ca: mTLS on every internal gRPC hop, TLS on the gateway's gRPC port and HTTPS on its OpenAI API; re-read when the file changes; empty = plaintext")
+    tls_cert: str = _opt(
+        "",
+        "PEM certificate of this service (its role as DNS SAN tandem-<role>; `tandem certs` makes them); with tls_key and tls_ca: mTLS on every internal gRPC hop, TLS on the gateway's gRPC port and HTTPS on its OpenAI API; re-read when the file changes; empty = plaintext",
+    )
     tls_key: str = _opt("", "PEM private key of --tls-cert (keep it mode 0600)")
     tls_ca: str = _opt("", "PEM CA certificate(s) that sign the cluster's certificates: the only issuer peers are trusted from")
-    etcd_username: str = _opt("", "etcd user to authenticate as, for an etcd with auth enabled (`tandem up --tls` makes one: tandem); its password comes from etcd_password_file or TANDEM_ETCD_PASSWORD; empty = no etcd authentication")
-    etcd_password_file: str = _opt("", "file holding the etcd user's password (mode 0600, or a mounted secret); the TANDEM_ETCD_PASSWORD environment variable is the alternative. There is no password flag: argv is readable by every user")
+    etcd_username: str = _opt(
+        "",
+        "etcd user to authenticate as, for an etcd with auth enabled (`tandem up --tls` makes one: tandem); its password comes from etcd_password_file or TANDEM_ETCD_PASSWORD; empty = no etcd authentication",
+    )
+    etcd_password_file: str = _opt(
+        "",
+        "file holding the etcd user's password (mode 0600, or a mounted secret); the TANDEM_ETCD_PASSWORD environment variable is the alternative. There is no password flag: argv is readable by every user",
+    )
     # ---- the model (tokenizer and workers) --------------------------------------------------------
     model: str = _opt("default", "HF model directory, or 'default' (embedded SmolLM2-135M)", ("tokenizer", "prefill", "decode"))
     # ---- the engine (workers) -------------------------------------------------------------------
@@ -71,28 +83,60 @@ class ServiceConfig:
     routing_policy: str = _opt("prefix-aware", "how decode workers are chosen: prefix-aware | least-loaded | random | round-robin", ("gateway",))
     disagg_min_uncached_tokens: int = _opt(
         512, "AUTO mode: prefill on a prefill worker first when the chosen decode worker lacks at least this many prompt tokens in its cache; 0 = never", ("gateway",))  # fmt: skip
-    scheduling_config: str = _opt("", "a TOML file of scheduling weights and thresholds (see docs/architecture.md); the etcd key /tandem/<cluster>/config/scheduling overrides it live", ("gateway",))
-    max_prompt_tokens: int = _opt(0, "reject prompts longer than this many tokens; 0 = the decode workers' context length (max_model_len), which always applies", ("gateway",))
+    scheduling_config: str = _opt(
+        "",
+        "a TOML file of scheduling weights and thresholds (see docs/architecture.md); the etcd key /tandem/<cluster>/config/scheduling overrides it live",
+        ("gateway",),
+    )
+    max_prompt_tokens: int = _opt(
+        0, "reject prompts longer than this many tokens; 0 = the decode workers' context length (max_model_len), which always applies", ("gateway",)
+    )
     default_max_tokens: int = _opt(256, "max_tokens when a request leaves it unset", ("gateway",))
-    http_port: int = _opt(DEFAULT_HTTP_PORT, "OpenAI-compatible HTTP API port on --host (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics); 0 = off", ("gateway",))
-    api_keys: str = _opt("", "API keys clients must send as `Authorization: Bearer KEY` (gRPC metadata or HTTP header): @FILE with one a line, or comma-separated keys in the environment or config file (refused on the command line, where every user can read them); empty = no authentication", ("gateway",))
-    max_requests_in_flight: int = _opt(256, "refuse requests beyond this many in flight at this gateway (gRPC RESOURCE_EXHAUSTED, HTTP 429); 0 = no limit", ("gateway",))
+    http_port: int = _opt(
+        DEFAULT_HTTP_PORT,
+        "OpenAI-compatible HTTP API port on --host (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics); 0 = off",
+        ("gateway",),
+    )
+    api_keys: str = _opt(
+        "",
+        "API keys clients must send as `Authorization: Bearer KEY` (gRPC metadata or HTTP header): @FILE with one a line, or comma-separated keys in the environment or config file (refused on the command line, where every user can read them); empty = no authentication",
+        ("gateway",),
+    )
+    max_requests_in_flight: int = _opt(
+        256, "refuse requests beyond this many in flight at this gateway (gRPC RESOURCE_EXHAUSTED, HTTP 429); 0 = no limit", ("gateway",)
+    )
     # ---- input limits (see docs/architecture.md, "Limits"): each refusal is INVALID_ARGUMENT / 400 naming the field
     http_max_body_bytes: int = _opt(4 << 20, "largest OpenAI HTTP request body in bytes (HTTP 413 beyond it)", ("gateway",))
-    max_prompt_chars: int = _opt(1_000_000, "largest text prompt, and largest total of a chat's message contents, in characters; checked before tokenizing", ("gateway", "tokenizer"))
+    max_prompt_chars: int = _opt(
+        1_000_000, "largest text prompt, and largest total of a chat's message contents, in characters; checked before tokenizing", ("gateway", "tokenizer")
+    )
     max_chat_messages: int = _opt(1024, "most messages in one chat request; checked before the chat template runs", ("gateway", "tokenizer"))
     max_stop_strings: int = _opt(16, "most stop strings per request (the workers allow at most 64)", ("gateway",))
     max_stop_string_chars: int = _opt(256, "longest stop string in characters (the workers allow at most 1024)", ("gateway",))
     max_stop_token_ids: int = _opt(256, "most stop token ids per request (the workers allow at most 1024)", ("gateway",))
     max_cache_salt_chars: int = _opt(256, "longest cache_salt in characters (the workers allow at most 1024)", ("gateway",))
-    health_requires_tokenizer: int = _opt(1, "1: the HTTP GET /health readiness answers 503 while no tokenizer is registered; 0: a decode worker suffices (clusters serving token-id prompts only)", ("gateway",))
+    health_requires_tokenizer: int = _opt(
+        1,
+        "1: the HTTP GET /health readiness answers 503 while no tokenizer is registered; 0: a decode worker suffices (clusters serving token-id prompts only)",
+        ("gateway",),
+    )
     tokenizer_threads: int = _opt(2, "threads that tokenize and render chat templates off the event loop; further requests queue for them", ("tokenizer",))
     # ---- the gateway: worker failures (outlier detection, retries, migration) -----------------
-    outlier_consecutive_failures: int = _opt(3, "eject a worker from routing after this many of its calls in a row fail with UNAVAILABLE, INTERNAL, UNKNOWN or DATA_LOSS; 0 = no outlier detection", ("gateway",))
+    outlier_consecutive_failures: int = _opt(
+        3,
+        "eject a worker from routing after this many of its calls in a row fail with UNAVAILABLE, INTERNAL, UNKNOWN or DATA_LOSS; 0 = no outlier detection",
+        ("gateway",),
+    )
     outlier_base_ejection_seconds: float = _opt(5.0, "first ejection's length; the n-th ejection lasts n times as long (up to the max)", ("gateway",))
-    outlier_max_ejection_seconds: float = _opt(60.0, "longest ejection; a worker that served well this long after its last ejection starts over from the base", ("gateway",))
-    outlier_max_ejection_percent: int = _opt(50, "at most this percent of a role's workers ejected at once (at least one, never all); 0 = never eject", ("gateway",))
-    max_migrations: int = _opt(2, "times one request may move to another decode worker when its worker fails mid-stream (then UNAVAILABLE); 0 = never", ("gateway",))
+    outlier_max_ejection_seconds: float = _opt(
+        60.0, "longest ejection; a worker that served well this long after its last ejection starts over from the base", ("gateway",)
+    )
+    outlier_max_ejection_percent: int = _opt(
+        50, "at most this percent of a role's workers ejected at once (at least one, never all); 0 = never eject", ("gateway",)
+    )
+    max_migrations: int = _opt(
+        2, "times one request may move to another decode worker when its worker fails mid-stream (then UNAVAILABLE); 0 = never", ("gateway",)
+    )
 
     def __post_init__(self):
         if self.role not in ROLES:

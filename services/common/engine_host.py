@@ -18,10 +18,11 @@ from services.engine.kv_handoff import KVImport
 
 from .config import ServiceConfig
 from .metrics import WorkerMetrics
-from .watch_hub import WatchHub
 from .telemetry import tracer
+from .watch_hub import WatchHub
 
 log = logging.getLogger(__name__)
+
 
 class EngineHost:
     def __init__(self, config: ServiceConfig):
@@ -52,7 +53,9 @@ class EngineHost:
         self.kv_layout = self._layout()
         self.engine.set_observer(self._on_engine_update)
         core = self.engine.core
-        log.info("engine ready: %s, %s, %d KV blocks of %d tokens", self.model_name, str(core.dtype).removeprefix("torch."), core.kv.pool.num_blocks, c.block_size)
+        log.info(
+            "engine ready: %s, %s, %d KV blocks of %d tokens", self.model_name, str(core.dtype).removeprefix("torch."), core.kv.pool.num_blocks, c.block_size
+        )
 
     @property
     def model_name(self) -> str:

@@ -1,13 +1,13 @@
 """The KV handle on both sides, shared by real and simulated workers so they speak it identically:
 
-    prefill_request_problem()  what a prefill worker checks first: the request names the decode
-                         worker the KV is for (the handle is bound to its UCX client address)
-    prefill_reply()      a prefill worker's answer: the first token, and (unless that token ended
-                         the request) a handle to the pinned prompt blocks under a fresh lease,
-                         bound to the decode worker the request names
-    kv_handle_problem()  what a decode worker checks before it pulls a block: the layouts match
-                         (equal fingerprints mean the blocks mean the same thing), the prefill
-                         worker's first token is there, and the handle covers exactly the prompt
+prefill_request_problem()  what a prefill worker checks first: the request names the decode
+                     worker the KV is for (the handle is bound to its UCX client address)
+prefill_reply()      a prefill worker's answer: the first token, and (unless that token ended
+                     the request) a handle to the pinned prompt blocks under a fresh lease,
+                     bound to the decode worker the request names
+kv_handle_problem()  what a decode worker checks before it pulls a block: the layouts match
+                     (equal fingerprints mean the blocks mean the same thing), the prefill
+                     worker's first token is there, and the handle covers exactly the prompt
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def prefill_request_problem(request: worker_pb2.PrefillRequest) -> str | None:
         return ("decode_kv_address is required: the KV handle is bound to the decode worker that will pull it; set it (and "
                 "decode_worker_id) from that worker's WorkerRegistration.kv_client_address")  # fmt: skip
     if n > MAX_DECODE_KV_ADDRESS_BYTES:
-        return f"decode_kv_address is {n} bytes, more than a UCX worker address can be ({MAX_DECODE_KV_ADDRESS_BYTES}); pass the decode worker's kv_client_address"
+        return (
+            f"decode_kv_address is {n} bytes, more than a UCX worker address can be ({MAX_DECODE_KV_ADDRESS_BYTES}); pass the decode worker's kv_client_address"
+        )
     return None
 
 

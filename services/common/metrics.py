@@ -47,14 +47,22 @@ class WorkerMetrics:
         self.prefix_cache_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", labels, registry=r).labels(model_name)
         self.request_success = Counter("vllm:request_success", "Finished requests", labels + ["finished_reason"], registry=r)
         self.model_name = model_name
-        self.time_to_first_token = Histogram("vllm:time_to_first_token_seconds", "Time to first token", labels, buckets=TTFT_BUCKETS, registry=r).labels(model_name)
-        self.inter_token_latency = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens", labels, buckets=ITL_BUCKETS, registry=r).labels(model_name)
-        self.e2e_request_latency = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency", labels, buckets=E2E_BUCKETS, registry=r).labels(model_name)
+        self.time_to_first_token = Histogram("vllm:time_to_first_token_seconds", "Time to first token", labels, buckets=TTFT_BUCKETS, registry=r).labels(
+            model_name
+        )
+        self.inter_token_latency = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens", labels, buckets=ITL_BUCKETS, registry=r).labels(
+            model_name
+        )
+        self.e2e_request_latency = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency", labels, buckets=E2E_BUCKETS, registry=r).labels(
+            model_name
+        )
 
         # KV transfer (Tandem's own names: vLLM has no disaggregation metrics of this shape)
         self.kv_pull_blocks = Counter("tandem_kv_pull_blocks", "KV blocks pulled from prefill workers", registry=r)
         self.kv_pull_bytes = Counter("tandem_kv_pull_bytes", "KV bytes pulled from prefill workers", registry=r)
-        self.kv_pull_seconds = Histogram("tandem_kv_pull_seconds", "Duration of one KV pull", buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.kv_pull_seconds = Histogram(
+            "tandem_kv_pull_seconds", "Duration of one KV pull", buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r
+        )
         self.kv_pull_failures = Counter("tandem_kv_pull_failures", "KV pulls that failed (then recomputed or failed, per policy)", registry=r)
         self.kv_leases_expired = Counter("tandem_kv_leases_expired", "Prefilled prompts freed because no decode worker pulled them in time", registry=r)
         self.kv_pull_requests_dropped = Counter("tandem_kv_pull_requests_dropped", "KV pull requests dropped unanswered: unknown token, a token "
@@ -72,21 +80,45 @@ class GatewayMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter("tandem_requests", "Generate requests by final gRPC status", ["code"], registry=r)
-        self.http_requests = Counter("tandem_http_requests", "OpenAI HTTP API requests, by route and HTTP status (a request of several prompts is one here, one per prompt in tandem_requests)",
-                                     ["route", "status"], registry=r)
+        self.http_requests = Counter(
+            "tandem_http_requests",
+            "OpenAI HTTP API requests, by route and HTTP status (a request of several prompts is one here, one per prompt in tandem_requests)",
+            ["route", "status"],
+            registry=r,
+        )
         self.decisions = Counter("tandem_routing_decisions", "Requests routed, by worker and policy", ["worker_id", "policy"], registry=r)
         self.workers = Gauge("tandem_workers", "Workers known from etcd", ["role"], registry=r)
         self.in_flight = Gauge("tandem_requests_in_flight", "Requests being served", registry=r)
-        self.prefix_hit_ratio = Histogram("tandem_prefix_hit_ratio", "Cached prompt tokens / prompt tokens, per request",
-                                          buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0), registry=r)
+        self.prefix_hit_ratio = Histogram(
+            "tandem_prefix_hit_ratio", "Cached prompt tokens / prompt tokens, per request", buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0), registry=r
+        )
         self.time_to_first_token = Histogram("tandem_time_to_first_token_seconds", "Time to first token at the gateway", buckets=TTFT_BUCKETS, registry=r)
         self.request_duration = Histogram("tandem_request_duration_seconds", "Generate duration at the gateway", buckets=E2E_BUCKETS, registry=r)
-        self.pd_decisions = Counter("tandem_pd_decisions", "P/D decisions, by outcome (disaggregated, below-threshold, prefill-unavailable, forced-*)", ["reason"], registry=r)
-        self.worker_ejections = Counter("tandem_worker_ejections", "Workers ejected from routing by outlier detection (consecutive failed calls), by worker and role",
-                                        ["worker_id", "role"], registry=r)
-        self.worker_retries = Counter("tandem_worker_retries", "Requests sent to another worker after one failed, by leg (prefill, decode) and phase (before-first-token, migration, fallback-aggregated)",
-                                      ["leg", "phase"], registry=r)
-        self.decision_latency = Histogram("tandem_scheduling_decision_seconds", "Time to choose a request's workers (decode pick and P/D decision)",
-                                          buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2), registry=r)
-        self.plugin_latency = Histogram("tandem_scheduler_plugin_duration_seconds", "Time spent in each routing plugin", ["plugin"],
-                                        buckets=(1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2), registry=r)
+        self.pd_decisions = Counter(
+            "tandem_pd_decisions", "P/D decisions, by outcome (disaggregated, below-threshold, prefill-unavailable, forced-*)", ["reason"], registry=r
+        )
+        self.worker_ejections = Counter(
+            "tandem_worker_ejections",
+            "Workers ejected from routing by outlier detection (consecutive failed calls), by worker and role",
+            ["worker_id", "role"],
+            registry=r,
+        )
+        self.worker_retries = Counter(
+            "tandem_worker_retries",
+            "Requests sent to another worker after one failed, by leg (prefill, decode) and phase (before-first-token, migration, fallback-aggregated)",
+            ["leg", "phase"],
+            registry=r,
+        )
+        self.decision_latency = Histogram(
+            "tandem_scheduling_decision_seconds",
+            "Time to choose a request's workers (decode pick and P/D decision)",
+            buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2),
+            registry=r,
+        )
+        self.plugin_latency = Histogram(
+            "tandem_scheduler_plugin_duration_seconds",
+            "Time spent in each routing plugin",
+            ["plugin"],
+            buckets=(1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2),
+            registry=r,
+        )

@@ -56,7 +56,7 @@ def roles_of(auth_context: dict) -> frozenset[str]:
     for raw in auth_context.get("x509_subject_alternative_name", ()):
         name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
         if name.startswith(ROLE_SAN_PREFIX) and len(name) > len(ROLE_SAN_PREFIX):
-            roles.add(name[len(ROLE_SAN_PREFIX):])
+            roles.add(name[len(ROLE_SAN_PREFIX) :])
     return frozenset(roles)
 
 

@@ -233,7 +233,9 @@ class RegistryWatcher:
                 delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
                 attempt += 1
                 refusal = explain_refusal(e, self._endpoint, f"read {self.prefix}")  # logged as what to fix; retried, as rights can be granted live
-                log.log(logging.ERROR if refusal else logging.WARNING, "etcd watch of %s interrupted (%s); resyncing in %.1fs", self.prefix, refusal or e, delay)
+                log.log(
+                    logging.ERROR if refusal else logging.WARNING, "etcd watch of %s interrupted (%s); resyncing in %.1fs", self.prefix, refusal or e, delay
+                )
                 await asyncio.sleep(delay)
             finally:
                 await close_quietly(client)

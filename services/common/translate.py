@@ -50,9 +50,7 @@ def response_from_output(out, num_logprobs_sent: int) -> common_pb2.GenerateResp
         resp.stop_token_id = out.stop_reason
     for lp in out.logprobs[num_logprobs_sent:]:
         resp.logprobs.append(
-            common_pb2.TokenLogprob(
-                token_id=lp.token_id, logprob=lp.logprob, top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]
-            )
+            common_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
         )
     if out.finished:
         resp.usage.CopyFrom(

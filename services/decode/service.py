@@ -73,7 +73,10 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
     async def _open_disaggregated(self, request: worker_pb2.WorkerGenerateRequest, context):
         problem = kv_handle_problem(request, self.host.kv_layout)
         if problem is None and request.first_token_id >= self.host.engine.core.model_config.vocab_size:
-            problem = (grpc.StatusCode.INVALID_ARGUMENT, f"first_token_id {request.first_token_id} is outside the vocabulary [0, {self.host.engine.core.model_config.vocab_size})")
+            problem = (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"first_token_id {request.first_token_id} is outside the vocabulary [0, {self.host.engine.core.model_config.vocab_size})",
+            )
         if problem is not None:
             await context.abort(*problem)
         stream = await self.open_stream(request, context, output_token_ids=[request.first_token_id], import_kv=True)

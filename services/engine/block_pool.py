@@ -136,13 +136,9 @@ class BlockPool:
         for block in self.blocks:
             assert block.ref_count >= 0, f"block {block.block_id} has ref count {block.ref_count}"
             in_free = block.block_id in self._free
-            assert in_free == (block.ref_count == 0), (
-                f"block {block.block_id}: ref count {block.ref_count} but {'on' if in_free else 'off'} the free list"
-            )
+            assert in_free == (block.ref_count == 0), f"block {block.block_id}: ref count {block.ref_count} but {'on' if in_free else 'off'} the free list"
             if block.block_hash is not None:
-                assert self._cached.get(block.block_hash) == block.block_id, (
-                    f"block {block.block_id} has hash {block.block_hash:#x} not mapped to it"
-                )
+                assert self._cached.get(block.block_hash) == block.block_id, f"block {block.block_id} has hash {block.block_hash:#x} not mapped to it"
         for block_hash, block_id in self._cached.items():
             assert self.blocks[block_id].block_hash == block_hash, f"hash {block_hash:#x} maps to block {block_id} without it"
         assert len(self._free) <= self.num_blocks

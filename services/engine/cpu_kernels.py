@@ -200,7 +200,6 @@ def load_small_batch_linear() -> Callable | None:
     return None if module is None else module.small_batch_linear
 
 
-
 def _self_check_fused(kernels) -> None:
     """The fused layer steps against the torch formulas they replace, float32 and bfloat16."""
     from .model_config import RopeConfig

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model_dir import resolve_model_dir
 from .engine_config import EngineConfig
 from .kv_cache import KVCache
 from .kv_cache_manager import KVCacheManager
 from .kv_handoff import KVImport, PinnedKV
 from .malloc_tuning import tune_malloc
 from .model_config import ModelConfig, parse_dtype
+from .model_dir import resolve_model_dir
 from .model_runner import ModelRunner
 from .request import Logprob, Request
 from .sampler import SamplingFailure
@@ -26,7 +26,6 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .stop_checker import TextState, check_stop
 from .tokenizer import Tokenizer
-
 
 MAX_CACHE_SALT_CHARS = 1024  # the salt seeds the prefix-cache hashes; any longer is only memory
 
@@ -65,9 +64,7 @@ class EngineCore:
             dtype = torch.bfloat16  # fp16 matmuls are slow and overflow-prone on CPU; bf16 keeps the range
         self.dtype = dtype
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, self.model_config.max_position_embeddings)
-        num_blocks = config.num_kv_blocks or KVCache.blocks_for_memory(
-            self.model_config, config.block_size, dtype, config.kv_cache_memory_gb * 2**30
-        )
+        num_blocks = config.num_kv_blocks or KVCache.blocks_for_memory(self.model_config, config.block_size, dtype, config.kv_cache_memory_gb * 2**30)
         self.tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
@@ -267,7 +264,12 @@ class EngineCore:
         pinned = None
         if pin:
             num_prompt_blocks = -(-req.num_prompt_tokens // self.config.block_size)
-            pinned = PinnedKV(req.request_id, tuple(req.block_ids[:num_prompt_blocks]), tuple(req.block_hashes[: req.num_prompt_tokens // self.config.block_size]), req.num_prompt_tokens)
+            pinned = PinnedKV(
+                req.request_id,
+                tuple(req.block_ids[:num_prompt_blocks]),
+                tuple(req.block_hashes[: req.num_prompt_tokens // self.config.block_size]),
+                req.num_prompt_tokens,
+            )
             self.kv.pool.touch(list(pinned.block_ids))  # one more reference: survives the free below
             self.pinned[req.request_id] = pinned
         self.scheduler.finish(req)

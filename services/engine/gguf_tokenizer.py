@@ -47,11 +47,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     Written out rather than imported from transformers so the converter depends only on
     ``tokenizers``; it is the same table ``tokenizers.pre_tokenizers.ByteLevel`` uses internally.
     """
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     table = {byte: chr(byte) for byte in printable}
     shift = 0
     for byte in range(256):
@@ -76,9 +72,7 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if pre in ("gpt2", "default"):
         return byte_level
-    raise ValueError(
-        f"GGUF pre-tokenizer {pre!r} is not supported by this converter (supported: smollm, gpt2, default)"
-    )
+    raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported by this converter (supported: smollm, gpt2, default)")
 
 
 def build_tokenizer(reader: GGUFReader) -> Tokenizer:

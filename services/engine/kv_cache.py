@@ -40,9 +40,7 @@ class KVCache:
         # allocated untouched so huge pages can be requested first, then zeroed: padded decode rows
         # read block 0 under a -inf mask, and NaN garbage there would still poison the softmax's
         # weighted sum (0 × NaN = NaN)
-        self.storage = torch.empty(
-            cfg.num_layers, 2, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim, dtype=dtype, device=device
-        )
+        self.storage = torch.empty(cfg.num_layers, 2, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim, dtype=dtype, device=device)
         self.huge_pages = advise_huge_pages(self.storage)  # before the first touch
         self.storage.zero_()
         self.layers = [(self.storage[i, 0], self.storage[i, 1]) for i in range(cfg.num_layers)]

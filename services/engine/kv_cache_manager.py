@@ -36,9 +36,7 @@ class KVCacheManager:
             return
         parent = request.block_hashes[-1] if have else root_hash(self.model_id, request.cache_salt)
         tokens = request.all_token_ids[have * self.block_size : want * self.block_size]
-        request.block_hashes.extend(
-            hash_blocks(tokens, self.block_size, self.model_id, parent_hash=parent)
-        )
+        request.block_hashes.extend(hash_blocks(tokens, self.block_size, self.model_id, parent_hash=parent))
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """Blocks of the longest cached prefix and the number of tokens they cover. Does not take references.

@@ -106,10 +106,7 @@ class ModelConfig:
         archs = raw.get("architectures") or []
         arch = archs[0] if archs else None
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"{source}: architecture {arch!r} is not supported; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+            raise ValueError(f"{source}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         bias_default, qk_norm = SUPPORTED_ARCHITECTURES[arch]
 
         def need(key: str):

@@ -87,8 +87,7 @@ class Scheduler:
                     if not self.running and not scheduled:
                         # even an empty pool cannot hold this request's first chunk: it never will
                         raise MemoryError(
-                            f"request {req.request_id} needs more KV blocks than the pool has "
-                            f"({self.kv.pool.num_blocks} blocks of {self.kv.block_size} tokens)"
+                            f"request {req.request_id} needs more KV blocks than the pool has ({self.kv.pool.num_blocks} blocks of {self.kv.block_size} tokens)"
                         )
                     break
                 self.waiting.popleft()

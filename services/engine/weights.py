@@ -46,9 +46,7 @@ def load_weights(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype) ->
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         a = p + "self_attn."
-        out[p + "qkv_proj.weight"] = torch.cat(
-            [take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")]
-        )
+        out[p + "qkv_proj.weight"] = torch.cat([take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")])
         if cfg.attention_bias:
             out[p + "qkv_proj.bias"] = torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias")])
         out[p + "o_proj.weight"] = take(a + "o_proj.weight")

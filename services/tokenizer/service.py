@@ -22,6 +22,7 @@ from services.common.config import ServiceConfig
 from services.engine.model_dir import resolve_model_dir
 from services.engine.tokenizer import Tokenizer
 
+
 class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
     service_names = (tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name,)
 
@@ -119,7 +120,10 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
     async def Detokenize(self, request, context):
         self.num_requests.labels("Detokenize").inc()
         if len(request.token_ids) > self.config.max_prompt_chars:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token_ids must hold at most {self.config.max_prompt_chars} ids (max_prompt_chars), got {len(request.token_ids)}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"token_ids must hold at most {self.config.max_prompt_chars} ids (max_prompt_chars), got {len(request.token_ids)}",
+            )
         try:
             text = await self._off_loop(self._detokenize, request)
         except ValueError as e:

@@ -43,7 +43,9 @@ def _random_json(rng: random.Random, depth: int = 0):
     if kind == 1:
         return rng.choice(JUNK_VALUES)
     if kind == 2:
-        return "".join(chr(rng.choice([rng.randrange(32, 127), rng.randrange(0x80, 0x2FFF), rng.randrange(0x1F300, 0x1F600)])) for _ in range(rng.randrange(12)))
+        return "".join(
+            chr(rng.choice([rng.randrange(32, 127), rng.randrange(0x80, 0x2FFF), rng.randrange(0x1F300, 0x1F600)])) for _ in range(rng.randrange(12))
+        )
     if kind == 3:
         return rng.randrange(-(2**70), 2**70)
     if kind == 4:
@@ -183,10 +185,12 @@ class FrontDoorFuzz:
             async with session.post(self.http_url + path, data=body, headers={"Content-Type": "application/json"}) as r:
                 text = await r.text(errors="replace")
                 status = r.status
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return self._record("http hang", True, body)
         # a streamed body is 200 with its error (if any) as an event
-        streamed_internal = status == 200 and '"error"' in text and any(f'"code":"{c}"' in text.replace(" ", "") for c in ("internal_error", "internal", "unknown"))
+        streamed_internal = (
+            status == 200 and '"error"' in text and any(f'"code":"{c}"' in text.replace(" ", "") for c in ("internal_error", "internal", "unknown"))
+        )
         self._record(f"http {status}", status >= 500 or streamed_internal, body)
 
     async def _grpc(self, channel: grpc.aio.Channel, data: bytes) -> None:

@@ -29,9 +29,9 @@ def _serve() -> None:  # runs inside the namespace
     import urllib.request
 
     import grpc
-    from prometheus_client.parser import text_string_to_metric_families
     from google.protobuf import json_format
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from prometheus_client.parser import text_string_to_metric_families
 
     from protos.tandem.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -70,8 +70,12 @@ def _serve() -> None:  # runs inside the namespace
                                      "num_indexed_blocks": w.num_indexed_blocks, "kv_client_address": w.registration.kv_client_address.hex()}
                                     for w in reply.workers]}  # fmt: skip
             if req["op"] == "prefill":
-                request = worker_pb2.PrefillRequest(request_id=req["request_id"], prompt_token_ids=req["token_ids"], sampling=sampling_of(req),
-                                                    decode_kv_address=bytes.fromhex(req["decode_kv_address"]))  # the handle is bound to it
+                request = worker_pb2.PrefillRequest(
+                    request_id=req["request_id"],
+                    prompt_token_ids=req["token_ids"],
+                    sampling=sampling_of(req),
+                    decode_kv_address=bytes.fromhex(req["decode_kv_address"]),
+                )  # the handle is bound to it
                 handles[req["request_id"]] = reply = worker_pb2_grpc.PrefillStub(channel).Prefill(request, timeout=timeout)
                 return {"tokens": list(reply.first.token_ids)}
             if req["op"] == "decode":

@@ -70,9 +70,7 @@ def _peer_matches(peer: Mapping, policy_namespace: str, other: Endpoint) -> bool
     if "ipBlock" in peer:
         block = peer["ipBlock"]
         address = ipaddress.ip_address(other.ip)
-        return address in ipaddress.ip_network(block["cidr"]) and not any(
-            address in ipaddress.ip_network(cidr) for cidr in block.get("except") or []
-        )
+        return address in ipaddress.ip_network(block["cidr"]) and not any(address in ipaddress.ip_network(cidr) for cidr in block.get("except") or [])
     if other.namespace is None:  # pod and namespace selectors only ever match pods
         return False
     if "namespaceSelector" in peer:

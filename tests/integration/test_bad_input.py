@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import grpc
 import pytest
 
@@ -76,8 +75,11 @@ def test_cancelled_stream_frees_the_workers_kv_blocks(cluster, gateway_channel):
     busy = load()
     assert busy.num_requests_running == 1 and busy.num_used_blocks > 0
     call.cancel()
-    idle = wait_for(lambda: (lambda s: s if s.num_requests_running == 0 and s.num_used_blocks == 0 else None)(load()),
-                    "the cancelled request to leave the decode worker", timeout=10)
+    idle = wait_for(
+        lambda: (lambda s: s if s.num_requests_running == 0 and s.num_used_blocks == 0 else None)(load()),
+        "the cancelled request to leave the decode worker",
+        timeout=10,
+    )
     assert idle.num_requests_running == 0
     decode.close()
 
@@ -101,7 +103,9 @@ def test_undecodable_bytes_are_invalid_argument_at_every_service(cluster):
 
 
 def worker_request(**sampling) -> worker_pb2.WorkerGenerateRequest:
-    return worker_pb2.WorkerGenerateRequest(request_id="direct", prompt_token_ids=[1, 9906, 28, 2], sampling=common_pb2.SamplingParams(max_tokens=2, **sampling))
+    return worker_pb2.WorkerGenerateRequest(
+        request_id="direct", prompt_token_ids=[1, 9906, 28, 2], sampling=common_pb2.SamplingParams(max_tokens=2, **sampling)
+    )
 
 
 @pytest.mark.parametrize(
@@ -124,7 +128,9 @@ def test_a_worker_called_directly_checks_the_sampling_values(cluster, sampling, 
 
 def test_a_tiny_temperature_is_greedy_not_a_dead_engine(gateway_channel):
     def tokens(temperature: float) -> list[int]:
-        request = gateway_pb2.GenerateRequest(text="Once upon a time", sampling=common_pb2.SamplingParams(max_tokens=5, temperature=temperature, ignore_eos=True))
+        request = gateway_pb2.GenerateRequest(
+            text="Once upon a time", sampling=common_pb2.SamplingParams(max_tokens=5, temperature=temperature, ignore_eos=True)
+        )
         return [t for c in gateway_pb2_grpc.GatewayStub(gateway_channel).Generate(request, timeout=60) for t in c.token_ids]
 
     assert tokens(1e-30) == tokens(1e-7) == tokens(0.0)

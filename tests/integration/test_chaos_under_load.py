@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from tandem.supervisor import RestartPolicy
 from benchmarks.bench_load import BenchLoad, failures
 from benchmarks.cluster_probes import back_in_routing, in_flight, routed_workers
+from tandem.supervisor import RestartPolicy
 from tests.helpers.waiting import wait_for
 from tests.integration.conftest import running_cluster
 

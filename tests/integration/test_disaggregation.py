@@ -221,7 +221,7 @@ def test_frozen_then_killed_prefill_worker_leaves_decode_serving(tmp_path, defau
             os.kill(prefill.pid, signal.SIGKILL)  # ... and then dies mid-transfer
         finally:
             t.join(timeout=60)
-        assert [reply.first.token_ids[0]] + tokens(result["chunks"])[: 5] == expected[:6]
+        assert [reply.first.token_ids[0]] + tokens(result["chunks"])[:5] == expected[:6]
         assert c.service("decode-0").proc.poll() is None, "the decode worker must survive"
         assert tokens(generate(c, prompt, AGG, max_tokens=6)) == expected  # and keep serving
         wait_idle(c, "decode-0")

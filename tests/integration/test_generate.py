@@ -106,8 +106,14 @@ def test_prefill_worker_returns_the_first_token(cluster, offline_llm):
     expected = offline_llm.generate(PROMPTS[1], SamplingParams(max_tokens=1, temperature=0.0))[0]
     with grpc.insecure_channel(cluster.service("prefill-0").address) as channel:
         reply = worker_pb2_grpc.PrefillStub(channel).Prefill(
-            worker_pb2.PrefillRequest(request_id="prefill-test", prompt_token_ids=ids, sampling=greedy(8),
-                                      decode_worker_id="nobody", decode_kv_address=b"unused: this test releases the handle"), timeout=60
+            worker_pb2.PrefillRequest(
+                request_id="prefill-test",
+                prompt_token_ids=ids,
+                sampling=greedy(8),
+                decode_worker_id="nobody",
+                decode_kv_address=b"unused: this test releases the handle",
+            ),
+            timeout=60,
         )
         assert list(reply.first.token_ids) == expected.token_ids
         assert reply.first.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED  # decode would continue
@@ -119,5 +125,7 @@ def test_prefill_worker_returns_the_first_token(cluster, offline_llm):
         prefill = worker_pb2_grpc.PrefillStub(channel)
         assert not prefill.ReleaseKV(worker_pb2.ReleaseKVRequest(request_id=handle.request_id, transfer_token=bytes(16)), timeout=10).released
         assert prefill.ReleaseKV(worker_pb2.ReleaseKVRequest(request_id=handle.request_id, transfer_token=handle.transfer_token), timeout=10).released
-        wait_for(lambda: (lambda load: load.num_requests_running == 0 and load.num_used_blocks == 0)(worker.GetLoad(worker_pb2.GetLoadRequest(), timeout=10)),
-                 "the prefill worker to hold no request and no KV block")
+        wait_for(
+            lambda: (lambda load: load.num_requests_running == 0 and load.num_used_blocks == 0)(worker.GetLoad(worker_pb2.GetLoadRequest(), timeout=10)),
+            "the prefill worker to hold no request and no KV block",
+        )

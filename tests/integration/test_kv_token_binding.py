@@ -22,8 +22,20 @@ from loadtest.sim.fleet import SimFleet
 from protos.tandem.v1 import common_pb2, gateway_pb2, worker_pb2, worker_pb2_grpc
 from tests.helpers.sim_cluster import FAST, InProcessGateway, until
 from tests.integration.conftest import running_cluster
-from tests.integration.test_disaggregation import (AGG, DISAGG, ROLE_ARGS, decode_directly, generate, ids, load, metric, prefill_directly,
-                                                   registration, tokens, wait_idle)  # fmt: skip
+from tests.integration.test_disaggregation import (
+    AGG,
+    DISAGG,
+    ROLE_ARGS,
+    decode_directly,
+    generate,
+    ids,
+    load,
+    metric,
+    prefill_directly,
+    registration,  # fmt: skip
+    tokens,
+    wait_idle,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +101,8 @@ def test_a_handle_bound_to_another_decode_worker_is_recomputed_without_a_pull(pd
     assert metric(pdd, "prefill-0", "tandem_kv_pull_requests_dropped_total") == dropped, "decode-1 must not even try the pull"
     with grpc.insecure_channel(pdd.service("prefill-0").address) as ch:  # as the gateway does when the request ends
         released = worker_pb2_grpc.PrefillStub(ch).ReleaseKV(
-            worker_pb2.ReleaseKVRequest(request_id=reply.kv_handle.request_id, transfer_token=reply.kv_handle.transfer_token), timeout=10)
+            worker_pb2.ReleaseKVRequest(request_id=reply.kv_handle.request_id, transfer_token=reply.kv_handle.transfer_token), timeout=10
+        )
     assert released.released
     wait_idle(pdd, "prefill-0", "decode-1", timeout=5)  # freed now, not at the lease's expiry
 
@@ -98,7 +111,8 @@ def test_a_prefill_request_without_a_decode_worker_is_refused(pdd):
     with grpc.insecure_channel(pdd.service("prefill-0").address) as ch:
         with pytest.raises(grpc.RpcError) as err:
             worker_pb2_grpc.PrefillStub(ch).Prefill(
-                worker_pb2.PrefillRequest(request_id="unbound", prompt_token_ids=ids(40), sampling=common_pb2.SamplingParams(max_tokens=4)), timeout=30)
+                worker_pb2.PrefillRequest(request_id="unbound", prompt_token_ids=ids(40), sampling=common_pb2.SamplingParams(max_tokens=4)), timeout=30
+            )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "decode_kv_address is required" in err.value.details()
     wait_idle(pdd, "prefill-0")  # nothing was computed or pinned
 

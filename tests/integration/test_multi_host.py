@@ -115,9 +115,7 @@ def ucx_report(cluster: BedCluster, role: str) -> list[str]:
 
 def test_every_service_binds_and_advertises_its_hosts_address(hosts):
     registered = hosts.client.call("workers", address=hosts.address("gateway"))["workers"]
-    assert sorted((w["role"], w["grpc_address"]) for w in registered) == sorted(
-        (role, hosts.address(role)) for role in ROLES
-    ), registered
+    assert sorted((w["role"], w["grpc_address"]) for w in registered) == sorted((role, hosts.address(role)) for role in ROLES), registered
     for role in ROLES:
         # local addresses of the listening sockets; gRPC's dual-stack socket shows [::ffff:IP]:PORT
         listening = {line.split()[3].replace("[::ffff:", "").replace("]", "") for line in hosts.bed.run(role, ["ss", "-Hltn"]).stdout.splitlines()}

@@ -146,7 +146,9 @@ def test_logprobs_name_the_tokens_and_equal_grpcs(cluster, client):
     assert all(len(top) >= 3 and top[tok] == pytest.approx(p) for top, tok, p in zip(lp.top_logprobs, lp.tokens, lp.token_logprobs))
     chunks = grpc_generate(cluster, text=prompt, sampling=common_pb2.SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=3))
     assert lp.token_logprobs == pytest.approx([e.logprob for c in chunks for e in c.logprobs], abs=1e-5)
-    streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=3, stream=True, extra_body={"ignore_eos": True}))
+    streamed = list(
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=3, stream=True, extra_body={"ignore_eos": True})
+    )
     assert [t for e in streamed for t in e.choices[0].logprobs.tokens] == lp.tokens
     chat = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content

@@ -7,8 +7,8 @@ seconds; its gateway requires keys and serves one request at a time.
 
 from __future__ import annotations
 
-import signal
 import json
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -163,4 +163,3 @@ def test_sigterm_lets_a_running_stream_finish_then_refuses_connections(guarded, 
         time.sleep(0.2)
         with pytest.raises(openai.APIConnectionError):
             client.completions.create(model=str(tiny_llama), prompt=PROMPT, max_tokens=2)
-

@@ -27,7 +27,9 @@ def busy_decode_workers(gateway) -> list[str]:
 
 def request() -> gateway_pb2.GenerateRequest:
     sampling = common_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=1)
-    return gateway_pb2.GenerateRequest(text="Write a long story about a lighthouse keeper and the sea.", sampling=sampling, mode=gateway_pb2.SERVING_MODE_AGGREGATED)
+    return gateway_pb2.GenerateRequest(
+        text="Write a long story about a lighthouse keeper and the sea.", sampling=sampling, mode=gateway_pb2.SERVING_MODE_AGGREGATED
+    )
 
 
 def summary(chunks):

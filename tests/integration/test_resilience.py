@@ -19,9 +19,9 @@ import time
 import grpc
 import pytest
 
+from benchmarks.bench_load import BenchLoad, failures
 from protos.tandem.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.registry import decode_registration, make_client, workers_prefix
-from benchmarks.bench_load import BenchLoad, failures
 from tests.helpers.waiting import wait_for
 from tests.integration.conftest import running_cluster
 

@@ -14,10 +14,10 @@ import time
 import grpc
 import pytest
 
+from benchmarks.cluster_probes import back_in_routing, registered_workers, routed_workers
 from protos.tandem.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tandem.health import check_health
 from tandem.supervisor import RestartPolicy
-from benchmarks.cluster_probes import back_in_routing, registered_workers, routed_workers
 from tests.helpers.waiting import wait_for
 from tests.integration.conftest import running_cluster
 
@@ -37,7 +37,9 @@ def supervised(tmp_path_factory, tiny_llama):
 def ask(cluster, seed: int) -> None:
     """One request through the gateway; asserts it finished. Prompts of 2 full blocks, all distinct."""
     prompt = [3 + (seed * 7 + i * 13) % 380 for i in range(2 * BLOCK + 3)]
-    request = gateway_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=prompt), sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    request = gateway_pb2.GenerateRequest(
+        token_ids=common_pb2.TokenIds(ids=prompt), sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    )
     with grpc.insecure_channel(cluster.gateway_address) as channel:
         chunks = list(gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=60))
     assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH

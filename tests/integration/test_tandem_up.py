@@ -77,7 +77,9 @@ def test_tandem_up_serves_generate_restarts_a_dead_worker_and_stops_everything_o
         base_url = re.search(r"OpenAI-compatible HTTP API at (http://\S+/v1)", log).group(1)
         with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60) as client:
             model = client.models.list().data[0].id
-            reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=16, temperature=0)
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=16, temperature=0
+            )
         assert "Paris" in reply.choices[0].message.content
         # supervision: a SIGKILLed decode worker is restarted, and `tandem up` says so with the count
         decode = service_pid(cluster, "decode")
@@ -93,7 +95,9 @@ def test_tandem_up_serves_generate_restarts_a_dead_worker_and_stops_everything_o
         assert proc.wait(timeout=60) == 0
         shutdown = (tmp_path / "up.log").read_text().partition("stopping Tandem")[2]
         assert "restart" not in shutdown, f"nothing is restarted while stopping:\n{shutdown}"
-        wait_for(lambda: not processes_mentioning(cluster) and not processes_mentioning(str(tmp_path / "etcd-data")), "no process of the cluster left", timeout=10)
+        wait_for(
+            lambda: not processes_mentioning(cluster) and not processes_mentioning(str(tmp_path / "etcd-data")), "no process of the cluster left", timeout=10
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -108,7 +112,9 @@ def test_children_die_with_a_sigkilled_launcher(tmp_path, default_model_dir):
         assert processes_mentioning(cluster)
         proc.kill()
         proc.wait(timeout=10)
-        wait_for(lambda: not processes_mentioning(cluster) and not processes_mentioning(str(tmp_path / "etcd-data")), "the orphaned services to exit", timeout=60)
+        wait_for(
+            lambda: not processes_mentioning(cluster) and not processes_mentioning(str(tmp_path / "etcd-data")), "the orphaned services to exit", timeout=60
+        )
     finally:
         for pid in processes_mentioning(cluster):
             os.kill(pid, signal.SIGKILL)

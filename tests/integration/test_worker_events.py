@@ -61,12 +61,15 @@ def test_watch_streams_kv_events_with_the_gateways_hashes_and_replays_after_reco
         request = gateway_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=ids), sampling=common_pb2.SamplingParams(max_tokens=2))
         list(gateway_pb2_grpc.GatewayStub(gateway_channel).Generate(request, timeout=60))
         # a second, different prompt: at least two batches, so a replay from the one before the last exists
-        other = gateway_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=[2000 + i for i in range(2 * layout.block_size)]), sampling=common_pb2.SamplingParams(max_tokens=1))
+        other = gateway_pb2.GenerateRequest(
+            token_ids=common_pb2.TokenIds(ids=[2000 + i for i in range(2 * layout.block_size)]), sampling=common_pb2.SamplingParams(max_tokens=1)
+        )
         list(gateway_pb2_grpc.GatewayStub(gateway_channel).Generate(other, timeout=60))
         expected = set(hash_blocks(ids, layout.block_size, layout.model_id, None))
         assert len(expected) == 5
         wait_for(lambda: expected <= stored_hashes(watcher.batches()), "the prompt's blocks in the KV event stream")
         wait_for(lambda: len([b for b in watcher.batches() if not b.snapshot]) >= 2, "the second prompt's batch")
+
         # the gateway's own prefix index learned the same blocks from its Watch stream
         def indexed():
             reply = gateway_pb2_grpc.GatewayStub(gateway_channel).ListWorkers(gateway_pb2.ListWorkersRequest(), timeout=5)

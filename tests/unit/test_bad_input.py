@@ -90,13 +90,9 @@ def test_missing_model_directory():
 
 
 def test_rope_spellings_and_dtype_spellings(tmp_path):
-    old = ModelConfig.from_dict(
-        json.loads((_write_config(tmp_path, rope_theta=5e5, torch_dtype="bfloat16") / "config.json").read_text())
-    )
+    old = ModelConfig.from_dict(json.loads((_write_config(tmp_path, rope_theta=5e5, torch_dtype="bfloat16") / "config.json").read_text()))
     new = ModelConfig.from_dict(
-        json.loads(
-            (_write_config(tmp_path, rope_parameters={"rope_type": "default", "rope_theta": 5e5}, dtype="bfloat16") / "config.json").read_text()
-        )
+        json.loads((_write_config(tmp_path, rope_parameters={"rope_type": "default", "rope_theta": 5e5}, dtype="bfloat16") / "config.json").read_text())
     )
     assert old.rope == new.rope and old.dtype == new.dtype
     llama3 = ModelConfig.from_dict(

@@ -11,8 +11,8 @@ from rich.console import Console
 
 from loadtest.bench_cli import build_parser, main
 from loadtest.bench_setup import make_load, make_target, make_workload
-from loadtest.load_runner import RunOutcome
 from loadtest.compare import compare, labelled, runs_of
+from loadtest.load_runner import RunOutcome
 from loadtest.metrics import SLO
 from loadtest.plots import latency_samples, plot_latency_cdfs, plot_sweep
 from loadtest.report import compare_table, summary_table, sweep_table
@@ -181,7 +181,9 @@ def test_the_harness_stays_light():
     import sys
 
     modules = "loadtest.bench_cli, loadtest.bench, loadtest.bench_setup, loadtest.load_runner, loadtest.targets, loadtest.metrics, loadtest.result, loadtest.report, loadtest.plots, loadtest.compare, loadtest.progress, loadtest.workloads"
-    code = (f"import sys, tandem.cli, {modules}; import loadtest.plots as p; p._pyplot(); "
-            "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('services.engine', 'gateway'))]; print(bad); sys.exit(3 if bad else 0)")
+    code = (
+        f"import sys, tandem.cli, {modules}; import loadtest.plots as p; p._pyplot(); "
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('services.engine', 'gateway'))]; print(bad); sys.exit(3 if bad else 0)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -10,8 +10,8 @@ import time
 import grpc
 import pytest
 
-from loadtest.load_runner import LoadRunner, LoadSpec
 from loadtest.distributions import Distribution
+from loadtest.load_runner import LoadRunner, LoadSpec
 from loadtest.metrics import compute_metrics
 from loadtest.targets import GatewayTarget, SamplingOptions, WorkerTarget
 from loadtest.workloads import MultiTurnWorkload, RandomWorkload, RequestSpec, SingleRequest

@@ -58,7 +58,7 @@ def test_every_service_runs_with_its_own_certificate_from_tandem_certs(role):
     for path in (env["TANDEM_TLS_CERT"], env["TANDEM_TLS_KEY"], env["TANDEM_TLS_CA"]):
         assert path in mounted and mounted[path].endswith("/certs/" + path.rsplit("/", 1)[1]), f"{role}: {path} is not mounted from ./certs"
     # the settings are real settings of the role (load_config ignores unknown TANDEM_* names)
-    unknown = {k for k in env if k.startswith("TANDEM_") and k[len("TANDEM_"):].lower() not in config_fields(role)}
+    unknown = {k for k in env if k.startswith("TANDEM_") and k[len("TANDEM_") :].lower() not in config_fields(role)}
     assert not unknown, f"{role}: not settings of {role}: {sorted(unknown)}"
 
 

@@ -147,9 +147,7 @@ def test_weights_equal_transformers_gguf_loader(converted_dir: pathlib.Path, ora
         assert torch.equal(tensor, theirs[name]), f"{name} differs from transformers' GGUF loader"
 
 
-def test_logits_and_greedy_generation_match(
-    our_model: torch.nn.Module, oracle_model: torch.nn.Module, oracle_tokenizer
-) -> None:
+def test_logits_and_greedy_generation_match(our_model: torch.nn.Module, oracle_model: torch.nn.Module, oracle_tokenizer) -> None:
     chat_ids = oracle_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=True)
     prompts = [
         list(chat_ids["input_ids"]),

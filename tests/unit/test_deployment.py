@@ -113,9 +113,7 @@ def test_compose_file_validates_with_docker_compose():
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.skip("docker-compose is not installed, so docker-compose.yml cannot be validated here")
-    result = subprocess.run(
-        [exe, "-f", COMPOSE_FILE.name, "config"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([exe, "-f", COMPOSE_FILE.name, "config"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"docker-compose config exited {result.returncode}:\n{result.stderr}"
 
 

@@ -3,7 +3,6 @@ and the engine giving the same tokens with either."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -20,8 +20,18 @@ import yaml
 
 from services.common.config import DEFAULT_GRPC_PORTS, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORTS, ROLES, ServiceConfig, load_config
 from tests.helpers.kustomize import (
-    KUBERNETES_DIR, ROOT, container_env, container_ports, find_kustomize, named, of_kind, pod_labels, pod_spec, render,
-    tandem_role, workloads,
+    KUBERNETES_DIR,
+    ROOT,
+    container_env,
+    container_ports,
+    find_kustomize,
+    named,
+    of_kind,
+    pod_labels,
+    pod_spec,
+    render,
+    tandem_role,
+    workloads,
 )  # fmt: skip
 
 pytestmark = pytest.mark.skipif(find_kustomize()[0] is None, reason=find_kustomize()[1])
@@ -145,7 +155,7 @@ def test_environment_names_only_settings_of_the_role(objects):
 
 
 def test_settings_load_and_bind_the_pod(objects):
-    for workload, container, role in tandem_containers(objects):
+    for _workload, container, role in tandem_containers(objects):
         config = config_of(container, role, objects)  # raises ValueError naming a bad value
         assert config.host == "0.0.0.0", f"{role}: must bind every interface of the pod, binds {config.host}"
         advertise = next((v for v in container.get("env") or [] if v["name"] == "TANDEM_ADVERTISE_HOST"), None)
@@ -155,7 +165,7 @@ def test_settings_load_and_bind_the_pod(objects):
 
 
 def test_containers_serve_the_ports_of_their_settings(objects):
-    for workload, container, role in tandem_containers(objects):
+    for _workload, container, role in tandem_containers(objects):
         config = config_of(container, role, objects)
         ports = container_ports(container)
         assert ports.get("grpc") == config.port == DEFAULT_GRPC_PORTS[role], f"{role}: ports {ports}, gRPC on {config.port}"
@@ -207,11 +217,13 @@ def test_tls_files_come_from_the_roles_secret(objects):
         secret, files = projected_files(workload, container, directory)
         env = container_env(container, objects)
         assert secret == f"tandem-{role}-tls", f"{role}: {directory} is mounted from {secret!r}, not the role's Secret"
-        assert {os.path.basename(env[k]) for k in TLS_SETTINGS} <= files, f"{role}: {directory} holds {files}, the settings name {[env[k] for k in TLS_SETTINGS]}"
+        assert {os.path.basename(env[k]) for k in TLS_SETTINGS} <= files, (
+            f"{role}: {directory} holds {files}, the settings name {[env[k] for k in TLS_SETTINGS]}"
+        )
 
 
 def test_startup_probes_wait_for_the_model_load_and_kernel_build(objects):
-    for workload, container, role in tandem_containers(objects):
+    for _workload, container, role in tandem_containers(objects):
         probe = container["startupProbe"]
         budget = probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
         need = 600 if role in ("prefill", "decode") else 120
@@ -250,7 +262,7 @@ def test_env_references_name_earlier_variables(objects):
 
 def test_files_named_by_settings_are_mounted(objects):
     # TANDEM_API_KEYS=@FILE: the gateway refuses to start when the file is missing
-    for workload, container, role in tandem_containers(objects):
+    for _workload, container, role in tandem_containers(objects):
         mounts = [m["mountPath"].rstrip("/") + "/" for m in container.get("volumeMounts") or []]
         for key, value in container_env(container, objects).items():
             if key.startswith("TANDEM_") and value.startswith("@"):
@@ -287,7 +299,7 @@ def test_every_container_has_requests_and_limits(objects):
 
 
 def test_workers_fit_their_threads_and_kv_cache(objects):
-    for workload, container, role in tandem_containers(objects):
+    for _workload, container, role in tandem_containers(objects):
         if role not in ("prefill", "decode"):
             continue
         config, limits = config_of(container, role, objects), container["resources"]["limits"]
@@ -334,7 +346,7 @@ def test_prometheus_annotations_name_the_metrics_port(objects):
         assert annotations.get("prometheus.io/scrape") == "true", workload["metadata"]["name"]
         served = {n for c in pod_spec(workload)["containers"] for n in container_ports(c).values()}
         assert int(annotations["prometheus.io/port"]) in served, f"{workload['metadata']['name']}: {annotations}"
-    for workload, container, role in tandem_containers(objects):
+    for workload, _container, role in tandem_containers(objects):
         annotations = workload["spec"]["template"]["metadata"]["annotations"]
         assert int(annotations["prometheus.io/port"]) == DEFAULT_METRICS_PORTS[role], role
 
@@ -363,8 +375,12 @@ def test_services_dial_the_etcd_the_overlay_runs(objects):
         if statefulsets:  # https: etcd serves TLS to certificates of the CA; plaintext: it does not
             env = {v["name"]: v.get("value", "") for v in pod_spec(statefulsets[0])["containers"][0]["env"]}
             tls = endpoint.startswith("https://")
-            assert env["ETCD_LISTEN_CLIENT_URLS"].startswith("https://" if tls else "http://"), f"{role} dials {endpoint}, etcd listens on {env['ETCD_LISTEN_CLIENT_URLS']}"
-            assert (env.get("ETCD_CLIENT_CERT_AUTH") == "true") == tls and (not tls or tls_dir_of(container, objects)), f"{role}: {endpoint} without a client certificate"
+            assert env["ETCD_LISTEN_CLIENT_URLS"].startswith("https://" if tls else "http://"), (
+                f"{role} dials {endpoint}, etcd listens on {env['ETCD_LISTEN_CLIENT_URLS']}"
+            )
+            assert (env.get("ETCD_CLIENT_CERT_AUTH") == "true") == tls and (not tls or tls_dir_of(container, objects)), (
+                f"{role}: {endpoint} without a client certificate"
+            )
         if not statefulsets:  # external etcd: the NetworkPolicy must let the pods reach that address
             egress = named(objects, "NetworkPolicy", "tandem-etcd-client")["spec"]["egress"]
             blocks = [ipaddress.ip_network(peer["ipBlock"]["cidr"]) for rule in egress for peer in rule.get("to", []) if "ipBlock" in peer]

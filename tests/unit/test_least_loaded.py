@@ -13,8 +13,8 @@ from protos.tandem.v1 import worker_pb2
 
 
 def handle(name, running=None, waiting=0, usage=0.0, in_flight=0):
-    load = None if running is None else worker_pb2.LoadSnapshot(
-        worker_id=name, num_requests_running=running, num_requests_waiting=waiting, kv_cache_usage=usage
+    load = (
+        None if running is None else worker_pb2.LoadSnapshot(worker_id=name, num_requests_running=running, num_requests_waiting=waiting, kv_cache_usage=usage)
     )
     return SimpleNamespace(name=name, load=load, num_in_flight=in_flight)
 

@@ -155,7 +155,7 @@ async def test_foreign_ca_and_expired_certificates_are_refused(prefill_server, c
     ca_cert, ca_key = certs.load_ca(cert_dir)
     expired_dir = tmp_path / "expired"
     expired_dir.mkdir()
-    week_ago = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=7)
+    week_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=7)
     f = certs.write_role_cert(expired_dir, ca_cert, ca_key, "gateway", days=1, not_before=week_ago)
     expired = TlsFiles(str(f.cert), str(f.key), str(certs.ca_file(cert_dir)))
     for tls in (mixed, expired):

@@ -25,10 +25,19 @@ def completion(text, finish=None, **extra) -> dict:
 
 
 STREAMS = {
-    "plain": sse(completion("Hel"), completion("lo"), completion("!", "length"),
-                 {"id": "cmpl-1", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 2}}}, b"[DONE]"),
-    "ids": sse(completion("a", token_ids=[7, 8]), completion("", "stop", token_ids=[2]),
-               {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3, "prompt_tokens_details": None}}, b"[DONE]"),
+    "plain": sse(
+        completion("Hel"),
+        completion("lo"),
+        completion("!", "length"),
+        {"id": "cmpl-1", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 2}}},
+        b"[DONE]",
+    ),
+    "ids": sse(
+        completion("a", token_ids=[7, 8]),
+        completion("", "stop", token_ids=[2]),
+        {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3, "prompt_tokens_details": None}},
+        b"[DONE]",
+    ),
     "no-usage": sse(completion("x"), completion("y", "stop"), b"[DONE]"),
     "error-event": sse(completion("x"), {"error": {"object": "error", "message": "engine died", "type": "InternalServerError", "code": 503}}, b"[DONE]"),
 }

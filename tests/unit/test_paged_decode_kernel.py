@@ -35,9 +35,7 @@ def reference(q, k_cache, v_cache, block_table, context_lens, scale):
     return torch.stack(outs)
 
 
-def make_case(
-    *, lens, kv_heads, group, head_dim, block_size=16, dtype=torch.float32, num_layers=3, seed=0, head_strided=False
-):
+def make_case(*, lens, kv_heads, group, head_dim, block_size=16, dtype=torch.float32, num_layers=3, seed=0, head_strided=False):
     """Caches laid out like kv_cache.py (views `storage[layer, 0]` of one [L, 2, KVH, NB, BS, D] storage), a
     shuffled block table padded with entries beyond each context, and NaN/inf wherever no context reaches.
 
@@ -136,8 +134,7 @@ def test_thread_counts_agree(kernel, threads, dtype):
 def test_other_shapes(kernel, dtype, head_dim, block_size):
     """The other compiled head_dim (128), a head_dim with a remainder past the vector lanes, block sizes
     other than 16 (more rows than one 16-row score chunk, odd sizes, one token per block)."""
-    case = make_case(lens=[1, 31, 64, 100, 7], kv_heads=2, group=4, head_dim=head_dim, block_size=block_size,
-                     dtype=dtype, seed=7)
+    case = make_case(lens=[1, 31, 64, 100, 7], kv_heads=2, group=4, head_dim=head_dim, block_size=block_size, dtype=dtype, seed=7)
     check(kernel, case, dtype, scale=head_dim**-0.5)
 
 

@@ -179,10 +179,7 @@ def test_check_prompt_length_prompt_too_long(num_prompt):
     with pytest.raises(RequestError) as exc:
         check_prompt_length(num_prompt, sampling(), 100, 256)
     assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert str(exc.value) == (
-        f"prompt is {num_prompt} tokens but the model's context (max_model_len) is 100; "
-        "shorten the prompt to at most 99 tokens"
-    )
+    assert str(exc.value) == (f"prompt is {num_prompt} tokens but the model's context (max_model_len) is 100; shorten the prompt to at most 99 tokens")
 
 
 def test_check_prompt_length_max_tokens_exceeds_room():
@@ -190,8 +187,7 @@ def test_check_prompt_length_max_tokens_exceeds_room():
         check_prompt_length(30, sampling(max_tokens=71), 100, 256)
     assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert str(exc.value) == (
-        "sampling.max_tokens is 71 but the prompt (30 tokens) leaves room for 70 in the model's context of 100; "
-        "lower max_tokens or shorten the prompt"
+        "sampling.max_tokens is 71 but the prompt (30 tokens) leaves room for 70 in the model's context of 100; lower max_tokens or shorten the prompt"
     )
 
 
@@ -205,7 +201,10 @@ SMALL = RequestLimits(max_prompt_chars=100, max_chat_messages=3, max_stop_string
     [
         (lambda: req(text="x" * 101), "text must be at most 100 characters (max_prompt_chars), got 101"),
         (lambda: req(chat=chat(*[("user", "hi")] * 4)), "chat.messages must hold at most 3 messages (max_chat_messages), got 4"),
-        (lambda: req(chat=chat(("user", "x" * 60), ("assistant", "y" * 60))), "chat.messages must hold at most 100 characters in all (max_prompt_chars), got more"),
+        (
+            lambda: req(chat=chat(("user", "x" * 60), ("assistant", "y" * 60))),
+            "chat.messages must hold at most 100 characters in all (max_prompt_chars), got more",
+        ),
         (lambda: req(sampling={"stop": ["a", "b", "c"]}), "sampling.stop must hold at most 2 strings (max_stop_strings), got 3"),
         (lambda: req(sampling={"stop": ["toolong"]}), "sampling.stop[0] must be at most 5 characters (max_stop_string_chars), got 7"),
         (lambda: req(sampling={"stop_token_ids": [1, 2, 3]}), "sampling.stop_token_ids must hold at most 2 ids (max_stop_token_ids), got 3"),

@@ -5,6 +5,7 @@ thread and the other requests of the batch go on unchanged."""
 from __future__ import annotations
 
 import asyncio
+
 import pytest
 import torch
 

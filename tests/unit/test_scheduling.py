@@ -11,18 +11,18 @@ from gateway.prefix_index import PrefixIndex
 from gateway.scheduling.base import RequestContext
 from gateway.scheduling.health_filter import HealthFilter
 from gateway.scheduling.in_flight import InFlightScorer
+from gateway.scheduling.kv_usage import KVUsageScorer
+from gateway.scheduling.max_score_picker import MaxScorePicker
 from gateway.scheduling.model_filter import ModelFilter
 from gateway.scheduling.overload_filter import OverloadFilter
 from gateway.scheduling.prefill_work import PrefillWorkScorer
-from gateway.scheduling.role_filter import RoleFilter
-from gateway.scheduling.session_affinity import SessionAffinityScorer
-from gateway.scheduling.weighted_random_picker import WeightedRandomPicker
-from gateway.scheduling.kv_usage import KVUsageScorer
-from gateway.scheduling.max_score_picker import MaxScorePicker
-from gateway.scheduling.router import Router
 from gateway.scheduling.prefix_affinity import PrefixAffinityScorer
 from gateway.scheduling.queue_depth import QueueDepthScorer
+from gateway.scheduling.role_filter import RoleFilter
+from gateway.scheduling.router import Router
 from gateway.scheduling.scheduling_config import SchedulingConfig
+from gateway.scheduling.session_affinity import SessionAffinityScorer
+from gateway.scheduling.weighted_random_picker import WeightedRandomPicker
 from protos.tandem.v1 import worker_pb2
 
 
@@ -133,7 +133,18 @@ def test_profile_reports_each_plugins_time():
     seen = []
     r = router("prefix-aware", index_with({"a": PROMPT}))
     r.pick(RequestContext("r", 64, PROMPT), [worker("a")], observe=lambda name, sec: seen.append(name))
-    assert seen == ["role-filter[decode]", "health-filter", "model-filter", "overload-filter", "prefix-affinity", "prefill-work", "queue-depth", "kv-usage", "session-affinity", "max-score"]
+    assert seen == [
+        "role-filter[decode]",
+        "health-filter",
+        "model-filter",
+        "overload-filter",
+        "prefix-affinity",
+        "prefill-work",
+        "queue-depth",
+        "kv-usage",
+        "session-affinity",
+        "max-score",
+    ]
 
 
 # ---- filters ------------------------------------------------------------------------------------

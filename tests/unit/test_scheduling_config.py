@@ -57,9 +57,9 @@ def test_documents_parse_from_json_or_toml():
 
 def test_load_file_names_the_file(tmp_path):
     path = tmp_path / "scheduling.toml"
-    path.write_text('[thresholds]\nqueue_saturation = 16\n')
+    path.write_text("[thresholds]\nqueue_saturation = 16\n")
     assert load_file(str(path), SchedulingConfig()).thresholds.queue_saturation == 16
-    path.write_text('[thresholds]\nqueue_saturation = -2\n')
+    path.write_text("[thresholds]\nqueue_saturation = -2\n")
     with pytest.raises(ValueError, match=f"{path}: thresholds.queue_saturation"):
         load_file(str(path), SchedulingConfig())
     with pytest.raises(ValueError, match="cannot read the scheduling config"):

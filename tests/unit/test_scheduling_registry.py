@@ -138,7 +138,7 @@ def test_the_prefill_profile_scores_prefill_work_against_the_queue_limit():
     config = SchedulingConfig().merged({"disaggregation": {"prefill_max_pending_tokens": 4096}})
     profile = build_prefill_profile(config, RouterState(PrefixIndex()))
     assert [f.name for f in profile.filters] == ["role-filter[prefill]", "health-filter", "model-filter"]
-    (scorer, weight), = profile.scorers
+    ((scorer, weight),) = profile.scorers
     assert (scorer.name, scorer.max_pending_tokens, weight, profile.picker.name) == ("prefill-work", 4096, 1.0, "max-score")
 
 

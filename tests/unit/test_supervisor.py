@@ -183,6 +183,8 @@ def test_the_thread_restarts_a_child_on_its_own():
         sup.stop()
 
 
-@pytest.mark.parametrize("code, text", [(-9, "killed by SIGKILL"), (-15, "killed by SIGTERM"), (0, "exit code 0"), (3, "exit code 3"), (-99, "killed by signal 99")])
+@pytest.mark.parametrize(
+    "code, text", [(-9, "killed by SIGKILL"), (-15, "killed by SIGTERM"), (0, "exit code 0"), (3, "exit code 3"), (-99, "killed by signal 99")]
+)
 def test_describe_exit(code, text):
     assert describe_exit(code) == text

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 import flashinfer  # noqa: F401  (ImportError here makes select_backend fall back to torch)
+import torch
 
 from .backend import AttentionBackend, SequenceSlice
 
@@ -51,9 +50,7 @@ class FlashInferBackend(AttentionBackend):
         wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, kv_layout="HND")
         as_cuda = lambda xs: torch.tensor(xs, dtype=torch.int32, device="cuda")  # noqa: E731
         self._plan_args = (as_cuda(qo_indptr), as_cuda(kv_indptr), as_cuda(kv_indices), as_cuda(last_len))
-        return FlashInferMetadata(
-            torch.tensor(slot_blocks, device="cuda"), torch.tensor(slot_offsets, device="cuda"), wrapper
-        )
+        return FlashInferMetadata(torch.tensor(slot_blocks, device="cuda"), torch.tensor(slot_offsets, device="cuda"), wrapper)
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: FlashInferMetadata, scale: float):
         m = metadata

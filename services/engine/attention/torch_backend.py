@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .backend import AttentionBackend, SequenceSlice
 from ..cpu_kernels import load_paged_decode_attention
+from .backend import AttentionBackend, SequenceSlice
 
 
 @dataclass
@@ -82,9 +82,7 @@ class TorchAttentionBackend(AttentionBackend):
                 decode_table[i, :nb] = torch.tensor(s.block_table[:nb])
             key_pos = torch.arange(max_blocks * block_size)
             decode_mask = (key_pos[None, :] < lens[:, None]).view(1, len(decodes), 1, -1)
-        return TorchAttentionMetadata(
-            slot_blocks, slot_offsets, len(decodes), decode_table, decode_mask, prefills, decode_context_lens=lens
-        )
+        return TorchAttentionMetadata(slot_blocks, slot_offsets, len(decodes), decode_table, decode_mask, prefills, decode_context_lens=lens)
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: TorchAttentionMetadata, scale: float):
         m = metadata
