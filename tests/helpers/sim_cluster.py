@@ -3,10 +3,6 @@ GatewayService on a grpc.aio server, a real etcd (the `etcd` fixture in conftest
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable
-
 import grpc
 
 from gateway.service import GatewayService
@@ -19,20 +15,6 @@ from tandem.launcher import free_port
 
 BS = 16
 FAST = TimingModel().scaled(0.05)  # the calibrated model, 20× faster: real sleeps, short tests
-
-
-async def until(probe: Callable, what: str, timeout: float = 10.0, interval: float = 0.02):
-    """tests/helpers/waiting.wait_for for the event loop: await probe() (sync or async) until truthy."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last probe: {last!r})")
 
 
 class InProcessGateway:

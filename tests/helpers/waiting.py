@@ -21,14 +21,18 @@ def wait_for(probe: Callable[[], T], what: str, timeout: float = 10.0, interval:
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last probe: {last!r})")
 
 
-async def wait_for_async(probe: Callable[[], T], what: str, timeout: float = 10.0, interval: float = 0.05) -> T:
-    """wait_for inside an event loop: sleeps with asyncio, so the loop's tasks run meanwhile."""
+async def eventually(probe: Callable[[], object], what: str, timeout: float = 10.0, interval: float = 0.02):
+    """wait_for for the event loop, the one polling helper of async tests: await probe() (a plain or an
+    async function) until it returns something truthy, sleeping with asyncio so the loop's tasks run
+    meanwhile; raise AssertionError naming `what` after `timeout` seconds."""
     import asyncio
 
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         last = probe()
+        if asyncio.iscoroutine(last):
+            last = await last
         if last:
             return last
         await asyncio.sleep(interval)

@@ -17,7 +17,8 @@ from loadtest.sim.fleet import SimFleet
 from loadtest.sim.timing import TimingModel
 from protos.tandem.v1 import gateway_pb2
 from services.common.registry import make_client
-from tests.helpers.sim_cluster import BS, FAST, InProcessGateway, check_all, until
+from tests.helpers.sim_cluster import BS, FAST, InProcessGateway, check_all
+from tests.helpers.waiting import eventually
 
 SLOW = TimingModel().scaled(0.5)  # requests that stay in flight while a burst is being routed
 AUTO = gateway_pb2.SERVING_MODE_AUTO
@@ -42,7 +43,7 @@ async def picker(etcd, request):
     gateway = InProcessGateway(etcd, cluster, **spec.get("gateway", {}))
     try:
         await gateway.start()
-        await until(lambda: gateway.connected(len(fleet)), "the gateway to connect to every simulated worker")
+        await eventually(lambda: gateway.connected(len(fleet)), "the gateway to connect to every simulated worker")
         yield fleet, gateway
         await check_all(fleet)
         gateway.service.pool.index.check_integrity()
@@ -57,7 +58,7 @@ async def test_a_burst_on_one_hot_prefix_spreads_once_the_warm_worker_is_loaded(
     fleet, gw = picker
     shared = unique_prompt(8 * BS, seed=1)  # an 8-block system prompt
     await gw.generate(shared + [7], max_tokens=1)
-    held = await until(lambda: _warm(gw, 8), "the gateway to index the warm worker's 8 blocks")
+    held = await eventually(lambda: _warm(gw, 8), "the gateway to index the warm worker's 8 blocks")
     warm = held
     before = gw.routed()
     burst = [gw.generate(shared + unique_prompt(BS, seed=100 + i), max_tokens=16) for i in range(16)]
@@ -83,7 +84,7 @@ async def test_a_live_config_change_takes_effect_and_an_invalid_one_is_ignored(p
     cluster = gw.config.cluster
     shared = unique_prompt(8 * BS, seed=2)
     await gw.generate(shared + [7], max_tokens=1)
-    await until(lambda: _warm(gw, 8), "the gateway to index the warm worker's blocks")
+    await eventually(lambda: _warm(gw, 8), "the gateway to index the warm worker's blocks")
 
     async def route_sequentially(n: int) -> dict[str, int]:
         before = gw.routed()
@@ -94,7 +95,7 @@ async def test_a_live_config_change_takes_effect_and_an_invalid_one_is_ignored(p
     assert len(await route_sequentially(4)) == 1  # prefix-aware: all on the warm worker
 
     await put_scheduling_document(etcd, cluster, 'policy = "round-robin"\n')
-    await until(lambda: gw.service.router.policy == "round-robin", "the gateway to apply the etcd document")
+    await eventually(lambda: gw.service.router.policy == "round-robin", "the gateway to apply the etcd document")
     assert sorted((await route_sequentially(8)).values()) == [2, 2, 2, 2]  # each worker in turn
 
     client = make_client(etcd)
@@ -102,11 +103,11 @@ async def test_a_live_config_change_takes_effect_and_an_invalid_one_is_ignored(p
         await client.put(f"/tandem/{cluster}/config/scheduling".encode(), b'policy = "fastest"')
     finally:
         await client.close()
-    await until(lambda: gw.service.live_config.num_rejected == 1, "the invalid document to be rejected")
+    await eventually(lambda: gw.service.live_config.num_rejected == 1, "the invalid document to be rejected")
     assert gw.service.router.policy == "round-robin"  # the last good config stays
 
     await delete_scheduling_document(etcd, cluster)
-    await until(lambda: gw.service.router.policy == "prefix-aware", "the gateway to revert to its own settings")
+    await eventually(lambda: gw.service.router.policy == "prefix-aware", "the gateway to revert to its own settings")
 
 
 @pytest.mark.parametrize(
@@ -121,7 +122,7 @@ async def test_the_pd_decider_counts_only_what_the_decode_worker_lacks(picker, e
 
     # the decode worker imported the prompt's blocks: the same prompt with a longer question lacks
     # only 16 tokens there, so it is served aggregated, from the cache, whatever its length
-    await until(lambda: max(gw.service.pool.index.num_held(w.worker_id) for w in fleet.decode) >= 32, "the decode worker's imported blocks in the index")
+    await eventually(lambda: max(gw.service.pool.index.num_held(w.worker_id) for w in fleet.decode) >= 32, "the decode worker's imported blocks in the index")
     again = await gw.generate(prompt + unique_prompt(BS, seed=4), max_tokens=4, mode=AUTO)
     assert gw.pd_decisions() == {"disaggregated": 1, "below-threshold": 1}
     assert again[-1].usage.cached_prompt_tokens >= 512 - BS
@@ -130,7 +131,7 @@ async def test_the_pd_decider_counts_only_what_the_decode_worker_lacks(picker, e
     # there (the gateway counts its in-flight prompt tokens at decision time); the others are not
     # queued behind it but served aggregated
     await put_scheduling_document(etcd, gw.config.cluster, "[disaggregation]\nmin_uncached_tokens = 256\nprefill_max_pending_tokens = 1\n")
-    await until(lambda: gw.service.router.config.disaggregation.prefill_max_pending_tokens == 1, "the new queue limit")
+    await eventually(lambda: gw.service.router.config.disaggregation.prefill_max_pending_tokens == 1, "the new queue limit")
     await asyncio.wait_for(asyncio.gather(*(gw.generate(unique_prompt(32 * BS, seed=10 + i), max_tokens=4, mode=AUTO) for i in range(3))), 60)
     decisions = gw.pd_decisions()
     assert decisions["disaggregated"] == 2 and decisions["prefill-unavailable"] == 2, decisions

@@ -19,6 +19,7 @@ from services.common.registry import Registration, RegistryWatcher, parse_endpoi
 from tandem.etcd_auth_setup import ROOT_USER, enable_auth, load_or_create_password
 from tandem.etcd_process import EtcdProcess
 from tandem.launcher import free_ports
+from tests.helpers.waiting import eventually
 
 CLUSTER = "auth"
 
@@ -49,13 +50,6 @@ def service_credentials(files) -> tuple[str, str]:
     return files.username, files.password_file.read_text().strip()
 
 
-async def until(probe, what: str, timeout: float = 15.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not probe():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 async def test_the_right_password_registers_and_watches(auth_etcd, login):
     proc, files = auth_etcd
     login(*service_credentials(files))
@@ -77,9 +71,9 @@ async def test_the_right_password_registers_and_watches(auth_etcd, login):
     try:
         await asyncio.wait_for(watcher.synced.wait(), 10)
         await reg.start(timeout=10)
-        await until(lambda: seen.get(key) == "decode", "the watcher to see the registration")
+        await eventually(lambda: seen.get(key) == "decode", "the watcher to see the registration")
         await reg.stop()
-        await until(lambda: key not in seen, "the revoked lease to delete the key")
+        await eventually(lambda: key not in seen, "the revoked lease to delete the key")
     finally:
         await reg.stop()
         await watcher.stop()
@@ -127,7 +121,7 @@ async def test_registration_authenticates_again_after_etcd_restarts(auth_etcd, l
         root = aetcd.Client(host=host, port=port, timeout=5, username=ROOT_USER, password=files.root_password_file.read_text().strip())
         async with root:  # drop the key behind its back: re-putting it needs a valid token
             await root.revoke_lease(reg._lease_id)
-            await until(lambda: reg.num_registrations >= 2, "the registration to come back", timeout=20)
+            await eventually(lambda: reg.num_registrations >= 2, "the registration to come back", timeout=20)
             assert (await root.get(key.encode())) is not None
     finally:
         await reg.stop()

@@ -14,7 +14,8 @@ from gateway.openai_api.choices import HttpCallContext
 from loadtest.sim.fleet import SimFleet
 from loadtest.sim.timing import TimingModel
 from protos.tandem.v1 import common_pb2, gateway_pb2, worker_pb2, worker_pb2_grpc
-from tests.helpers.sim_cluster import InProcessGateway, check_all, until
+from tests.helpers.sim_cluster import InProcessGateway, check_all
+from tests.helpers.waiting import eventually
 
 SLOW = TimingModel().scaled(0.5)  # ~10 ms a decode step: 1,000 tokens would take ~10 s
 
@@ -33,7 +34,7 @@ async def test_closing_generate_early_frees_every_workers_kv(etcd, mode):
     gateway = InProcessGateway(etcd, cluster)
     try:
         await gateway.start()
-        await until(lambda: gateway.connected(len(fleet)), "the gateway to connect to the simulated workers")
+        await eventually(lambda: gateway.connected(len(fleet)), "the gateway to connect to the simulated workers")
         request = gateway_pb2.GenerateRequest(
             token_ids=common_pb2.TokenIds(ids=list(range(100, 200))), mode=mode,
             sampling=common_pb2.SamplingParams(max_tokens=1000, ignore_eos=True),
@@ -45,7 +46,7 @@ async def test_closing_generate_early_frees_every_workers_kv(etcd, mode):
         assert await used_blocks(decode.address) > 0
         await stream.aclose()
         for w in fleet.workers:
-            await until(lambda a=w.address: _idle(a), f"{w.worker_id} to hold no request and no block", timeout=3)
+            await eventually(lambda a=w.address: _idle(a), f"{w.worker_id} to hold no request and no block", timeout=3)
         await check_all(fleet)
         assert gateway.service._num_in_flight == 0
     finally:

@@ -20,7 +20,8 @@ import torch
 from kvtransfer.ucx_transport import KVTransferError, KVTransportClient
 from loadtest.sim.fleet import SimFleet
 from protos.tandem.v1 import common_pb2, gateway_pb2, worker_pb2, worker_pb2_grpc
-from tests.helpers.sim_cluster import FAST, InProcessGateway, until
+from tests.helpers.sim_cluster import FAST, InProcessGateway
+from tests.helpers.waiting import eventually
 from tests.integration.conftest import running_cluster
 from tests.integration.test_disaggregation import (
     AGG,
@@ -150,7 +151,7 @@ async def test_a_decode_worker_without_a_kv_client_address_is_never_handed_kv(et
     gateway = InProcessGateway(etcd, "binding-old-decode", disagg_min_uncached_tokens=1)
     try:
         await gateway.start()
-        await until(lambda: gateway.connected(2), "the gateway to connect to both simulated workers")
+        await eventually(lambda: gateway.connected(2), "the gateway to connect to both simulated workers")
         prompt = list(range(7000, 7000 + 5 * 16))
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await gateway.generate(prompt, max_tokens=4, mode=gateway_pb2.SERVING_MODE_DISAGGREGATED)

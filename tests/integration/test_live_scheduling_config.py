@@ -12,14 +12,7 @@ from gateway.scheduling.live_config import LiveSchedulingConfig, delete_scheduli
 from gateway.scheduling.scheduling_config import SchedulingConfig
 from services.common.registry import make_client
 from tandem.cli import main as tandem_main
-
-
-async def until(predicate, what: str, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+from tests.helpers.waiting import eventually
 
 
 async def test_live_config_applies_rejects_and_reverts(etcd):
@@ -32,18 +25,18 @@ async def test_live_config_applies_rejects_and_reverts(etcd):
         assert live.current == base and seen[-1] == base  # no key: the gateway's own settings
 
         await put_scheduling_document(etcd, "c1", 'policy = "round-robin"\n[weights]\nqueue_depth = 4.0\n')
-        await until(lambda: live.current.policy == "round-robin", "the document to apply")
+        await eventually(lambda: live.current.policy == "round-robin", "the document to apply")
         assert live.current.weights.queue_depth == 4.0 and live.current.weights.kv_usage == base.weights.kv_usage
 
         client = make_client(etcd)  # an invalid document written behind the CLI's back
         await client.put(live.key.encode(), b'{"policy": "fastest"}')
         await client.put(b"/tandem/c1/config/scheduling-other", b"ignored")  # shares the prefix only
         await client.close()
-        await until(lambda: live.num_rejected == 1, "the invalid document to be rejected")
+        await eventually(lambda: live.num_rejected == 1, "the invalid document to be rejected")
         assert live.current.policy == "round-robin"  # the last good config stays
 
         await delete_scheduling_document(etcd, "c1")
-        await until(lambda: live.current == base, "the delete to revert to the base config")
+        await eventually(lambda: live.current == base, "the delete to revert to the base config")
     finally:
         await live.stop()
 

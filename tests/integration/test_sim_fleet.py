@@ -18,7 +18,8 @@ from kvtransfer.block_hash import hash_blocks
 from loadtest.sim.fleet import SimFleet
 from loadtest.sim.timing import TimingModel
 from protos.tandem.v1 import common_pb2, gateway_pb2, worker_pb2, worker_pb2_grpc
-from tests.helpers.sim_cluster import BS, FAST, InProcessGateway, check_all, keys, tokens, until
+from tests.helpers.sim_cluster import BS, FAST, InProcessGateway, check_all, keys, tokens
+from tests.helpers.waiting import eventually
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ async def sim_cluster(etcd, cluster_name):
     gateway = InProcessGateway(etcd, cluster_name)
     try:
         await gateway.start()
-        await until(lambda: gateway.connected(3), "the gateway to connect to the 3 simulated workers")
+        await eventually(lambda: gateway.connected(3), "the gateway to connect to the 3 simulated workers")
         yield fleet, gateway
     finally:
         await gateway.stop()
@@ -60,13 +61,13 @@ async def test_prefix_aware_gateway_hits_the_simulated_prefix_cache(sim_cluster)
     first = await gateway.generate(shared + list(range(30000, 30020)), max_tokens=4)
     assert len(tokens(first)) == 4 and first[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert first[-1].usage.prompt_tokens == 8 * BS + 20 and first[-1].usage.cached_prompt_tokens == 0
-    await until(lambda: _max_indexed(gateway), "the gateway to index the prompt's blocks")
+    await eventually(lambda: _max_indexed(gateway), "the gateway to index the prompt's blocks")
     for i in range(4):
         again = await gateway.generate(shared + list(range(31000 + 100 * i, 31020 + 100 * i)), max_tokens=3)
         assert again[-1].usage.cached_prompt_tokens == 8 * BS, f"request {i} missed the cached prefix"
     # what the gateway's index says each worker holds is what each worker's cache holds
     held = {w.worker_id: w.cache.num_cached_blocks for w in fleet.workers}
-    await until(lambda: _indexed_equals(gateway, held), f"ListWorkers num_indexed_blocks to equal the workers' held blocks {held}")
+    await eventually(lambda: _indexed_equals(gateway, held), f"ListWorkers num_indexed_blocks to equal the workers' held blocks {held}")
     assert sorted(held[w.worker_id] for w in fleet.decode)[0] == 0, "the cold decode worker was never used"
     await check_all(fleet)
 
@@ -90,17 +91,17 @@ async def test_disaggregated_requests_run_end_to_end(sim_cluster):
     assert prefill.leases.num_granted == 1 and prefill.leases.num_released == 1, "the decode worker's pull spent the token"
     decoder = next(w for w in fleet.decode if w.engine.num_steps)
     assert set(hash_blocks(ids, BS, "default")) <= decoder.cache.held_hashes(), "the pulled blocks are the decode worker's prefix cache now"
-    await until(lambda: len(prefill.leases) == 0 and not prefill.engine.pinned and prefill.engine.stats().num_used_blocks == 0,
+    await eventually(lambda: len(prefill.leases) == 0 and not prefill.engine.pinned and prefill.engine.stats().num_used_blocks == 0,
                 "the prefill worker to free the handed-over blocks")  # fmt: skip
 
     again = await gateway.generate(ids, max_tokens=3, mode=gateway_pb2.SERVING_MODE_DISAGGREGATED)
     assert again[-1].usage.cached_prompt_tokens == 10 * BS, "the prefill worker's own prefix cache served the prompt"
     assert len(tokens(again)) == 3
-    await until(lambda: len(prefill.leases) == 0 and prefill.engine.stats().num_used_blocks == 0, "the second handle to be released")
+    await eventually(lambda: len(prefill.leases) == 0 and prefill.engine.stats().num_used_blocks == 0, "the second handle to be released")
     await check_all(fleet)
     assert fleet.check_integrity() == {}
     held = {w.worker_id: w.cache.num_cached_blocks for w in fleet.workers}
-    await until(lambda: _indexed_equals(gateway, held), f"the gateway's index to match the held blocks {held}")
+    await eventually(lambda: _indexed_equals(gateway, held), f"the gateway's index to match the held blocks {held}")
 
 
 async def test_bad_requests_get_the_real_workers_status_codes(sim_cluster):
@@ -140,7 +141,9 @@ async def test_cancelled_generation_frees_the_workers_blocks(sim_cluster):
     await call.read()
     assert sum(w.engine.stats().num_running for w in fleet.decode) == 1
     call.cancel()
-    await until(lambda: all(w.engine.stats().num_used_blocks == 0 and not w.engine.requests for w in fleet.workers), "the aborted request's blocks to be freed")
+    await eventually(
+        lambda: all(w.engine.stats().num_used_blocks == 0 and not w.engine.requests for w in fleet.workers), "the aborted request's blocks to be freed"
+    )
     await check_all(fleet)
 
 
@@ -148,14 +151,14 @@ async def test_restart_comes_back_with_a_new_identity_and_an_empty_cache(sim_clu
     fleet, gateway = sim_cluster
     await gateway.generate(list(range(7000, 7000 + 4 * BS)), max_tokens=2)
     worker = next(w for w in fleet.decode if w.cache.num_cached_blocks)
-    await until(lambda: _indexed_at_least(gateway, worker.worker_id, 4), "the gateway to index the worker's blocks")
+    await eventually(lambda: _indexed_at_least(gateway, worker.worker_id, 4), "the gateway to index the worker's blocks")
     before = (await keys(etcd, cluster_name))[worker.key]
     await worker.restart()
     after = (await keys(etcd, cluster_name))[worker.key]
     assert after.started_unix_ms > before.started_unix_ms and after.grpc_address == before.grpc_address
     assert worker.cache.num_cached_blocks == 0 and worker.host.kv_log.sequence == 0
-    await until(lambda: _indexed_at_most(gateway, worker.worker_id, 0), "the gateway to forget the restarted worker's blocks")
-    await until(lambda: gateway.connected(3), "the gateway to reconnect to the restarted worker")
+    await eventually(lambda: _indexed_at_most(gateway, worker.worker_id, 0), "the gateway to forget the restarted worker's blocks")
+    await eventually(lambda: gateway.connected(3), "the gateway to reconnect to the restarted worker")
     assert worker.key in await keys(etcd, cluster_name), "revoking the old lease must not delete the re-registered key"
     chunks = await gateway.generate(list(range(7000, 7000 + 4 * BS)), max_tokens=2)
     assert len(tokens(chunks)) == 2

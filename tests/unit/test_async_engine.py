@@ -8,6 +8,7 @@ import time
 import pytest
 
 from services.engine import AsyncEngine, EngineConfig, SamplingParams
+from tests.helpers.waiting import eventually
 
 
 @pytest.fixture
@@ -47,10 +48,7 @@ async def test_consumer_that_stops_early_aborts_and_frees_blocks(engine):
         if len(out.token_ids) >= 3:
             break
     await stream.aclose()
-    deadline = time.monotonic() + 10
-    while engine.core.requests and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    assert not engine.core.requests
+    await eventually(lambda: not engine.core.requests, "the aborted request to leave the engine")
     engine.check_integrity()
     assert engine.core.kv.pool.num_used_blocks == 0
 
@@ -66,10 +64,7 @@ async def test_task_cancellation_aborts(engine):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    deadline = time.monotonic() + 10
-    while engine.core.requests and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    assert not engine.core.requests
+    await eventually(lambda: not engine.core.requests, "the aborted request to leave the engine")
 
 
 async def test_event_loop_stays_responsive_during_long_prefill(tiny_llama):

@@ -18,7 +18,7 @@ from protos.tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common import rotating_channel
 from services.common.tls import TlsFiles, server_credentials
 from tandem import certs
-from tests.helpers.waiting import wait_for_async
+from tests.helpers.waiting import eventually
 
 
 def peer_serial(context) -> int:
@@ -90,7 +90,7 @@ async def test_new_calls_present_the_rotated_certificate_and_in_flight_ones_fini
     d, servicer, handle = cluster
     monkeypatch.setattr(rotating_channel, "CHECK_INTERVAL_S", 0.0)  # check on every call (1 s in production)
     old_serial = serial_of(certs.role_files(d, "gateway").cert)
-    await wait_for_async(lambda: handle.connected, "the Watch stream", timeout=10)
+    await eventually(lambda: handle.connected, "the Watch stream", timeout=10)
     assert servicer.watch_serials == [old_serial]
 
     in_flight = handle.decode_stub().Generate(worker_pb2.WorkerGenerateRequest(request_id="long"), timeout=30)
@@ -104,14 +104,14 @@ async def test_new_calls_present_the_rotated_certificate_and_in_flight_ones_fini
     assert servicer.generate_serials == [old_serial, new_serial]
     assert handle.channels.num_rotations == 1 and handle.channels.current() is not old_channel
     # the Watch stream moved to the new channel (resubscribed), so the old one can close
-    await wait_for_async(lambda: servicer.watch_serials[-1:] == [new_serial], "the Watch stream on the new certificate", timeout=10)
+    await eventually(lambda: servicer.watch_serials[-1:] == [new_serial], "the Watch stream on the new certificate", timeout=10)
 
     # the call that was in flight across the rotation completes on its old connection
     servicer.finish.set()
     assert [t async for chunk in in_flight for t in chunk.token_ids] == [2]
     assert await in_flight.code() == grpc.StatusCode.OK
     # ...after which the replaced channel closes
-    await wait_for_async(lambda: not handle.channels._retiring, "the replaced channel to close", timeout=10)
+    await eventually(lambda: not handle.channels._retiring, "the replaced channel to close", timeout=10)
 
 
 async def test_a_half_written_rotation_keeps_the_current_certificate(cluster, monkeypatch):

@@ -80,7 +80,7 @@ async def test_a_worker_answers_unavailable_until_it_is_ready():
     must get UNAVAILABLE (retry elsewhere), not reach a handler with no engine (INTERNAL)."""
     import grpc
 
-    from services.common.engine_failure import EngineFailure, EngineFailureGuard
+    from services.worker.engine_failure import EngineFailure, EngineFailureGuard
 
     failure = EngineFailure("decode-0")
     guard = EngineFailureGuard(failure)

@@ -105,8 +105,8 @@ def test_a_failed_output_is_invalid_argument_at_the_worker():
     import grpc
 
     from services.common.errors import RequestError
-    from services.common.translate import response_from_output
     from services.engine.engine_core import RequestOutput
+    from services.worker.translate import response_from_output
 
     out = RequestOutput("r1", [1, 2], [], [], "", "", True, "error", error="the sampling distribution is not finite")
     with pytest.raises(RequestError) as err:
