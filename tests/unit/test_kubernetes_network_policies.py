@@ -66,9 +66,14 @@ def design_hops(objects) -> set[tuple[str, str, int, str]]:
     if etcd == "etcd":
         hops |= {("etcd", "etcd", 2380, "TCP")}
     hops |= {("prometheus", role, eps[role].named_ports["metrics"], "TCP") for role in TANDEM_ROLES}
-    if "etcd" in eps:
-        hops |= {("prometheus", "etcd", 2379, "TCP")}
+    if "etcd" in eps:  # on the port its scrape annotation names (2381, plaintext, under the tls overlay)
+        hops |= {("prometheus", "etcd", etcd_metrics_port(objects), "TCP")}
     return hops
+
+
+def etcd_metrics_port(objects) -> int:
+    (etcd,) = [w for w in workloads(objects) if pod_labels(w).get("app.kubernetes.io/component") == "etcd"]
+    return int(etcd["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
 
 
 def admitted(objects) -> set[tuple[str, str, int, str]]:
