@@ -3,7 +3,7 @@ workers with 1M indexed blocks.
 
     python -m benchmarks.gateway_decision [--workers 100 1000] [--decisions 5000]
 
-One decision is what GatewayService._schedule does per request: hash the prompt's blocks
+One decision is what the gateway's routing step (gateway/routing_step.py) does per request: hash the prompt's blocks
 (kvtransfer.block_hash, as the gateway does), run the routing policy over every registered
 worker (role, health, model and overload filters; prefix affinity, queue depth, KV usage,
 in-flight and session scorers; max-score picker), then the P/D decider (the chosen decode

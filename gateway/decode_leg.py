@@ -16,6 +16,7 @@ Failures of either kind are reported to the outlier detector, successes too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
@@ -81,43 +82,41 @@ class DecodeLeg:
                 detail = f"; last error: {last_error.details()}" if last_error is not None else ""
                 raise unavailable(f"no decode worker is reachable ({len(self.pool.registered('decode'))} registered, {len(tried)} tried){detail}")
             self.metrics.decisions.labels(handle.worker_id, self.router.policy).inc()
-            if handle is not first_choice:  # the first choice is counted by the gateway, from the decision on
-                handle.acquire()
-            call = handle.decode_stub().Generate(request, timeout=remaining())
-            try:
-                async for chunk in call:
-                    decoded = True
-                    if chunk.HasField("usage") and chunk.usage.prompt_tokens:
-                        self._fix_usage(chunk.usage, cached_prompt_tokens, migrated=migrations > 0)
-                    streamed.extend(chunk.token_ids)
-                    yield chunk
-                self.pool.record_outcome(handle, grpc.StatusCode.OK)
-                return
-            except grpc.aio.AioRpcError as e:
-                code = e.code()
-                self.pool.record_outcome(handle, code)
-                if code not in RETRYABLE_CODES:
-                    raise RequestError(code, e.details() or code.name) from None
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    handle.mark_unreachable()  # until its Watch stream answers again
-                tried.add(handle.key)
-                last_error = e
-                if decoded:
-                    if migrations >= self.max_migrations:
-                        raise unavailable(f"decode worker {handle.worker_id} failed mid-stream ({code.name}) and the request has used its "
-                                          f"{self.max_migrations} migrations (max_migrations); retry the request") from None  # fmt: skip
-                    migrations += 1
-                    request = continuation_request(worker_request, streamed)
-                    self.metrics.worker_retries.labels("decode", "migration").inc()
-                    log.warning("decode worker %s failed mid-stream (%s) after %d tokens of %s; migrating it (%d of %d)",
-                                handle.worker_id, code.name, len(streamed), request.request_id, migrations, self.max_migrations)  # fmt: skip
-                else:
-                    self.metrics.worker_retries.labels("decode", "before-first-token").inc()
-                    log.warning("decode worker %s failed (%s: %s) before streaming; trying another", handle.worker_id, code.name, e.details())
-            finally:
-                call.cancel()  # no-op when it finished; otherwise the worker aborts and frees the KV
-                if handle is not first_choice:
-                    handle.release()
+            # the first choice is counted by the request path, from the decision on; the others here
+            with handle.in_flight() if handle is not first_choice else contextlib.nullcontext():
+                call = handle.decode_stub().Generate(request, timeout=remaining())
+                try:
+                    async for chunk in call:
+                        decoded = True
+                        if chunk.HasField("usage") and chunk.usage.prompt_tokens:
+                            self._fix_usage(chunk.usage, cached_prompt_tokens, migrated=migrations > 0)
+                        streamed.extend(chunk.token_ids)
+                        yield chunk
+                    self.pool.record_outcome(handle, grpc.StatusCode.OK)
+                    return
+                except grpc.aio.AioRpcError as e:
+                    code = e.code()
+                    self.pool.record_outcome(handle, code)
+                    if code not in RETRYABLE_CODES:
+                        raise RequestError(code, e.details() or code.name) from None
+                    if code == grpc.StatusCode.UNAVAILABLE:
+                        handle.mark_unreachable()  # until its Watch stream answers again
+                    tried.add(handle.key)
+                    last_error = e
+                    if decoded:
+                        if migrations >= self.max_migrations:
+                            raise unavailable(f"decode worker {handle.worker_id} failed mid-stream ({code.name}) and the request has used its "
+                                              f"{self.max_migrations} migrations (max_migrations); retry the request") from None  # fmt: skip
+                        migrations += 1
+                        request = continuation_request(worker_request, streamed)
+                        self.metrics.worker_retries.labels("decode", "migration").inc()
+                        log.warning("decode worker %s failed mid-stream (%s) after %d tokens of %s; migrating it (%d of %d)",
+                                    handle.worker_id, code.name, len(streamed), request.request_id, migrations, self.max_migrations)  # fmt: skip
+                    else:
+                        self.metrics.worker_retries.labels("decode", "before-first-token").inc()
+                        log.warning("decode worker %s failed (%s: %s) before streaming; trying another", handle.worker_id, code.name, e.details())
+                finally:
+                    call.cancel()  # no-op when it finished; otherwise the worker aborts and frees the KV
 
     def _pick(self, route: RequestContext, tried: set[str]):
         with tracer().start_as_current_span("gateway.route") as span:

@@ -13,9 +13,10 @@ outlier detector (outlier_detection.py), whatever etcd and its Watch stream say.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -38,6 +39,22 @@ WATCH_RETRY_S = (0.1, 0.25, 0.5, 1.0)
 RESYNC_GRACE_S = 15.0
 # large messages both ways (long prompts and generations); keepalive (keepalive.py) is added per pool
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
+
+
+class InFlight:
+    """One request counted on a handle (WorkerHandle.in_flight): its prompt tokens stay in the
+    worker's backlog (num_in_flight_tokens) until `computed()`; the request itself stays counted
+    until the block ends."""
+
+    def __init__(self, handle: WorkerHandle, num_tokens: int):
+        self._handle = handle
+        self.num_uncomputed_tokens = num_tokens
+
+    def computed(self) -> None:
+        """The prompt's tokens are computed (its first token arrived): they leave the backlog.
+        Idempotent. Mutates the handle."""
+        self._handle.num_in_flight_tokens -= self.num_uncomputed_tokens
+        self.num_uncomputed_tokens = 0
 
 
 class WorkerHandle:
@@ -123,23 +140,23 @@ class WorkerHandle:
                 if call is not None:
                     call.cancel()  # a cancelled watch must not hold its channel open
 
-    def acquire(self, num_tokens: int = 0) -> None:
-        """A request is being sent here (counted at decision time, so a burst spreads out), with
-        `num_tokens` prompt tokens for it to compute. Mutates."""
+    @contextlib.contextmanager
+    def in_flight(self, num_tokens: int = 0) -> Iterator[InFlight]:
+        """Count a request sent here, with `num_tokens` prompt tokens for this worker to compute,
+        for as long as the block runs; the routing scorers read the counts. The one way requests
+        are counted: the finally releases them whether the block ends, raises or is cancelled, and
+        a retired handle closes its channel after its last request. A plain (not async) context
+        manager: nothing awaits between counting and the try, so nothing can slip in between."""
+        request = InFlight(self, num_tokens)
         self.num_in_flight += 1
         self.num_in_flight_tokens += num_tokens
-
-    def computed(self, num_tokens: int) -> None:
-        """Those prompt tokens have been computed (the first token arrived); the request stays in
-        flight. Mutates."""
-        self.num_in_flight_tokens -= num_tokens
-
-    def release(self, num_tokens: int = 0) -> None:
-        """That request finished; a retired handle closes its channel after its last request."""
-        self.num_in_flight -= 1
-        self.num_in_flight_tokens -= num_tokens
-        if self.retired and self.num_in_flight == 0:
-            self._closing = asyncio.create_task(self.channels.close())  # held so it is not collected mid-close
+        try:
+            yield request
+        finally:
+            request.computed()
+            self.num_in_flight -= 1
+            if self.retired and self.num_in_flight == 0:
+                self._closing = asyncio.create_task(self.channels.close())  # held so it is not collected mid-close
 
     def mark_unreachable(self) -> None:
         """A call failed with UNAVAILABLE: skip this worker until its Watch stream answers again."""
@@ -179,6 +196,14 @@ class WorkerPool:
 
     def registered(self, role: str) -> list[WorkerHandle]:
         return [h for h in self.workers.values() if h.role == role]
+
+    def served_models(self) -> dict[str, int]:
+        """The models the registered decode workers serve, with the smallest context among them."""
+        models: dict[str, int] = {}
+        for h in self.registered("decode"):
+            reg = h.registration
+            models[reg.model] = min(models.get(reg.model, reg.max_model_len), reg.max_model_len)
+        return models
 
     def record_outcome(self, handle: WorkerHandle, code: grpc.StatusCode) -> None:
         """A call to `handle` ended with `code` (OK included): feed the outlier detector. Mutates."""

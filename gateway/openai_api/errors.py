@@ -1,7 +1,7 @@
 """Errors as the OpenAI API shapes them: `{"error": {"message", "type", "param", "code"}}` with an
 HTTP status, and the mapping from the gateway's gRPC status codes to those.
 
-The request path (GatewayService._generate, request_validation) names proto fields in its messages
+The request path (gateway/request_path.py, request_validation) names proto fields in its messages
 (`sampling.max_tokens`, `chat.messages[0].role`); an HTTP client knows them by their OpenAI names
 (`max_tokens`, `messages[0].role`), so messages are rewritten with the table below and `param`
 says which field to fix.

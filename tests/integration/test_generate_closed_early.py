@@ -48,7 +48,7 @@ async def test_closing_generate_early_frees_every_workers_kv(etcd, mode):
         for w in fleet.workers:
             await eventually(lambda a=w.address: _idle(a), f"{w.worker_id} to hold no request and no block", timeout=3)
         await check_all(fleet)
-        assert gateway.service._num_in_flight == 0
+        assert gateway.service.num_in_flight == 0
     finally:
         await gateway.stop()
         await fleet.stop()

@@ -3,6 +3,7 @@ give-up decisions, against fake decode workers that fail on cue."""
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import grpc
@@ -80,11 +81,13 @@ class FakeWorker:
         self.cached = cached
         self.requests: list[worker_pb2.WorkerGenerateRequest] = []
 
-    def acquire(self, *_):
+    @contextlib.contextmanager
+    def in_flight(self, num_tokens=0):
         self.num_in_flight += 1
-
-    def release(self, *_):
-        self.num_in_flight -= 1
+        try:
+            yield
+        finally:
+            self.num_in_flight -= 1
 
     def mark_unreachable(self):
         self.connected = False
