@@ -152,7 +152,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from services.engine.model_config import ModelConfig, parse_dtype
-    from services.engine.model_dir import resolve_model_dir
+    from services.model_files.model_dir import resolve_model_dir
 
     model_dir = str(resolve_model_dir(args.model))
     cfg = ModelConfig.from_dir(model_dir)

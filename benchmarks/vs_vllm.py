@@ -163,7 +163,7 @@ def main() -> None:
     if busy > 0.3:
         print(f"warning: {busy:.1f} cores are busy before the run; the numbers will not be comparable", flush=True)
     install = ensure_vllm(create=not args.no_install_vllm)
-    from services.engine.model_dir import resolve_model_dir
+    from services.model_files.model_dir import resolve_model_dir
 
     model_dir = str(resolve_model_dir("default"))
     summary = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "busy_cores_before": busy,

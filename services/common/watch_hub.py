@@ -5,7 +5,7 @@ event batches — and its subscribers' queues.
                                                 └──► every subscriber's queue: the KV batch, then
                                                      a load snapshot when the load changed
 
-Real workers (services/common/engine_host.py) and simulated ones (loadtest/) publish through it,
+Real workers (services/worker/engine_host.py) and simulated ones (loadtest/) publish through it,
 so both behave the same on the wire. `stats` is anything with num_running, num_waiting,
 kv_cache_usage, num_used_blocks, num_total_blocks and num_pending_prefill_tokens. Event-loop only.
 """

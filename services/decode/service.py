@@ -24,10 +24,10 @@ import grpc
 from kvtransfer.ucx_runtime import set_data_plane_host
 from kvtransfer.ucx_transport import KVTransferError, KVTransportClient
 from protos.tandem.v1 import worker_pb2, worker_pb2_grpc
-from services.common.engine_worker import EngineWorker
 from services.common.kv_handle import kv_handle_problem
 from services.common.telemetry import tracer
-from services.common.translate import response_from_output
+from services.worker.engine_worker import EngineWorker
+from services.worker.translate import response_from_output
 
 
 class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
@@ -64,18 +64,17 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
             num_logprobs_sent = len(out.logprobs)
 
     async def _open_resumed(self, request: worker_pb2.WorkerGenerateRequest, context):
-        core = self.host.engine.core
-        problem = resume_problem(request, core.model_config.vocab_size, core.max_model_len)
+        problem = resume_problem(request, self.host.vocab_size, self.host.max_model_len)
         if problem is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         return await self.open_stream(request, context, output_token_ids=list(request.resume_token_ids))
 
     async def _open_disaggregated(self, request: worker_pb2.WorkerGenerateRequest, context):
         problem = kv_handle_problem(request, self.host.kv_layout)
-        if problem is None and request.first_token_id >= self.host.engine.core.model_config.vocab_size:
+        if problem is None and request.first_token_id >= self.host.vocab_size:
             problem = (
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"first_token_id {request.first_token_id} is outside the vocabulary [0, {self.host.engine.core.model_config.vocab_size})",
+                f"first_token_id {request.first_token_id} is outside the vocabulary [0, {self.host.vocab_size})",
             )
         if problem is not None:
             await context.abort(*problem)

@@ -1,7 +1,8 @@
 """The model runtime: a paged-KV, continuous-batching engine (see DESIGN §5).
 
-Imported lazily so that light modules of this package (tokenizer.py, used by the tokenizer
-service) do not pull in torch.
+Imported lazily so that importing one light module of this package (sampling_params.py, say)
+does not pull in torch. The tokenizer and model-directory code the tokenizer service needs lives
+in services/model_files/, below the engine, so that service never imports the engine at all.
 """
 
 from __future__ import annotations

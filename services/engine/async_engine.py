@@ -18,11 +18,14 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import torch
+
 from .block_pool import KVEvent
 from .engine_config import EngineConfig
 from .engine_core import EngineCore, RequestOutput
 from .fault_injection import EngineFault
 from .kv_handoff import KVImport
+from .model_config import ModelConfig
 from .sampling_params import SamplingParams
 
 
@@ -85,6 +88,43 @@ class AsyncEngine:
     @property
     def tokenizer(self):
         return self.core.tokenizer
+
+    # ---- what a worker reads about the loaded engine: named here, so that code outside the
+    # engine never reaches through the core into its runner, KV manager or pool
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.core.config
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.core.model_config
+
+    @property
+    def dtype_name(self) -> str:
+        """The KV and compute dtype as a layout names it: "float32", "bfloat16"."""
+        return str(self.core.dtype).removeprefix("torch.")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.core.model_config.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.core.kv.pool.num_blocks
+
+    @property
+    def kv_storage(self) -> torch.Tensor:
+        """The paged KV cache tensor [layers, 2, kv heads, blocks, block size, head dim] (for kvtransfer)."""
+        return self.core.runner.kv_cache.storage
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        return self.core.runner.kv_cache.layout.bytes_per_block
 
     # ---- the loop side --------------------------------------------------------------------------
 

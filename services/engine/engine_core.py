@@ -12,20 +12,21 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.model_files.model_dir import resolve_model_dir
+from services.model_files.tokenizer import Tokenizer
+
 from .engine_config import EngineConfig
 from .kv_cache import KVCache
 from .kv_cache_manager import KVCacheManager
 from .kv_handoff import KVImport, PinnedKV
 from .malloc_tuning import tune_malloc
 from .model_config import ModelConfig, parse_dtype
-from .model_dir import resolve_model_dir
 from .model_runner import ModelRunner
 from .request import Logprob, Request
 from .sampler import SamplingFailure
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .stop_checker import TextState, check_stop
-from .tokenizer import Tokenizer
 
 MAX_CACHE_SALT_CHARS = 1024  # the salt seeds the prefix-cache hashes; any longer is only memory
 

@@ -9,8 +9,9 @@ string that the next token completes.
 
 from __future__ import annotations
 
+from services.model_files.tokenizer import IncrementalDetokenizer
+
 from .request import Request
-from .tokenizer import IncrementalDetokenizer
 
 
 class TextState:

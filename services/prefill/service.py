@@ -18,9 +18,9 @@ import grpc
 from kvtransfer.ucx_runtime import set_data_plane_host
 from kvtransfer.ucx_transport import KVTransportServer
 from protos.tandem.v1 import worker_pb2, worker_pb2_grpc
-from services.common.engine_worker import EngineWorker
 from services.common.kv_handle import prefill_reply, prefill_request_problem
-from services.common.translate import response_from_output
+from services.worker.engine_worker import EngineWorker
+from services.worker.translate import response_from_output
 
 from .kv_leases import KVLeases
 

@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry, Counter
 from protos.tandem.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.chat import chat_messages_to_dicts, check_chat_size
 from services.common.config import ServiceConfig
-from services.engine.model_dir import resolve_model_dir
-from services.engine.tokenizer import Tokenizer
+from services.model_files.model_dir import resolve_model_dir
+from services.model_files.tokenizer import Tokenizer
 
 
 class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):

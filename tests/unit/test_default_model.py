@@ -1,4 +1,4 @@
-"""Converting the embedded SmolLM2 GGUF into a Hugging Face directory (services/engine/default_model.py).
+"""Converting the embedded SmolLM2 GGUF into a Hugging Face directory (services/model_files/default_model.py).
 
 The oracle is transformers loading the same GGUF directly (its own dequantizer, name mapping and
 q/k un-permutation). One conversion and one oracle load are shared by the whole module.
@@ -28,8 +28,8 @@ from safetensors.torch import load_file  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from services.engine import default_model  # noqa: E402
-from services.engine.default_model import (  # noqa: E402
+from services.model_files import default_model  # noqa: E402
+from services.model_files.default_model import (  # noqa: E402
     default_gguf_path,
     default_model_cache_dir,
     prepare_default_model,

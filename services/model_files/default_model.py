@@ -28,7 +28,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
 
-from services.engine.gguf_tokenizer import build_tokenizer, gguf_value, special_token_ids, tokenizer_config
+from services.model_files.gguf_tokenizer import build_tokenizer, gguf_value, special_token_ids, tokenizer_config
 
 DEFAULT_MODEL_NAME = "default"
 

@@ -14,12 +14,11 @@ import time
 from collections.abc import AsyncIterator
 
 from protos.tandem.v1 import common_pb2
+from services.common.config import ServiceConfig
+from services.common.metrics import WorkerMetrics
+from services.common.telemetry import tracer
+from services.common.watch_hub import WatchHub
 from services.engine.kv_handoff import KVImport
-
-from .config import ServiceConfig
-from .metrics import WorkerMetrics
-from .telemetry import tracer
-from .watch_hub import WatchHub
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +51,8 @@ class EngineHost:
         self.hub.stats = self.engine.stats()
         self.kv_layout = self._layout()
         self.engine.set_observer(self._on_engine_update)
-        core = self.engine.core
-        log.info(
-            "engine ready: %s, %s, %d KV blocks of %d tokens", self.model_name, str(core.dtype).removeprefix("torch."), core.kv.pool.num_blocks, c.block_size
-        )
+        e = self.engine
+        log.info("engine ready: %s, %s, %d KV blocks of %d tokens", self.model_name, e.dtype_name, e.num_kv_blocks, e.config.block_size)
 
     @property
     def model_name(self) -> str:
@@ -64,15 +61,19 @@ class EngineHost:
     @property
     def kv_storage(self):
         """The paged KV cache tensor [layers, 2, kv heads, blocks, block size, head dim] (for kvtransfer)."""
-        return self.engine.core.runner.kv_cache.storage
+        return self.engine.kv_storage
 
     @property
     def bytes_per_block(self) -> int:
-        return self.engine.core.runner.kv_cache.layout.bytes_per_block
+        return self.engine.kv_bytes_per_block
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.core.max_model_len
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
 
     async def close(self) -> None:
         if self.engine is not None:
@@ -86,24 +87,24 @@ class EngineHost:
         """What this engine's KV blocks mean; equal fingerprints may exchange blocks."""
         from kvtransfer.layout import layout_fingerprint
 
-        core = self.engine.core
-        mc = core.model_config
-        dtype = str(core.dtype).removeprefix("torch.")
-        model_id = core.config.model_id or core.config.model
-        bs = core.config.block_size
+        engine = self.engine
+        mc = engine.model_config
+        dtype = engine.dtype_name
+        model_id = engine.config.model_id or engine.config.model
+        bs = engine.config.block_size
         return common_pb2.KVLayout(
             model_id=model_id, dtype=dtype, num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, block_size=bs,
             fingerprint=layout_fingerprint(model_id, dtype, mc.num_layers, mc.num_kv_heads, mc.head_dim, bs),
         )  # fmt: skip
 
     def fill_registration(self, reg: common_pb2.WorkerRegistration) -> None:
-        core = self.engine.core
+        engine = self.engine
         reg.model = self.model_name
         reg.kv_layout.CopyFrom(self.kv_layout)
-        reg.block_size = core.config.block_size
-        reg.num_kv_blocks = core.kv.pool.num_blocks
-        reg.max_num_seqs = core.config.max_num_seqs
-        reg.max_model_len = core.max_model_len
+        reg.block_size = engine.config.block_size
+        reg.num_kv_blocks = engine.num_kv_blocks
+        reg.max_num_seqs = engine.config.max_num_seqs
+        reg.max_model_len = engine.max_model_len
 
     # ---- load and KV events -------------------------------------------------------------------
 

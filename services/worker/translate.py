@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from protos.tandem.v1 import common_pb2
+from services.common.errors import invalid
 from services.engine.sampling_params import SamplingParams
-
-from .errors import invalid
 
 FINISH_REASONS = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,

@@ -11,12 +11,12 @@ import uuid
 import grpc
 
 from protos.tandem.v1 import worker_pb2_grpc
+from services.common.config import ServiceConfig
+from services.common.worker_servicer import WORKER_SERVICE_NAME, WorkerServicer
 
-from .config import ServiceConfig
 from .engine_failure import EngineFailure, EngineFailureGuard
 from .engine_host import EngineHost
 from .translate import sampling_from_proto
-from .worker_servicer import WORKER_SERVICE_NAME, WorkerServicer
 
 
 class EngineWorker:
