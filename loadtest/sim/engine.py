@@ -222,7 +222,7 @@ class SimEngine:
             self.cache.cache_computed_blocks(req)
         else:
             self.cache.free(req)
-            req.num_cached_tokens = -1
+            req.num_cached_tokens = None
         self.scheduler.add(req)
         self._changed()
 
@@ -297,7 +297,7 @@ class SimEngine:
 
     def _output(self, req: SimRequest, new: list[int], finished: bool) -> SimOutput:
         return SimOutput(req.request_id, new, finished, req.finish_reason, req.stop_token_id, req.num_prompt_tokens,
-                         len(req.output_token_ids), max(req.num_cached_tokens, 0))  # fmt: skip
+                         len(req.output_token_ids), req.num_cached_tokens or 0)  # fmt: skip
 
     def _finish(self, req: SimRequest, pin: bool = False) -> None:
         """End `req` (finished, aborted, or a prefill whose prompt blocks are pinned); its final

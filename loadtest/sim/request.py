@@ -89,7 +89,7 @@ class SimRequest:
     block_hashes: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_published_blocks: int = 0
-    num_cached_tokens: int = -1  # prompt tokens from the prefix cache at first schedule; -1 = not yet
+    num_cached_tokens: int | None = None  # prompt tokens from the prefix cache at first schedule; None = not yet
     num_preemptions: int = 0
     state: str = WAITING
     finish_reason: str | None = None

@@ -77,7 +77,7 @@ class SimScheduler:
                     break
                 self.waiting.popleft()
                 req.num_computed_tokens = num_hit_tokens
-                if req.num_cached_tokens < 0:
+                if req.num_cached_tokens is None:
                     req.num_cached_tokens = num_hit_tokens
                 req.state = RUNNING
                 self.running.append(req)

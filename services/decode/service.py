@@ -26,6 +26,7 @@ from kvtransfer.ucx_transport import KVTransferError, KVTransportClient
 from protos.tandem.v1 import worker_pb2, worker_pb2_grpc
 from services.common.kv_handle import kv_handle_problem
 from services.common.telemetry import tracer
+from services.engine.kv_handoff import Handoff
 from services.worker.engine_worker import EngineWorker
 from services.worker.translate import response_from_output
 
@@ -67,7 +68,7 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
         problem = resume_problem(request, self.host.vocab_size, self.host.max_model_len)
         if problem is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        return await self.open_stream(request, context, output_token_ids=list(request.resume_token_ids))
+        return await self.open_stream(request, context, Handoff.resume(request.resume_token_ids))
 
     async def _open_disaggregated(self, request: worker_pb2.WorkerGenerateRequest, context):
         problem = kv_handle_problem(request, self.host.kv_layout)
@@ -78,7 +79,7 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
             )
         if problem is not None:
             await context.abort(*problem)
-        stream = await self.open_stream(request, context, output_token_ids=[request.first_token_id], import_kv=True)
+        stream = await self.open_stream(request, context, Handoff.import_kv_after(request.first_token_id))
         try:
             target = await anext(stream)
             if not target.recompute:

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from .block_pool import KVEvent
+from .engine_commands import Abort, AddRequest, CheckIntegrity, EngineCommand, KVImported, ReleasePinned
 from .engine_config import EngineConfig
 from .engine_core import EngineCore, RequestOutput
 from .fault_injection import EngineFault
-from .kv_handoff import KVImport
+from .kv_handoff import Handoff, KVImport
 from .model_config import ModelConfig
 from .sampling_params import SamplingParams
 
@@ -61,7 +62,7 @@ class AsyncEngine:
         self.core: EngineCore | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._inbox: list[tuple] = []  # ("add", args) | ("abort", request_id)
+        self._inbox: list[EngineCommand] = []  # applied in order on the engine thread (engine_commands.py)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
         self.error: BaseException | None = None
@@ -129,20 +130,19 @@ class AsyncEngine:
     # ---- the loop side --------------------------------------------------------------------------
 
     async def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None, **handoff
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None, handoff: Handoff | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request and return its stream. Validation errors raise here, before anything is queued.
 
-        `handoff` takes EngineCore.add_request's disaggregation options (output_token_ids,
-        prefill_only, import_kv). An import_kv request's stream starts with a KVImport: where to
-        write the prompt's KV before calling complete_kv_import()."""
+        `handoff` continues work done elsewhere (kv_handoff.Handoff). An import_kv request's stream
+        starts with a KVImport: where to write the prompt's KV before calling complete_kv_import()."""
         self._raise_if_dead()
         self._validate(request_id, prompt_token_ids, params, cache_salt)
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._raise_if_dead()  # checked under the lock: the thread's death handler takes it too
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
-            self._inbox.append(("add", (request_id, prompt_token_ids, params, cache_salt, handoff)))
+            self._inbox.append(AddRequest(request_id, prompt_token_ids, params, cache_salt, handoff))
         self._wake.set()
         return self._stream(request_id, queue)
 
@@ -188,17 +188,17 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread; its final output (finish_reason 'abort') is dropped if nobody listens."""
-        self._post(("abort", request_id))
+        self._post(Abort(request_id))
 
     def complete_kv_import(self, request_id: str, ok: bool) -> None:
         """The KVImport's blocks are written (ok), or will not be (the engine recomputes the prompt)."""
-        self._post(("kv_imported", (request_id, ok)))
+        self._post(KVImported(request_id, ok))
 
     def release_pinned(self, request_id: str) -> None:
         """Free a prefill_only request's pinned KV blocks (after the pull, or when its lease ends)."""
-        self._post(("release", request_id))
+        self._post(ReleasePinned(request_id))
 
-    def _post(self, item: tuple) -> None:
+    def _post(self, item: EngineCommand) -> None:
         with self._lock:
             self._inbox.append(item)
         self._wake.set()
@@ -264,10 +264,9 @@ class AsyncEngine:
         dead = EngineDeadError(f"engine thread died: {error!r}")
         for loop, queue in streams:
             _call_soon(loop, queue.put_nowait, dead)
-        for kind, arg in inbox:
-            if kind == "check":
-                loop, done = arg
-                _call_soon(loop, _settle, done, dead)
+        for command in inbox:
+            if isinstance(command, CheckIntegrity):
+                _call_soon(command.loop, _settle, command.done, dead)
         for loop, callback in callbacks:
             _call_soon(loop, callback, error)
 
@@ -286,32 +285,31 @@ class AsyncEngine:
         with self._lock:
             inbox, self._inbox = self._inbox, []
         core = self.core
-        for kind, arg in inbox:
-            if kind == "add":
-                request_id, prompt, params, salt, handoff = arg
-                try:
-                    core.add_request(request_id, prompt, params, salt, **handoff)
-                except ValueError as e:
-                    self._deliver(request_id, e)
-                    continue
-                if handoff.get("import_kv"):
-                    # the stream's first item says where the KV goes (or that there was no room for
-                    # it and the prompt is computed here instead)
-                    target = core.kv_import(request_id) or KVImport(request_id, (), 0, core.config.block_size, recompute=True)
-                    self._deliver(request_id, target)
-            elif kind == "kv_imported":
-                core.complete_kv_import(*arg)
-            elif kind == "release":
-                core.release_pinned(arg)
-            elif kind == "check":
-                loop, done = arg
-                try:
-                    core.check_integrity()
-                    _call_soon(loop, _settle, done, None)
-                except AssertionError as e:
-                    _call_soon(loop, _settle, done, e)
-            else:
-                core.abort(arg)
+        for command in inbox:
+            match command:
+                case AddRequest(request_id, prompt, params, salt, handoff):
+                    try:
+                        core.add_request(request_id, prompt, params, salt, handoff=handoff)
+                    except ValueError as e:
+                        self._deliver(request_id, e)
+                        continue
+                    if handoff is not None and handoff.import_kv:
+                        # the stream's first item says where the KV goes (or that there was no room
+                        # for it and the prompt is computed here instead)
+                        target = core.kv_import(request_id) or KVImport(request_id, (), 0, core.config.block_size, recompute=True)
+                        self._deliver(request_id, target)
+                case Abort(request_id):
+                    core.abort(request_id)
+                case KVImported(request_id, ok):
+                    core.complete_kv_import(request_id, ok)
+                case ReleasePinned(request_id):
+                    core.release_pinned(request_id)
+                case CheckIntegrity(loop, done):
+                    try:
+                        core.check_integrity()
+                        _call_soon(loop, _settle, done, None)
+                    except AssertionError as e:
+                        _call_soon(loop, _settle, done, e)
         return bool(inbox)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
@@ -348,7 +346,7 @@ class AsyncEngine:
         done = loop.create_future()
         with self._lock:
             self._raise_if_dead()  # a dead thread would never answer: fail now (the death handler fails queued ones)
-            self._inbox.append(("check", (loop, done)))
+            self._inbox.append(CheckIntegrity(loop, done))
         self._wake.set()
         await done
 

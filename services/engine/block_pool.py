@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 
 @dataclass
@@ -26,9 +27,17 @@ class Block:
     block_hash: int | None = None
 
 
+class KVEventKind(StrEnum):
+    """What happened to cached blocks (a str: events compare and serialise as their value)."""
+
+    STORED = "stored"  # full blocks became prefix cache
+    REMOVED = "removed"  # cached blocks were evicted
+    CLEARED = "cleared"  # the whole cache was dropped
+
+
 @dataclass(frozen=True)
 class KVEvent:
-    kind: str  # "stored" | "removed" | "cleared"
+    kind: KVEventKind
     block_hashes: tuple[int, ...] = ()
     parent_hash: int | None = None  # for "stored": the hash before the first block
 
@@ -81,7 +90,7 @@ class BlockPool:
             block.ref_count = 1
             ids.append(block_id)
         if removed:
-            self._events.append(KVEvent("removed", tuple(removed)))
+            self._events.append(KVEvent(KVEventKind.REMOVED, tuple(removed)))
         return ids
 
     def touch(self, block_ids: list[int]) -> None:
@@ -114,7 +123,7 @@ class BlockPool:
             return
         block.block_hash = block_hash
         self._cached[block_hash] = block_id
-        self._events.append(KVEvent("stored", (block_hash,), parent_hash))
+        self._events.append(KVEvent(KVEventKind.STORED, (block_hash,), parent_hash))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only allowed when no block is in use. Mutates."""
@@ -123,7 +132,7 @@ class BlockPool:
         for block in self.blocks:
             block.block_hash = None
         self._cached.clear()
-        self._events.append(KVEvent("cleared"))
+        self._events.append(KVEvent(KVEventKind.CLEARED))
         return True
 
     def take_events(self) -> list[KVEvent]:

@@ -18,16 +18,17 @@ from services.model_files.tokenizer import Tokenizer
 from .engine_config import EngineConfig
 from .kv_cache import KVCache
 from .kv_cache_manager import KVCacheManager
-from .kv_handoff import KVImport, PinnedKV
+from .kv_handoff import Handoff, KVImport, PinnedKV
 from .malloc_tuning import tune_malloc
 from .model_config import ModelConfig, parse_dtype
 from .model_runner import ModelRunner
-from .request import Logprob, Request
+from .request import FinishReason, Logprob, Request
 from .sampler import SamplingFailure
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .stop_checker import TextState, check_stop
 
+NO_HANDOFF = Handoff()  # an ordinary request
 MAX_CACHE_SALT_CHARS = 1024  # the salt seeds the prefix-cache hashes; any longer is only memory
 
 
@@ -40,7 +41,7 @@ class RequestOutput:
     text: str  # generated text so far (stop string removed unless include_stop_str_in_output)
     delta_text: str
     finished: bool
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" (see `error`)
+    finish_reason: FinishReason | None = None  # ERROR: see `error`
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: list[Logprob] = field(default_factory=list)  # one per generated token so far, when asked
@@ -90,24 +91,21 @@ class EngineCore:
         cache_salt: str | None = None,
         detokenize: bool = True,
         *,
-        output_token_ids: list[int] = (),
-        prefill_only: bool = False,
-        import_kv: bool = False,
+        handoff: Handoff | None = None,
     ) -> Request:
         """Validate and queue a request. Raises ValueError (naming the field) and allocates nothing on bad input.
 
-        Disaggregation (see kv_handoff.py): `prefill_only` ends the request after its first token
-        and pins its prompt's KV; `output_token_ids` are tokens already generated elsewhere (their
-        text was already streamed); `import_kv` allocates the prompt's blocks now and holds the
-        request until complete_kv_import() — call kv_import(request_id) for where to write."""
+        `handoff` (kv_handoff.py) continues work done elsewhere: a prefill-only request ends after
+        its first token and pins its prompt's KV; output tokens generated elsewhere (their text was
+        already streamed) are taken as this request's own; an import_kv request allocates the
+        prompt's blocks now and waits for complete_kv_import() — kv_import(request_id) says where to write."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params, cache_salt)
-        if import_kv and not output_token_ids:
-            raise ValueError("import_kv needs the first token the prefill worker sampled (output_token_ids)")
+        handoff = handoff or NO_HANDOFF
         req = Request(request_id, list(prompt_token_ids), params, time.monotonic(), self.eos_token_ids, cache_salt)
-        req.prefill_only = prefill_only
-        req.output_token_ids = list(output_token_ids)
+        req.prefill_only = handoff.prefill_only
+        req.output_token_ids = list(handoff.output_token_ids)
         if req.generator is not None and not params.greedy:
             # the tokens sampled elsewhere (a prefill worker; a decode worker that died mid-stream)
             # drew from this seed's generator there: skip past those draws, so the next token is
@@ -122,7 +120,7 @@ class EngineCore:
             for t in req.output_token_ids:  # already streamed by the worker that sampled them
                 text.add_token(t)
             text.take_delta(False)
-        if import_kv and self._allocate_import(req):
+        if handoff.import_kv and self._allocate_import(req):
             self.importing[request_id] = req
         else:
             self.scheduler.add(req)  # no room to import (or nothing asked): computed here instead
@@ -154,7 +152,7 @@ class EngineCore:
             self.kv.cache_computed_blocks(req)  # the imported full blocks are now valid prefix cache
         else:
             self.kv.free(req)
-            req.num_cached_tokens = -1
+            req.num_cached_tokens = None  # counted again when it is scheduled
         self.scheduler.add(req)
 
     def release_pinned(self, request_id: str) -> bool:
@@ -199,7 +197,7 @@ class EngineCore:
         req = self.requests.get(request_id)
         if req is None:
             return False
-        req.finish_reason = "abort"
+        req.finish_reason = FinishReason.ABORT
         self.importing.pop(request_id, None)
         self._finish(req)
         return True
@@ -222,7 +220,7 @@ class EngineCore:
             self.kv.cache_computed_blocks(s.request)
         for req, token, logprob in result.sampled:
             if isinstance(token, SamplingFailure):  # this request alone fails; the batch goes on
-                req.finish_reason = "error"
+                req.finish_reason = FinishReason.ERROR
                 out = self._finish(req, queue=False)
                 out.error = token.message
                 outputs.append(out)
@@ -256,7 +254,7 @@ class EngineCore:
             finished,
             req.finish_reason,
             req.stop_reason,
-            min(max(req.num_cached_tokens, 0), req.num_prompt_tokens),  # a resumed request's hits may cover its output too
+            min(req.num_cached_tokens or 0, req.num_prompt_tokens),  # a resumed request's hits may cover its output too
             list(req.output_logprobs),
         )
 
@@ -274,7 +272,7 @@ class EngineCore:
             self.kv.pool.touch(list(pinned.block_ids))  # one more reference: survives the free below
             self.pinned[req.request_id] = pinned
         self.scheduler.finish(req)
-        new = [req.output_token_ids[-1]] if (req.output_token_ids and req.finish_reason not in ("abort", "error")) else []
+        new = [req.output_token_ids[-1]] if (req.output_token_ids and req.finish_reason not in (FinishReason.ABORT, FinishReason.ERROR)) else []
         out = self._output(req, new)
         out.finished, out.pinned_kv = True, pinned
         del self.requests[req.request_id]

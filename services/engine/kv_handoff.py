@@ -1,7 +1,7 @@
 """What the engine hands out and takes in when a prompt's KV moves between workers.
 
     prefill engine                                   decode engine
-    add_request(prefill_only=True)                   add_request(output_token_ids=[t], import_kv=True)
+    add_request(handoff=Handoff.prefill())           add_request(handoff=Handoff.import_kv_after(t))
       → first token t, blocks pinned: PinnedKV         → KVImport: local blocks to fill, the rest cached
     release_pinned(id) after the pull / lease end      complete_kv_import(id, ok) → decode continues
                                                        (ok=False: recompute the prompt locally)
@@ -14,6 +14,40 @@ while the engine thread runs other requests.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """How a request continues work done elsewhere (None: an ordinary request). One of:
+
+    Handoff.prefill()          compute the prompt and the first token, then end and pin the KV
+    Handoff.resume(tokens)     `tokens` were generated elsewhere (a worker that died mid-stream):
+                               recompute the prompt and go on after them
+    Handoff.import_kv(first)   the prompt's KV comes from a prefill worker, which sampled `first`:
+                               allocate it now and wait for complete_kv_import()
+    """
+
+    output_token_ids: tuple[int, ...] = ()
+    prefill_only: bool = False
+    import_kv: bool = False
+
+    def __post_init__(self):
+        if self.prefill_only and (self.import_kv or self.output_token_ids):
+            raise ValueError("a prefill-only request starts from its prompt alone (no output tokens, no KV import)")
+        if self.import_kv and not self.output_token_ids:
+            raise ValueError("import_kv needs the first token the prefill worker sampled (output_token_ids)")
+
+    @classmethod
+    def prefill(cls) -> Handoff:
+        return cls(prefill_only=True)
+
+    @classmethod
+    def resume(cls, output_token_ids) -> Handoff:
+        return cls(output_token_ids=tuple(output_token_ids))
+
+    @classmethod
+    def import_kv_after(cls, first_token_id: int) -> Handoff:
+        return cls(output_token_ids=(first_token_id,), import_kv=True)
 
 
 @dataclass(frozen=True)

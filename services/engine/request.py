@@ -17,6 +17,15 @@ import torch
 from .sampling_params import SamplingParams
 
 
+class FinishReason(enum.StrEnum):
+    """Why a request ended (a str: it compares and serialises as its value, as vLLM's strings do)."""
+
+    STOP = "stop"  # an EOS or stop token, or a stop string
+    LENGTH = "length"  # max_tokens, or the model's context
+    ABORT = "abort"  # the caller gave up (client gone, deadline, cancelled)
+    ERROR = "error"  # this request alone failed (RequestOutput.error says why)
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -41,12 +50,12 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[Logprob] = field(default_factory=list)
     num_computed_tokens: int = 0
-    num_cached_tokens: int = -1  # prompt tokens served from the prefix cache at first schedule; -1 = not yet
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache at first schedule; None = not scheduled yet
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks of all_token_ids
     num_published_blocks: int = 0  # leading blocks already offered to the prefix cache
     status: RequestStatus = RequestStatus.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     generator: torch.Generator | None = None

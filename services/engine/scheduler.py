@@ -92,7 +92,7 @@ class Scheduler:
                     break
                 self.waiting.popleft()
                 req.num_computed_tokens = num_hit_tokens
-                if req.num_cached_tokens < 0:
+                if req.num_cached_tokens is None:
                     req.num_cached_tokens = num_hit_tokens
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)

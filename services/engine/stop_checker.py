@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from services.model_files.tokenizer import IncrementalDetokenizer
 
-from .request import Request
+from .request import FinishReason, Request
 
 
 class TextState:
@@ -51,7 +51,7 @@ def check_stop(req: Request, token_id: int, text: TextState | None, max_model_le
     """Set req.finish_reason / stop_reason if `token_id` (already appended) ends the request. Mutates req."""
     p = req.params
     if not p.ignore_eos and token_id in req.eos_token_ids:
-        req.finish_reason = "stop"
+        req.finish_reason = FinishReason.STOP
         return
     if token_id in p.stop_token_ids:
         req.finish_reason, req.stop_reason = "stop", token_id
@@ -62,4 +62,4 @@ def check_stop(req: Request, token_id: int, text: TextState | None, max_model_le
             req.finish_reason, req.stop_reason = "stop", hit
             return
     if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= max_model_len:
-        req.finish_reason = "length"
+        req.finish_reason = FinishReason.LENGTH

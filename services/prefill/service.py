@@ -19,6 +19,7 @@ from kvtransfer.ucx_runtime import set_data_plane_host
 from kvtransfer.ucx_transport import KVTransportServer
 from protos.tandem.v1 import worker_pb2, worker_pb2_grpc
 from services.common.kv_handle import prefill_reply, prefill_request_problem
+from services.engine.kv_handoff import Handoff
 from services.worker.engine_worker import EngineWorker
 from services.worker.translate import response_from_output
 
@@ -60,7 +61,7 @@ class PrefillService(EngineWorker, worker_pb2_grpc.PrefillServicer):
         # decided exactly as a single engine would
         if not request.request_id:
             request.request_id = uuid.uuid4().hex  # the id the engine pins the blocks under
-        stream = await self.open_stream(request, context, prefill_only=True)
+        stream = await self.open_stream(request, context, Handoff.prefill())
         handed_over = False
         try:
             async for out in stream:

@@ -18,7 +18,7 @@ from services.common.config import ServiceConfig
 from services.common.metrics import WorkerMetrics
 from services.common.telemetry import tracer
 from services.common.watch_hub import WatchHub
-from services.engine.kv_handoff import KVImport
+from services.engine.kv_handoff import Handoff, KVImport
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +120,11 @@ class EngineHost:
 
     # ---- generation -----------------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params, cache_salt: str | None, **handoff) -> AsyncIterator:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params, cache_salt: str | None, handoff: Handoff | None = None) -> AsyncIterator:
         """Queue a request; returns the engine's output stream wrapped with metrics and a span.
-        `handoff`: the engine's disaggregation options (see services/engine/kv_handoff.py).
+        `handoff`: work done elsewhere that the request continues (services/engine/kv_handoff.py).
         Raises ValueError (naming the field) for a request this engine cannot run."""
-        stream = await self.engine.add_request(request_id, prompt_token_ids, params, cache_salt or None, **handoff)
+        stream = await self.engine.add_request(request_id, prompt_token_ids, params, cache_salt or None, handoff)
         return self._observed(request_id, stream, len(prompt_token_ids))
 
     async def _observed(self, request_id: str, stream, num_prompt: int) -> AsyncIterator:

@@ -13,6 +13,7 @@ import grpc
 from protos.tandem.v1 import worker_pb2_grpc
 from services.common.config import ServiceConfig
 from services.common.worker_servicer import WORKER_SERVICE_NAME, WorkerServicer
+from services.engine.kv_handoff import Handoff
 
 from .engine_failure import EngineFailure, EngineFailureGuard
 from .engine_host import EngineHost
@@ -58,12 +59,12 @@ class EngineWorker:
     async def close(self) -> None:
         await self.host.close()
 
-    async def open_stream(self, request, context: grpc.aio.ServicerContext, **handoff):
+    async def open_stream(self, request, context: grpc.aio.ServicerContext, handoff: Handoff | None = None):
         """Queue a worker request (prompt ids, sampling, cache salt) on the engine and return its
         output stream; aborts the RPC with INVALID_ARGUMENT, naming the field, when it cannot run."""
         request_id = request.request_id or uuid.uuid4().hex
         try:
             params = sampling_from_proto(request.sampling, self.host.max_model_len)
-            return await self.host.generate(request_id, list(request.prompt_token_ids), params, request.cache_salt, **handoff)
+            return await self.host.generate(request_id, list(request.prompt_token_ids), params, request.cache_salt, handoff)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

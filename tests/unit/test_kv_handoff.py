@@ -11,6 +11,7 @@ import pytest
 from services.engine import SamplingParams
 from services.engine.engine_config import EngineConfig
 from services.engine.engine_core import EngineCore
+from services.engine.kv_handoff import Handoff
 
 BLOCK = 16
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -35,7 +36,7 @@ def prompt(n: int, seed: int = 0) -> list[int]:
 
 
 def prefill(core: EngineCore, rid: str, ids: list[int], params=GREEDY):
-    core.add_request(rid, ids, params, prefill_only=True)
+    core.add_request(rid, ids, params, handoff=Handoff.prefill())
     out = run(core)[rid]
     assert out.finished and out.finish_reason is None and out.pinned_kv is not None
     return out
@@ -48,7 +49,7 @@ def copy_blocks(src: EngineCore, dst: EngineCore, src_ids, dst_ids) -> None:
 def disaggregated(p: EngineCore, d: EngineCore, rid: str, ids: list[int], params=GREEDY):
     first = prefill(p, rid, ids, params)
     pinned = first.pinned_kv
-    d.add_request(rid, ids, params, output_token_ids=first.token_ids, import_kv=True)
+    d.add_request(rid, ids, params, handoff=Handoff(output_token_ids=tuple(first.token_ids), import_kv=True))
     target = d.kv_import(rid)
     assert target is not None and len(target.block_ids) == len(pinned.block_ids)
     missing = target.missing_block_ids
@@ -96,7 +97,7 @@ def test_failed_import_recomputes_with_the_same_output(tiny_llama):
     expected = run_one(engine(tiny_llama), ids)
     p, d = engine(tiny_llama), engine(tiny_llama)
     first = prefill(p, "r", ids)
-    d.add_request("r", ids, GREEDY, output_token_ids=first.token_ids, import_kv=True)
+    d.add_request("r", ids, GREEDY, handoff=Handoff(output_token_ids=tuple(first.token_ids), import_kv=True))
     d.complete_kv_import("r", ok=False)  # e.g. the prefill worker died mid-transfer
     out = run(d)["r"]
     assert out.token_ids == expected.token_ids
@@ -113,7 +114,7 @@ def test_abort_while_importing_frees_the_blocks(tiny_llama):
     p, d = engine(tiny_llama), engine(tiny_llama)
     ids = prompt(50, seed=6)
     first = prefill(p, "r", ids)
-    d.add_request("r", ids, GREEDY, output_token_ids=first.token_ids, import_kv=True)
+    d.add_request("r", ids, GREEDY, handoff=Handoff(output_token_ids=tuple(first.token_ids), import_kv=True))
     assert d.kv.pool.num_used_blocks == 4
     assert not d.has_work(), "an import waits outside the scheduler"
     assert d.abort("r")
@@ -126,7 +127,7 @@ def test_abort_while_importing_frees_the_blocks(tiny_llama):
 
 def test_first_token_ending_the_request_pins_nothing(tiny_llama):
     p = engine(tiny_llama)
-    p.add_request("r", prompt(20), SamplingParams(max_tokens=1, temperature=0), prefill_only=True)
+    p.add_request("r", prompt(20), SamplingParams(max_tokens=1, temperature=0), handoff=Handoff.prefill())
     out = run(p)["r"]
     assert out.finish_reason == "length" and out.pinned_kv is None
     p.check_integrity()
@@ -139,7 +140,7 @@ def test_pinned_blocks_stay_in_the_prefix_cache_after_release(tiny_llama):
     first = prefill(p, "r", ids)
     assert len(first.pinned_kv.block_hashes) == 2 and first.pinned_kv.num_tokens == len(ids)
     p.release_pinned("r")
-    p.add_request("again", ids, GREEDY, prefill_only=True)
+    p.add_request("again", ids, GREEDY, handoff=Handoff.prefill())
     again = run(p)["again"]
     assert again.num_cached_tokens == 2 * BLOCK
     assert again.token_ids == first.token_ids
@@ -155,7 +156,7 @@ def test_streamed_text_continues_where_the_prefill_left_off(default_model_dir):
     single.add_request("r", ids, params)
     expected_deltas = stream(single)
     first = prefill(p, "r", ids, params)
-    d.add_request("r", ids, params, output_token_ids=first.token_ids, import_kv=True)
+    d.add_request("r", ids, params, handoff=Handoff(output_token_ids=tuple(first.token_ids), import_kv=True))
     target = d.kv_import("r")
     copy_blocks(p, d, first.pinned_kv.block_ids, target.missing_block_ids)
     d.complete_kv_import("r", ok=True)

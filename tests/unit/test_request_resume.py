@@ -7,6 +7,7 @@ import pytest
 
 from services.engine import EngineConfig, SamplingParams
 from services.engine.engine_core import EngineCore
+from services.engine.kv_handoff import Handoff
 
 PROMPT = list(range(3, 30))
 
@@ -17,7 +18,7 @@ def core(tiny_llama):
 
 
 def run(core, request_id, params, output_token_ids=()):
-    core.add_request(request_id, PROMPT, params, output_token_ids=list(output_token_ids))
+    core.add_request(request_id, PROMPT, params, handoff=Handoff.resume(output_token_ids))
     while True:
         for out in core.step():
             if out.request_id == request_id and out.finished:
