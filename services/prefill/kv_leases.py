@@ -30,11 +30,15 @@ class Lease:
     token: bytes
     block_ids: tuple[int, ...]
     expires_at: float  # time.time()
-    timer: asyncio.TimerHandle
+    timer: asyncio.TimerHandle  # or what an injected call_later returns: anything with cancel()
 
 
 class KVLeases:
-    def __init__(self, engine, transport, lease_seconds: float, on_expired=None):
+    def __init__(self, engine, transport, lease_seconds: float, on_expired=None, *, clock=time.time, call_later=None):
+        """`clock` (wall seconds, for the transport's expiry) and `call_later(delay, fn, *args)` (the
+        expiry timer; default: the running loop's) are injected by tests, which then step time
+        instead of sleeping through it."""
+        self._clock, self._call_later = clock, call_later
         self._engine = engine  # AsyncEngine: release_pinned(request_id)
         self._on_expired = on_expired  # called once per expired lease (a metric)
         self._transport = transport  # KVTransportServer: expose / revoke
@@ -49,10 +53,10 @@ class KVLeases:
     def grant(self, pinned, peer_address: bytes) -> Lease:
         """Hold `pinned` (a PinnedKV) for one pull by the decode worker whose UCX client address is
         `peer_address`; returns the lease with its token. Mutates."""
-        loop = asyncio.get_running_loop()
+        call_later = self._call_later or asyncio.get_running_loop().call_later
         token = secrets.token_bytes(TOKEN_BYTES)
         rid = pinned.request_id
-        lease = Lease(rid, token, pinned.block_ids, time.time() + self.lease_seconds, loop.call_later(self.lease_seconds, self._expire, rid))
+        lease = Lease(rid, token, pinned.block_ids, self._clock() + self.lease_seconds, call_later(self.lease_seconds, self._expire, rid))
         self._leases[rid] = lease
         self._by_token[token] = rid
         self._transport.expose(token, list(pinned.block_ids), lease.expires_at, peer_address=peer_address)
@@ -97,7 +101,7 @@ class KVLeases:
 
     def check_integrity(self) -> None:
         assert len(self._by_token) == len(self._leases), "tokens and leases out of step"
-        now = time.time()
+        now = self._clock()
         for rid, lease in self._leases.items():
             assert lease.request_id == rid, f"lease filed under {rid} belongs to {lease.request_id}"
             assert self._by_token.get(lease.token) == rid, f"lease of {rid} is not findable by its token"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from services.engine.kv_handoff import PinnedKV
 from services.prefill.kv_leases import KVLeases
 
@@ -30,10 +28,39 @@ class FakeTransport:
         self.revoked.append(token)
 
 
-def setup(lease_seconds: float = 30.0):
+class SteppedTime:
+    """The leases' clock and timers, advanced by the test instead of slept through."""
+
+    def __init__(self):
+        self.now = 1_000.0
+        self._timers: list[list] = []  # [due, fn, args, cancelled]
+
+    def clock(self) -> float:
+        return self.now
+
+    def call_later(self, delay, fn, *args):
+        timer = [self.now + delay, fn, args, False]
+        self._timers.append(timer)
+
+        class Handle:
+            def cancel(self_inner):
+                timer[3] = True
+
+        return Handle()
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for timer in sorted(self._timers, key=lambda t: t[0]):
+            if timer[0] <= self.now and not timer[3]:
+                timer[3] = True
+                timer[1](*timer[2])
+
+
+def setup(lease_seconds: float = 30.0, time_source: SteppedTime | None = None):
     engine, transport = FakeEngine(), FakeTransport()
     expired = []
-    return engine, transport, KVLeases(engine, transport, lease_seconds, on_expired=lambda: expired.append(1)), expired
+    timing = {"clock": time_source.clock, "call_later": time_source.call_later} if time_source else {}
+    return engine, transport, KVLeases(engine, transport, lease_seconds, on_expired=lambda: expired.append(1), **timing), expired
 
 
 PEER = b"decode-ucx-address"
@@ -75,11 +102,15 @@ async def test_release_needs_the_right_token():
 
 
 async def test_expiry_frees_and_revokes():
-    engine, transport, leases, expired = setup(lease_seconds=0.05)
+    time_source = SteppedTime()
+    engine, transport, leases, expired = setup(lease_seconds=30, time_source=time_source)
     lease = leases.grant(pinned("a"), PEER)
     other = leases.grant(pinned("b"), PEER)
     leases.pull_done(other.token, ok=True)
-    await asyncio.sleep(0.2)
+    time_source.advance(29.9)
+    assert engine.released == ["b"] and len(leases) == 1  # not yet
+    leases.check_integrity()
+    time_source.advance(0.2)
     assert engine.released == ["b", "a"] and transport.revoked == [lease.token]
     assert expired == [1] and leases.num_expired == 1 and len(leases) == 0
 
