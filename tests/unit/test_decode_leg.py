@@ -15,6 +15,7 @@ from gateway.scheduling.base import RequestContext
 from protos.tandem.v1 import common_pb2, worker_pb2
 from services.common.errors import RequestError
 from services.common.metrics import GatewayMetrics
+from tests.helpers.fake_decode_call import FakeDecodeCall
 
 
 def original_request() -> worker_pb2.WorkerGenerateRequest:
@@ -43,30 +44,6 @@ def test_continuation_of_a_disaggregated_request_drops_the_kv_handle():
 def test_a_second_migration_resumes_from_everything_streamed():
     first = continuation_request(original_request(), [40, 41])
     assert list(continuation_request(first, [42]).resume_token_ids) == [40, 41, 42]
-
-
-def rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=f"fake {code.name}")
-
-
-class FakeCall:
-    """A Decode.Generate call: yields `tokens` one chunk each, then fails with `fail` (or ends)."""
-
-    def __init__(self, tokens, fail, final_usage):
-        self.tokens, self.fail, self.final_usage = tokens, fail, final_usage
-
-    def cancel(self):
-        pass
-
-    async def __aiter__(self):
-        for i, t in enumerate(self.tokens):
-            chunk = common_pb2.GenerateResponse(token_ids=[t])
-            if self.fail is None and i == len(self.tokens) - 1:
-                chunk.finish_reason = common_pb2.FINISH_REASON_LENGTH
-                chunk.usage.CopyFrom(self.final_usage)
-            yield chunk
-        if self.fail is not None:
-            raise rpc_error(self.fail)
 
 
 class FakeWorker:
@@ -100,7 +77,7 @@ class FakeWorker:
         tokens, fail = self.script.pop(0)
         n = len(request.prompt_token_ids)
         done = len(request.resume_token_ids) + len(tokens)
-        return FakeCall(tokens, fail, common_pb2.Usage(prompt_tokens=n, completion_tokens=done, cached_prompt_tokens=self.cached))
+        return FakeDecodeCall(tokens, fail, common_pb2.Usage(prompt_tokens=n, completion_tokens=done, cached_prompt_tokens=self.cached))
 
 
 class FakePool:

@@ -22,32 +22,10 @@ from protos.tandem.v1 import common_pb2, gateway_pb2, worker_pb2
 from services.common.config import ServiceConfig
 from services.common.errors import RequestError
 from services.common.metrics import GatewayMetrics
+from tests.helpers.fake_decode_call import FakeDecodeCall, rpc_error
 
 AUTO, DISAGG = gateway_pb2.SERVING_MODE_AUTO, gateway_pb2.SERVING_MODE_DISAGGREGATED
 PROMPT = list(range(100, 164))
-
-
-def rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=f"fake {code.name}")
-
-
-class FakeCall:
-    """A Decode.Generate call: one chunk per token, the last finished, or `fail` after them."""
-
-    def __init__(self, tokens, fail):
-        self.tokens, self.fail = tokens, fail
-
-    def cancel(self):
-        pass
-
-    async def __aiter__(self):
-        for i, t in enumerate(self.tokens):
-            chunk = common_pb2.GenerateResponse(token_ids=[t])
-            if self.fail is None and i == len(self.tokens) - 1:
-                chunk.finish_reason = common_pb2.FINISH_REASON_LENGTH
-            yield chunk
-        if self.fail is not None:
-            raise rpc_error(self.fail)
 
 
 class FakeWorker:
@@ -78,7 +56,7 @@ class FakeWorker:
 
     def _generate(self, request, timeout=None):
         self.backlog_seen.append(self.num_in_flight_tokens)
-        return FakeCall(*self.script.pop(0))
+        return FakeDecodeCall(*self.script.pop(0))
 
     async def _prefill(self, request, timeout=None):
         self.backlog_seen.append(self.num_in_flight_tokens)
