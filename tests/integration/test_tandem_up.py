@@ -89,8 +89,13 @@ def test_tandem_up_serves_generate_restarts_a_dead_worker_and_stops_everything_o
         assert proc.poll() is None, (tmp_path / "up.log").read_text()
         assert "decode-0 killed by SIGKILL; restart 1 in 1.0s" in (tmp_path / "up.log").read_text()
         assert service_pid(cluster, "decode") not in (None, decode)
-        out = generate(gateway)
-        assert out.returncode == 0 and "Paris" in out.stdout, out.stderr
+        # "SERVING again" is the launcher's own health check; the gateway routes to the new process
+        # once etcd has told it of the registration and the worker's Watch stream is up, a moment
+        # later (under load, most of a second): until then the only decode worker is not ready
+        answers = []
+        wait_for(lambda: answers.append(generate(gateway)) or answers[-1].returncode == 0, "the gateway to route to the restarted worker", timeout=30)
+        assert "Paris" in answers[-1].stdout, answers[-1].stderr
+        assert all("UNAVAILABLE" in a.stderr for a in answers[:-1]), [a.stderr for a in answers]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         shutdown = (tmp_path / "up.log").read_text().partition("stopping Tandem")[2]
