@@ -52,9 +52,6 @@ class TlsFiles:
         with open(self.cert, "rb") as c, open(self.key, "rb") as k, open(self.ca, "rb") as a:
             return c.read(), k.read(), a.read()
 
-    def mtimes(self) -> tuple[float, ...]:
-        return tuple(os.stat(p).st_mtime_ns for p in (self.cert, self.key, self.ca))
-
     def fingerprint(self) -> tuple[int, ...]:
         """(mtime, size) of the three files: a cheap test for a rotation (three stat calls, no reading;
         a rewrite within one mtime tick still changes the size, as a new certificate nearly always does)."""
@@ -87,7 +84,7 @@ class _ReloadingServerConfig:
     def __init__(self, files: TlsFiles):
         self.files = files
         self._lock = threading.Lock()
-        self._mtimes = files.mtimes()
+        self._fingerprint = files.fingerprint()
         self.initial = self._config(*files.read())
 
     @staticmethod
@@ -97,11 +94,11 @@ class _ReloadingServerConfig:
     def fetch(self):
         try:
             with self._lock:
-                mtimes = self.files.mtimes()
-                if mtimes == self._mtimes:
+                fingerprint = self.files.fingerprint()
+                if fingerprint == self._fingerprint:
                     return None
-                config = self._config(*self.files.read())
-                self._mtimes = mtimes
+                config = self._config(*self.files.read_checked())
+                self._fingerprint = fingerprint
             log.info("TLS certificate files changed: serving the new certificate")
             return config
         except Exception as e:  # noqa: BLE001 - never fail the handshake of a server that has a good certificate

@@ -196,6 +196,27 @@ async def test_a_rotated_certificate_is_served_without_a_restart(cert_dir, tmp_p
         await srv.stop(None)
 
 
+async def test_a_half_written_server_rotation_keeps_serving_the_previous_certificate(cert_dir, tmp_path):
+    d = tmp_path / "rot"
+    d.mkdir()
+    for name in ("ca.pem", "ca-key.pem", "prefill.pem", "prefill-key.pem", "client.pem", "client-key.pem"):
+        (d / name).write_bytes((cert_dir / name).read_bytes())
+    srv, address = await start_server(files(d, "prefill"))
+    try:
+        before = served_serial(address, d)
+        old_key = (d / "prefill-key.pem").read_bytes()
+        time.sleep(0.01)
+        ca_cert, ca_key = certs.load_ca(d)
+        certs.write_role_cert(d, ca_cert, ca_key, "prefill")
+        new_key = (d / "prefill-key.pem").read_bytes()
+        (d / "prefill-key.pem").write_bytes(old_key)  # the new certificate is on disk, its key not yet
+        assert served_serial(address, d) == before
+        (d / "prefill-key.pem").write_bytes(new_key)
+        assert served_serial(address, d) == x509.load_pem_x509_certificate((d / "prefill.pem").read_bytes()).serial_number
+    finally:
+        await srv.stop(None)
+
+
 def test_tls_settings_go_together(cert_dir):
     f = certs.role_files(cert_dir, "decode")
     assert TlsFiles.from_config(ServiceConfig(role="decode")) is None
