@@ -69,8 +69,9 @@ class RotatingChannel:
                 return
             pem = self.files.read_checked()
         except (OSError, ValueError) as e:
-            if fingerprint_or_none(self.files) != self._warned:
-                self._warned = fingerprint_or_none(self.files)
+            seen = fingerprint_or_none(self.files)
+            if seen != self._warned:
+                self._warned = seen
                 log.warning("TLS files changed but cannot be used yet (keeping the current client certificate for %s): %s", self.address, e)
             return
         old = self._channel
