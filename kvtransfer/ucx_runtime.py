@@ -118,6 +118,9 @@ def ucx_options(environ: dict[str, str] | None = None, data_plane_host: str | No
     return opts
 
 
+PROGRESS_EPOLL_TIMEOUT_MS = 20  # the UCX progress thread's longest sleep without an event (see _init)
+
+
 class UcxRuntime:
     """A daemon thread running an asyncio loop that owns a ucxx ApplicationContext."""
 
@@ -161,6 +164,14 @@ class UcxRuntime:
 
         opts = ucx_options()
         self.ctx = ApplicationContext(opts, progress_mode="thread", enable_python_future=True)
+        # ucxx starts its progress thread with a 1 ms epoll timeout: ~900 wake-ups a second for
+        # the life of the process, transfers or not. In a worker those wake-ups preempt the
+        # engine's OpenMP threads (each stalls a 2-thread parallel region on a 2-core machine):
+        # served throughput was 2-6% lower with them (docs/benchmarks.md). UCX signals its
+        # events on the epoll fd; the timeout only bounds a missed one, so a longer one costs
+        # transfers nothing measurable (benchmarks.kv_transfer, same run: 1.5-2.5 GB/s either way).
+        self.ctx.worker.stop_progress_thread()
+        self.ctx.worker.start_progress_thread(polling_mode=False, epoll_timeout=PROGRESS_EPOLL_TIMEOUT_MS)
         log.info("UCX context ready (options %s)", opts)
 
     def address(self) -> bytes:
