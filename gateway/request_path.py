@@ -34,6 +34,12 @@ from .request_validation import RequestLimits, check_prompt_length, validate_req
 from .routing_step import Route, RoutingStep
 from .tokenize_step import TokenizeStep
 
+# How long a request waits for a registered decode worker whose Watch stream has not answered yet
+# (just started, or restarted: etcd told us of it a moment before its stream is up; most of a
+# second under load). Covers the Watch retry backoff (worker_pool.WATCH_RETRY_S, up to 1 s between
+# tries) and a restarted worker's first answer; past it, the request fails UNAVAILABLE as before.
+DECODE_CONNECT_WAIT_S = 5.0
+
 
 def time_left(context) -> float | None:
     """The client's remaining seconds (None: no deadline); RequestError(DEADLINE_EXCEEDED) when none."""
@@ -93,11 +99,13 @@ class RequestPath:
 
         validate_request(request, set(self.pool.served_models()), self.limits)
         request_id = request.request_id or uuid.uuid4().hex
-        decoders = self.pool.registered("decode")
-        if not decoders:
-            raise unavailable(
-                f"no decode workers are registered (etcd prefix {workers_prefix(self.config.cluster)}decode/); start one with `tandem serve decode`"
-            )
+        decoders = self._registered_decoders()
+        if not self.pool.ready("decode"):
+            # registered but still connecting: wait for it (bounded) rather than fail a request
+            # that has time; still none ready afterwards: routing raises UNAVAILABLE
+            left = remaining()
+            await self.pool.wait_until_ready("decode", DECODE_CONNECT_WAIT_S if left is None else min(DECODE_CONNECT_WAIT_S, left))
+            decoders = self._registered_decoders()  # the set may have changed meanwhile
         prompt_ids = await self.tokenize.prompt_token_ids(request, remaining)
         worker_request = self._worker_request(request, request_id, prompt_ids, decoders)
         route = self.routing.route(request, request_id, prompt_ids, decoders, dict(context.invocation_metadata() or ()))
@@ -107,6 +115,15 @@ class RequestPath:
                     if chunk.token_ids:
                         counted.computed()  # the decode worker's prompt tokens leave its backlog
                     yield chunk
+
+    def _registered_decoders(self) -> list:
+        """The registered decode workers; RequestError(UNAVAILABLE) when there are none."""
+        decoders = self.pool.registered("decode")
+        if not decoders:
+            raise unavailable(
+                f"no decode workers are registered (etcd prefix {workers_prefix(self.config.cluster)}decode/); start one with `tandem serve decode`"
+            )
+        return decoders
 
     def _worker_request(self, request, request_id: str, prompt_ids: list[int], decoders) -> worker_pb2.WorkerGenerateRequest:
         """The request as a worker takes it, its max_tokens fitted to the smallest context of the

@@ -61,7 +61,9 @@ class WorkerHandle:
     """One registered service: its registration, a channel, and (workers) its latest load."""
 
     def __init__(self, key: str, registration: common_pb2.WorkerRegistration, on_kv_events: Callable | None = None, tls: TlsFiles | None = None,
-                 keepalive: Keepalive | None = None):  # fmt: skip
+                 keepalive: Keepalive | None = None, *, on_connected: Callable[[], None] | None = None):  # fmt: skip
+        """`on_connected`: called each time the handle becomes connected (not on every event), so
+        a request waiting for a worker of this role wakes (WorkerPool.wait_until_ready)."""
         self.key = key
         self.registration = registration
         # with TLS, the worker must prove the role it registered as (its certificate's tandem-<role>);
@@ -77,6 +79,7 @@ class WorkerHandle:
         self.ejected_until = 0.0  # time.monotonic() until which outlier detection keeps it out of routing
         self.unlisted_since: float | None = None  # missing from etcd after a resync (see RESYNC_GRACE_S)
         self._on_kv_events = on_kv_events
+        self._on_connected = on_connected
         self._watch_task: asyncio.Task | None = None
         if registration.role in ("prefill", "decode"):
             self._watch_task = asyncio.create_task(self._watch(), name=f"watch {registration.worker_id}")
@@ -117,7 +120,8 @@ class WorkerHandle:
             try:
                 call = worker_pb2_grpc.WorkerStub(self.channel).Watch(worker_pb2.WatchRequest(last_sequence=self.kv_sequence))
                 async for event in call:
-                    self.connected, attempt = True, 0
+                    self.mark_connected()
+                    attempt = 0
                     if event.HasField("load"):
                         self.load = event.load
                     else:
@@ -162,6 +166,15 @@ class WorkerHandle:
         """A call failed with UNAVAILABLE: skip this worker until its Watch stream answers again."""
         self.connected = False
 
+    def mark_connected(self) -> None:
+        """Its Watch stream answered: routable again. Tells `on_connected` only on the transition
+        (a retired handle stays out). Mutates."""
+        if self.connected or self.retired:
+            return
+        self.connected = True
+        if self._on_connected is not None:
+            self._on_connected()
+
     async def retire(self) -> None:
         """The worker left etcd: stop watching it; close the channel once no request of ours runs
         on it, so a draining worker finishes what it has."""
@@ -183,7 +196,10 @@ class WorkerPool:
         self.outliers = outliers or OutlierDetector(OutlierDetectionConfig())
         self._on_change = on_change
         self._grace_tasks: set[asyncio.Task] = set()
-        self.watcher = RegistryWatcher(etcd, cluster, self._apply)
+        # replaced (after being set) whenever a handle connects: every waiter of wait_until_ready
+        # holds the previous one, so all of them wake and look again
+        self._readiness_changed = asyncio.Event()
+        self.watcher = RegistryWatcher(etcd, cluster, self._apply)  # connects on start(), not here
 
     async def start(self, timeout: float = 30.0) -> None:
         """Start watching etcd; return after the first full listing (raises TimeoutError)."""
@@ -196,6 +212,28 @@ class WorkerPool:
 
     def registered(self, role: str) -> list[WorkerHandle]:
         return [h for h in self.workers.values() if h.role == role]
+
+    async def wait_until_ready(self, role: str, timeout: float) -> bool:
+        """Wait (at most `timeout` seconds) until a handle of `role` can take a request: True as
+        soon as one is ready; False after `timeout`, or at once when no live handle of `role` is
+        registered (nothing is connecting). For a worker that registered but whose Watch stream
+        has not answered yet (just started or restarted). Event-driven: wakes whenever a handle
+        connects. A handle that leaves meanwhile does not end the wait: its replacement (a
+        restart re-registering) may still connect in time. Does not mutate."""
+        if not self.ready(role) and not any(not h.retired for h in self.registered(role)):
+            return False
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)):
+                while not self.ready(role):
+                    await self._readiness_changed.wait()
+                return True
+        except TimeoutError:
+            return bool(self.ready(role))
+
+    def _notify_readiness_changed(self) -> None:
+        """Wake every wait_until_ready (a handle connected). Mutates the event only."""
+        changed, self._readiness_changed = self._readiness_changed, asyncio.Event()
+        changed.set()
 
     def served_models(self) -> dict[str, int]:
         """The models the registered decode workers serve, with the smallest context among them."""
@@ -287,7 +325,7 @@ class WorkerPool:
             return
         if old is not None:
             await self._remove(key)
-        self.workers[key] = WorkerHandle(key, reg, self._apply_kv_events, tls=self.tls, keepalive=self.keepalive)
+        self.workers[key] = WorkerHandle(key, reg, self._apply_kv_events, tls=self.tls, keepalive=self.keepalive, on_connected=self._notify_readiness_changed)
         log.info("discovered %s %s at %s", reg.role, reg.worker_id, reg.grpc_address)
 
     def _apply_kv_events(self, handle: WorkerHandle, batch) -> bool:

@@ -8,12 +8,15 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
+import grpc
 import openai
 import pytest
 
+from protos.tandem.v1 import gateway_pb2, gateway_pb2_grpc
 from tandem.launcher import free_ports
 from tests.helpers.waiting import wait_for
 
@@ -62,6 +65,14 @@ def generate(gateway: str) -> subprocess.CompletedProcess:
                            "--max-tokens", "16", "--timeout", "60"], capture_output=True, text=True, timeout=90)  # fmt: skip
 
 
+def decode_registrations_since(gateway: str, since_ms: int) -> list[str]:
+    """The decode workers the gateway knows of (from etcd, connected or not) that started after
+    `since_ms` (unix ms): a restarted process registers anew, with a later started_unix_ms."""
+    with grpc.insecure_channel(gateway) as channel:
+        reply = gateway_pb2_grpc.GatewayStub(channel).ListWorkers(gateway_pb2.ListWorkersRequest(), timeout=5)
+    return [w.registration.worker_id for w in reply.workers if w.registration.role == "decode" and w.registration.started_unix_ms > since_ms]
+
+
 def test_tandem_up_serves_generate_restarts_a_dead_worker_and_stops_everything_on_sigterm(tmp_path, default_model_dir):
     cluster = f"up-{uuid.uuid4().hex[:8]}"
     proc, gateway = start_up(tmp_path, cluster)
@@ -83,19 +94,21 @@ def test_tandem_up_serves_generate_restarts_a_dead_worker_and_stops_everything_o
         assert "Paris" in reply.choices[0].message.content
         # supervision: a SIGKILLed decode worker is restarted, and `tandem up` says so with the count
         decode = service_pid(cluster, "decode")
+        killed_ms = int(time.time() * 1000)
         os.kill(decode, signal.SIGKILL)
         wait_for(lambda: "decode-0 is SERVING again (restart 1" in (tmp_path / "up.log").read_text() or proc.poll() is not None,
                  "the decode worker to be restarted", timeout=120, interval=0.2)  # fmt: skip
         assert proc.poll() is None, (tmp_path / "up.log").read_text()
         assert "decode-0 killed by SIGKILL; restart 1 in 1.0s" in (tmp_path / "up.log").read_text()
         assert service_pid(cluster, "decode") not in (None, decode)
-        # "SERVING again" is the launcher's own health check; the gateway routes to the new process
-        # once etcd has told it of the registration and the worker's Watch stream is up, a moment
-        # later (under load, most of a second): until then the only decode worker is not ready
-        answers = []
-        wait_for(lambda: answers.append(generate(gateway)) or answers[-1].returncode == 0, "the gateway to route to the restarted worker", timeout=30)
-        assert "Paris" in answers[-1].stdout, answers[-1].stderr
-        assert all("UNAVAILABLE" in a.stderr for a in answers[:-1]), [a.stderr for a in answers]
+        # "SERVING again" is the launcher's own health check, after the new process put its key in
+        # etcd; the gateway hears of the key a moment later (wait for that: a gateway that knows
+        # of no decode worker at all fails at once, by design), and its Watch stream to the
+        # worker is up later still (under load, most of a second). A request in that gap waits
+        # for the registered worker (request_path.DECODE_CONNECT_WAIT_S): the FIRST one succeeds
+        wait_for(lambda: decode_registrations_since(gateway, killed_ms), "the gateway to hear of the restarted decode worker", timeout=30)
+        out = generate(gateway)
+        assert out.returncode == 0 and "Paris" in out.stdout, out.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         shutdown = (tmp_path / "up.log").read_text().partition("stopping Tandem")[2]

@@ -5,6 +5,7 @@ prefill worker pinned released however the request ends."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 from types import SimpleNamespace
@@ -14,10 +15,10 @@ import pytest
 
 from gateway.outlier_detection import OutlierDetectionConfig, OutlierDetector
 from gateway.prefix_index import PrefixIndex
-from gateway.request_path import RequestPath
+from gateway.request_path import DECODE_CONNECT_WAIT_S, RequestPath
 from gateway.scheduling.router import Router
 from gateway.scheduling.scheduling_config import SchedulingConfig
-from gateway.worker_pool import WorkerHandle
+from gateway.worker_pool import WorkerHandle, WorkerPool
 from protos.tandem.v1 import common_pb2, gateway_pb2, worker_pb2
 from services.common.config import ServiceConfig
 from services.common.errors import RequestError
@@ -33,6 +34,7 @@ class FakeWorker:
     (tokens, failure or None) per Generate call. Prefill: `prefill` is its reply or an error code."""
 
     in_flight = WorkerHandle.in_flight
+    mark_connected = WorkerHandle.mark_connected  # what the Watch stream calls when it answers
 
     def __init__(self, wid, role="decode", script=(), prefill=None):
         self.key = self.worker_id = wid
@@ -44,6 +46,7 @@ class FakeWorker:
         self.script, self.prefill = list(script), prefill
         self.backlog_seen: list[int] = []  # num_in_flight_tokens at each call
         self.released: list[bytes] = []  # transfer tokens of ReleaseKV calls
+        self._on_connected = None  # FakePool's notifier, as WorkerPool gives its handles
 
     def mark_unreachable(self):
         self.connected = False
@@ -70,10 +73,19 @@ class FakeWorker:
 
 
 class FakePool:
+    """The real readiness logic (ready, wait_until_ready and its notifier) over fake workers."""
+
+    ready = WorkerPool.ready
+    wait_until_ready = WorkerPool.wait_until_ready
+    _notify_readiness_changed = WorkerPool._notify_readiness_changed
+
     def __init__(self, workers):
         self.workers = {w.key: w for w in workers}
         self.index = PrefixIndex()
         self.outliers = OutlierDetector(OutlierDetectionConfig())
+        self._readiness_changed = asyncio.Event()
+        for w in workers:
+            w._on_connected = self._notify_readiness_changed
 
     def registered(self, role):
         return [w for w in self.workers.values() if w.role == role]
@@ -198,3 +210,49 @@ async def test_a_deadline_that_expires_before_the_retry_frees_the_retry_workers_
         [c async for c in path.generate(request(), Context(30.0, 0.0))]
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert all_idle(path, [a, b]), "the worker retried on keeps a request in flight for ever"
+
+
+def spy_on_waits(path) -> list[float]:
+    """The timeouts of the path's waits for a decode worker to connect (the real wait still runs)."""
+    timeouts, wait = [], path.pool.wait_until_ready
+
+    async def recording(role, timeout):
+        timeouts.append(timeout)
+        return await wait(role, timeout)
+
+    path.pool.wait_until_ready = recording
+    return timeouts
+
+
+async def test_a_request_waits_for_its_registered_decode_worker_to_connect():
+    # a restarted worker: etcd has told the gateway of it, its Watch stream answers a moment later
+    decode = FakeWorker("d", script=[([41, 42], None)])
+    decode.connected = False
+    path = make_path([decode], min_uncached_tokens=0)
+    waits = spy_on_waits(path)
+    asyncio.get_running_loop().call_later(0.05, decode.mark_connected)
+    chunks = [c async for c in path.generate(request(), Context(30.0))]
+    assert [t for c in chunks for t in c.token_ids] == [41, 42], "failed UNAVAILABLE although the worker was about to be ready"
+    assert waits == [DECODE_CONNECT_WAIT_S]  # the client's 30 s are more than the bound
+    assert all_idle(path, [decode]) and outcomes(path) == {"OK": 1}
+
+
+async def test_a_decode_worker_that_never_connects_ends_unavailable_within_the_deadline():
+    decode = FakeWorker("d", script=[([41], None)])
+    decode.connected = False
+    path = make_path([decode], min_uncached_tokens=0)
+    waits = spy_on_waits(path)
+    with pytest.raises(RequestError) as e:
+        [c async for c in path.generate(request(), Context(0.1))]
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE and "none ready" in str(e.value), e.value
+    assert waits == [0.1], "the wait must end with the client's deadline, not DECODE_CONNECT_WAIT_S later"
+    assert not decode.backlog_seen and all_idle(path, [decode]) and outcomes(path) == {"UNAVAILABLE": 1}
+
+
+async def test_no_registered_decode_worker_fails_at_once_without_waiting():
+    path = make_path([FakeWorker("p", role="prefill", prefill=prefill_reply())])
+    waits = spy_on_waits(path)
+    with pytest.raises(RequestError) as e:
+        [c async for c in path.generate(request(), Context())]
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE and "no decode workers are registered" in str(e.value)
+    assert waits == []
