@@ -57,9 +57,12 @@ class DecodeLeg:
     """Streams requests from decode workers with retries and migration (see the module docstring).
     `observe(plugin, seconds)` times the routing plugins."""
 
-    def __init__(self, pool, router, metrics, max_migrations: int, observe: Callable | None = None):
+    def __init__(self, pool, router, metrics, max_migrations: int, observe: Callable | None = None, shared_streams: bool = False):
+        """`shared_streams`: send requests over each worker's one GenerateMany stream (setting
+        decode_streams = shared; gateway/decode_mux.py) instead of a Generate call each."""
         self.pool, self.router, self.metrics = pool, router, metrics
         self.max_migrations = max_migrations
+        self.shared_streams = shared_streams
         self._observe = observe
 
     async def stream(self, worker_request: worker_pb2.WorkerGenerateRequest, remaining: Callable[[], float | None], route: RequestContext,
@@ -84,7 +87,10 @@ class DecodeLeg:
             self.metrics.decisions.labels(handle.worker_id, self.router.policy).inc()
             # the first choice is counted by the request path, from the decision on; the others here
             with handle.in_flight() if handle is not first_choice else contextlib.nullcontext():
-                call = handle.decode_stub().Generate(request, timeout=remaining())
+                if self.shared_streams:
+                    call = handle.open_decode(request, remaining())
+                else:
+                    call = handle.decode_stub().Generate(request, timeout=remaining())
                 try:
                     async for chunk in call:
                         decoded = True

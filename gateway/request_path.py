@@ -59,7 +59,8 @@ class RequestPath:
         self.tokenize = TokenizeStep(pool, config.cluster, config.max_prompt_tokens)
         self.routing = RoutingStep(pool, router, metrics)
         self.prefill_leg = PrefillLeg(pool, metrics)
-        self.decode_leg = DecodeLeg(pool, router, metrics, config.max_migrations, observe=self.routing.observe_plugin)
+        self.decode_leg = DecodeLeg(pool, router, metrics, config.max_migrations, observe=self.routing.observe_plugin,
+                                    shared_streams=config.decode_streams == "shared")  # fmt: skip
 
     async def generate(self, request: gateway_pb2.GenerateRequest, context):
         """The request's chunks, counted in the metrics (outcome, duration, time to first token).

@@ -28,6 +28,7 @@ from services.common.rotating_channel import RotatingChannel
 from services.common.telemetry import client_interceptors
 from services.common.tls import TlsFiles
 
+from .decode_mux import DecodeMux, MuxCall
 from .outlier_detection import OutlierDetectionConfig, OutlierDetector
 from .prefix_index import PrefixIndex
 
@@ -79,6 +80,7 @@ class WorkerHandle:
         self.ejected_until = 0.0  # time.monotonic() until which outlier detection keeps it out of routing
         self.unlisted_since: float | None = None  # missing from etcd after a resync (see RESYNC_GRACE_S)
         self._on_kv_events = on_kv_events
+        self._decode_mux = DecodeMux(registration.worker_id)  # opens its stream with the first request
         self._on_connected = on_connected
         self._watch_task: asyncio.Task | None = None
         if registration.role in ("prefill", "decode"):
@@ -99,6 +101,11 @@ class WorkerHandle:
 
     def decode_stub(self) -> worker_pb2_grpc.DecodeStub:
         return worker_pb2_grpc.DecodeStub(self.channel)
+
+    def open_decode(self, request: worker_pb2.WorkerGenerateRequest, timeout: float | None) -> MuxCall:
+        """`request` over this worker's shared GenerateMany stream (decode_mux.py): used as the
+        Decode.Generate call it stands for."""
+        return MuxCall(self._decode_mux, self.channel, request, timeout)
 
     def prefill_stub(self) -> worker_pb2_grpc.PrefillStub:
         return worker_pb2_grpc.PrefillStub(self.channel)
@@ -160,6 +167,7 @@ class WorkerHandle:
             request.computed()
             self.num_in_flight -= 1
             if self.retired and self.num_in_flight == 0:
+                self._decode_mux.close()
                 self._closing = asyncio.create_task(self.channels.close())  # held so it is not collected mid-close
 
     def mark_unreachable(self) -> None:
@@ -183,6 +191,7 @@ class WorkerHandle:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
         if self.num_in_flight == 0:
+            self._decode_mux.close()
             await self.channels.close()
 
 

@@ -41,6 +41,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvtransfer.layout import layout_fingerprint
 from protos.tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from services.common.generate_many import GenerateManyStream
 from services.common.kv_handle import kv_handle_problem, prefill_reply, prefill_request_problem
 from services.common.registry import Registration, encode_registration, worker_key
 from services.common.server import GRPC_OPTIONS, VERSION
@@ -283,6 +284,11 @@ class SimWorker(worker_pb2_grpc.PrefillServicer, worker_pb2_grpc.DecodeServicer)
                 yield response_from_output(out)
         finally:  # the client went away (or the handler was cancelled): the request is aborted
             await stream.aclose()
+
+    async def GenerateMany(self, controls, context):
+        """The gateway's requests over one stream, as a real decode worker serves them."""
+        async for batch in GenerateManyStream(self.Generate).serve(controls):
+            yield batch
 
     async def _open_disaggregated(self, request: worker_pb2.WorkerGenerateRequest, context):
         handle, mine = request.kv_handle, self.layout

@@ -134,6 +134,11 @@ class ServiceConfig:
     outlier_max_ejection_percent: int = _opt(
         50, "at most this percent of a role's workers ejected at once (at least one, never all); 0 = never eject", ("gateway",)
     )
+    decode_streams: str = _opt(
+        "shared",
+        "how the gateway streams from a decode worker: shared (one GenerateMany stream per worker, one message per engine step for all its requests) | per-request (a Generate call each)",
+        ("gateway",),
+    )
     max_migrations: int = _opt(
         2, "times one request may move to another decode worker when its worker fails mid-stream (then UNAVAILABLE); 0 = never", ("gateway",)
     )
@@ -167,6 +172,8 @@ class ServiceConfig:
             raise ValueError(f"health_requires_tokenizer must be 0 or 1, got {self.health_requires_tokenizer}")
         if self.max_requests_in_flight < 0:
             raise ValueError(f"max_requests_in_flight must be >= 0 (0 = no limit), got {self.max_requests_in_flight}")
+        if self.decode_streams not in ("shared", "per-request"):
+            raise ValueError(f"decode_streams must be shared or per-request, got {self.decode_streams!r}")
         if self.max_migrations < 0:
             raise ValueError(f"max_migrations must be >= 0 (0 = never migrate), got {self.max_migrations}")
         if self.grpc_keepalive_time != 0 and self.grpc_keepalive_time < 1:

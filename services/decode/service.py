@@ -24,9 +24,11 @@ import grpc
 from kvtransfer.ucx_runtime import set_data_plane_host
 from kvtransfer.ucx_transport import KVTransferError, KVTransportClient
 from protos.tandem.v1 import worker_pb2, worker_pb2_grpc
+from services.common.generate_many import GenerateManyStream
 from services.common.kv_handle import kv_handle_problem
 from services.common.telemetry import tracer
 from services.engine.kv_handoff import Handoff
+from services.worker.engine_failure import is_engine_death
 from services.worker.engine_worker import EngineWorker
 from services.worker.translate import response_from_output
 
@@ -63,6 +65,11 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
         async for out in stream:
             yield response_from_output(out, num_logprobs_sent)
             num_logprobs_sent = len(out.logprobs)
+
+    async def GenerateMany(self, controls, context: grpc.aio.ServicerContext):
+        """Many Generate calls over one stream, one message per engine step (services/common/generate_many.py)."""
+        async for batch in GenerateManyStream(self.Generate, self.failure, is_engine_death).serve(controls):
+            yield batch
 
     async def _open_resumed(self, request: worker_pb2.WorkerGenerateRequest, context):
         problem = resume_problem(request, self.host.vocab_size, self.host.max_model_len)

@@ -60,7 +60,7 @@ class EngineFailure:
         return f"the engine of worker {self.worker_id} failed and the worker is shutting down; retry on another worker"
 
 
-def _is_engine_death(error: BaseException) -> bool:
+def is_engine_death(error: BaseException) -> bool:
     from services.engine.async_engine import EngineDeadError  # loaded already in a worker process
 
     return isinstance(error, EngineDeadError)
@@ -95,7 +95,7 @@ class EngineFailureGuard(grpc.aio.ServerInterceptor):
             return
         if not self.failure.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.failure.worker_id} is still starting (loading its model); retry on another worker")
-        if self.failure.failed or (error is not None and _is_engine_death(error)):
+        if self.failure.failed or (error is not None and is_engine_death(error)):
             await context.abort(grpc.StatusCode.UNAVAILABLE, self.failure.message)
 
     def _guard_unary(self, behavior):

@@ -116,7 +116,7 @@ def test_service_rpcs(module, service, method, kind, request_type, response_type
     "module, service, methods",
     [
         (gateway_pb2, "Gateway", {"Generate", "ListWorkers"}),
-        (worker_pb2, "Decode", {"Generate"}),
+        (worker_pb2, "Decode", {"Generate", "GenerateMany"}),
         (worker_pb2, "Prefill", {"Prefill", "ReleaseKV"}),
         (worker_pb2, "Worker", {"GetLoad", "Watch", "CheckIntegrity"}),
         (tokenizer_pb2, "Tokenizer", {"Tokenize", "ApplyChatTemplate", "Detokenize", "DetokenizeStream", "GetInfo"}),

@@ -57,6 +57,11 @@ class FakeWorker:
     def prefill_stub(self):
         return SimpleNamespace(Prefill=self._prefill, ReleaseKV=self._release)
 
+    def open_decode(self, request, timeout):
+        """The request over the shared stream (the default, decode_streams = shared): the same call
+        as Generate's here (the stream itself has its own tests: test_decode_mux.py)."""
+        return self._generate(request, timeout)
+
     def _generate(self, request, timeout=None):
         self.backlog_seen.append(self.num_in_flight_tokens)
         return FakeDecodeCall(*self.script.pop(0))

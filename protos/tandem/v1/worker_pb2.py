@@ -25,49 +25,59 @@ _sym_db = _symbol_database.Default()
 from protos.tandem.v1 import common_pb2 as protos_dot_tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/tandem/v1/worker.proto\x12\ttandem.v1\x1a\x1dprotos/tandem/v1/common.proto\"\xf8\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12&\n\tkv_handle\x18\x05 \x01(\x0b\x32\x13.tandem.v1.KVHandle\x12\x1b\n\x0e\x66irst_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10resume_token_ids\x18\x07 \x03(\rB\x11\n\x0f_first_token_id\"\xb4\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x05 \x01(\t\x12\x19\n\x11\x64\x65\x63ode_kv_address\x18\x06 \x01(\x0c\"\x80\x01\n\x0fPrefillResponse\x12*\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x1b.tandem.v1.GenerateResponse\x12&\n\tkv_handle\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KVHandle\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\">\n\x10ReleaseKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etransfer_token\x18\x02 \x01(\x0c\"%\n\x11ReleaseKVResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\x17\n\x15\x43heckIntegrityRequest\"5\n\x16\x43heckIntegrityResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07problem\x18\x02 \x01(\t\"\x82\x02\n\x0cLoadSnapshot\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14num_requests_running\x18\x02 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x03 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x02\x12\x17\n\x0fnum_used_blocks\x18\x05 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x06 \x01(\r\x12\x19\n\x11kv_event_sequence\x18\x07 \x01(\x04\x12\x19\n\x11timestamp_unix_ms\x18\x08 \x01(\x03\x12\"\n\x1anum_pending_prefill_tokens\x18\t \x01(\x04\"%\n\x0cWatchRequest\x12\x15\n\rlast_sequence\x18\x01 \x01(\x04\"m\n\x0bWorkerEvent\x12\'\n\x04load\x18\x01 \x01(\x0b\x32\x17.tandem.v1.LoadSnapshotH\x00\x12,\n\tkv_events\x18\x02 \x01(\x0b\x32\x17.tandem.v1.KVEventBatchH\x00\x42\x07\n\x05\x65vent\"V\n\x0cKVEventBatch\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\"\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x12.tandem.v1.KVEvent\"\x9a\x01\n\x07KVEvent\x12)\n\x06stored\x18\x01 \x01(\x0b\x32\x17.tandem.v1.BlocksStoredH\x00\x12+\n\x07removed\x18\x02 \x01(\x0b\x32\x18.tandem.v1.BlocksRemovedH\x00\x12.\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1b.tandem.v1.AllBlocksClearedH\x00\x42\x07\n\x05\x65vent\"N\n\x0c\x42locksStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06\x12\x18\n\x0bparent_hash\x18\x02 \x01(\x06H\x00\x88\x01\x01\x42\x0e\n\x0c_parent_hash\"%\n\rBlocksRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06\"\x12\n\x10\x41llBlocksCleared2U\n\x06\x44\x65\x63ode\x12K\n\x08Generate\x12 .tandem.v1.WorkerGenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x32\x93\x01\n\x07Prefill\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12\x46\n\tReleaseKV\x12\x1b.tandem.v1.ReleaseKVRequest\x1a\x1c.tandem.v1.ReleaseKVResponse2\xda\x01\n\x06Worker\x12=\n\x07GetLoad\x12\x19.tandem.v1.GetLoadRequest\x1a\x17.tandem.v1.LoadSnapshot\x12:\n\x05Watch\x12\x17.tandem.v1.WatchRequest\x1a\x16.tandem.v1.WorkerEvent0\x01\x12U\n\x0e\x43heckIntegrity\x12 .tandem.v1.CheckIntegrityRequest\x1a!.tandem.v1.CheckIntegrityResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/tandem/v1/worker.proto\x12\ttandem.v1\x1a\x1dprotos/tandem/v1/common.proto\"\x82\x02\n\rDecodeControl\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x31\n\x05start\x18\x02 \x01(\x0b\x32 .tandem.v1.WorkerGenerateRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x03 \x01(\x08H\x00\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\x12\x41\n\rtrace_context\x18\x05 \x03(\x0b\x32*.tandem.v1.DecodeControl.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06\x61\x63tion\"\x86\x01\n\nDecodeItem\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.tandem.v1.GenerateResponse\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x13\n\x0bstatus_code\x18\x04 \x01(\x05\x12\x16\n\x0estatus_message\x18\x05 \x01(\t\"3\n\x0b\x44\x65\x63odeBatch\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.tandem.v1.DecodeItem\"\xf8\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12&\n\tkv_handle\x18\x05 \x01(\x0b\x32\x13.tandem.v1.KVHandle\x12\x1b\n\x0e\x66irst_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10resume_token_ids\x18\x07 \x03(\rB\x11\n\x0f_first_token_id\"\xb4\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x05 \x01(\t\x12\x19\n\x11\x64\x65\x63ode_kv_address\x18\x06 \x01(\x0c\"\x80\x01\n\x0fPrefillResponse\x12*\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x1b.tandem.v1.GenerateResponse\x12&\n\tkv_handle\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KVHandle\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\">\n\x10ReleaseKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etransfer_token\x18\x02 \x01(\x0c\"%\n\x11ReleaseKVResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\x17\n\x15\x43heckIntegrityRequest\"5\n\x16\x43heckIntegrityResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07problem\x18\x02 \x01(\t\"\x82\x02\n\x0cLoadSnapshot\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14num_requests_running\x18\x02 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x03 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x02\x12\x17\n\x0fnum_used_blocks\x18\x05 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x06 \x01(\r\x12\x19\n\x11kv_event_sequence\x18\x07 \x01(\x04\x12\x19\n\x11timestamp_unix_ms\x18\x08 \x01(\x03\x12\"\n\x1anum_pending_prefill_tokens\x18\t \x01(\x04\"%\n\x0cWatchRequest\x12\x15\n\rlast_sequence\x18\x01 \x01(\x04\"m\n\x0bWorkerEvent\x12\'\n\x04load\x18\x01 \x01(\x0b\x32\x17.tandem.v1.LoadSnapshotH\x00\x12,\n\tkv_events\x18\x02 \x01(\x0b\x32\x17.tandem.v1.KVEventBatchH\x00\x42\x07\n\x05\x65vent\"V\n\x0cKVEventBatch\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\"\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x12.tandem.v1.KVEvent\"\x9a\x01\n\x07KVEvent\x12)\n\x06stored\x18\x01 \x01(\x0b\x32\x17.tandem.v1.BlocksStoredH\x00\x12+\n\x07removed\x18\x02 \x01(\x0b\x32\x18.tandem.v1.BlocksRemovedH\x00\x12.\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1b.tandem.v1.AllBlocksClearedH\x00\x42\x07\n\x05\x65vent\"N\n\x0c\x42locksStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06\x12\x18\n\x0bparent_hash\x18\x02 \x01(\x06H\x00\x88\x01\x01\x42\x0e\n\x0c_parent_hash\"%\n\rBlocksRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06\"\x12\n\x10\x41llBlocksCleared2\x9b\x01\n\x06\x44\x65\x63ode\x12K\n\x08Generate\x12 .tandem.v1.WorkerGenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12\x44\n\x0cGenerateMany\x12\x18.tandem.v1.DecodeControl\x1a\x16.tandem.v1.DecodeBatch(\x01\x30\x01\x32\x93\x01\n\x07Prefill\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12\x46\n\tReleaseKV\x12\x1b.tandem.v1.ReleaseKVRequest\x1a\x1c.tandem.v1.ReleaseKVResponse2\xda\x01\n\x06Worker\x12=\n\x07GetLoad\x12\x19.tandem.v1.GetLoadRequest\x1a\x17.tandem.v1.LoadSnapshot\x12:\n\x05Watch\x12\x17.tandem.v1.WatchRequest\x1a\x16.tandem.v1.WorkerEvent0\x01\x12U\n\x0e\x43heckIntegrity\x12 .tandem.v1.CheckIntegrityRequest\x1a!.tandem.v1.CheckIntegrityResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.tandem.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERGENERATEREQUEST']._serialized_start=76
-  _globals['_WORKERGENERATEREQUEST']._serialized_end=324
-  _globals['_PREFILLREQUEST']._serialized_start=327
-  _globals['_PREFILLREQUEST']._serialized_end=507
-  _globals['_PREFILLRESPONSE']._serialized_start=510
-  _globals['_PREFILLRESPONSE']._serialized_end=638
-  _globals['_RELEASEKVREQUEST']._serialized_start=640
-  _globals['_RELEASEKVREQUEST']._serialized_end=702
-  _globals['_RELEASEKVRESPONSE']._serialized_start=704
-  _globals['_RELEASEKVRESPONSE']._serialized_end=741
-  _globals['_GETLOADREQUEST']._serialized_start=743
-  _globals['_GETLOADREQUEST']._serialized_end=759
-  _globals['_CHECKINTEGRITYREQUEST']._serialized_start=761
-  _globals['_CHECKINTEGRITYREQUEST']._serialized_end=784
-  _globals['_CHECKINTEGRITYRESPONSE']._serialized_start=786
-  _globals['_CHECKINTEGRITYRESPONSE']._serialized_end=839
-  _globals['_LOADSNAPSHOT']._serialized_start=842
-  _globals['_LOADSNAPSHOT']._serialized_end=1100
-  _globals['_WATCHREQUEST']._serialized_start=1102
-  _globals['_WATCHREQUEST']._serialized_end=1139
-  _globals['_WORKEREVENT']._serialized_start=1141
-  _globals['_WORKEREVENT']._serialized_end=1250
-  _globals['_KVEVENTBATCH']._serialized_start=1252
-  _globals['_KVEVENTBATCH']._serialized_end=1338
-  _globals['_KVEVENT']._serialized_start=1341
-  _globals['_KVEVENT']._serialized_end=1495
-  _globals['_BLOCKSSTORED']._serialized_start=1497
-  _globals['_BLOCKSSTORED']._serialized_end=1575
-  _globals['_BLOCKSREMOVED']._serialized_start=1577
-  _globals['_BLOCKSREMOVED']._serialized_end=1614
-  _globals['_ALLBLOCKSCLEARED']._serialized_start=1616
-  _globals['_ALLBLOCKSCLEARED']._serialized_end=1634
-  _globals['_DECODE']._serialized_start=1636
-  _globals['_DECODE']._serialized_end=1721
-  _globals['_PREFILL']._serialized_start=1724
-  _globals['_PREFILL']._serialized_end=1871
-  _globals['_WORKER']._serialized_start=1874
-  _globals['_WORKER']._serialized_end=2092
+  _globals['_DECODECONTROL_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_DECODECONTROL_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_DECODECONTROL']._serialized_start=76
+  _globals['_DECODECONTROL']._serialized_end=334
+  _globals['_DECODECONTROL_TRACECONTEXTENTRY']._serialized_start=273
+  _globals['_DECODECONTROL_TRACECONTEXTENTRY']._serialized_end=324
+  _globals['_DECODEITEM']._serialized_start=337
+  _globals['_DECODEITEM']._serialized_end=471
+  _globals['_DECODEBATCH']._serialized_start=473
+  _globals['_DECODEBATCH']._serialized_end=524
+  _globals['_WORKERGENERATEREQUEST']._serialized_start=527
+  _globals['_WORKERGENERATEREQUEST']._serialized_end=775
+  _globals['_PREFILLREQUEST']._serialized_start=778
+  _globals['_PREFILLREQUEST']._serialized_end=958
+  _globals['_PREFILLRESPONSE']._serialized_start=961
+  _globals['_PREFILLRESPONSE']._serialized_end=1089
+  _globals['_RELEASEKVREQUEST']._serialized_start=1091
+  _globals['_RELEASEKVREQUEST']._serialized_end=1153
+  _globals['_RELEASEKVRESPONSE']._serialized_start=1155
+  _globals['_RELEASEKVRESPONSE']._serialized_end=1192
+  _globals['_GETLOADREQUEST']._serialized_start=1194
+  _globals['_GETLOADREQUEST']._serialized_end=1210
+  _globals['_CHECKINTEGRITYREQUEST']._serialized_start=1212
+  _globals['_CHECKINTEGRITYREQUEST']._serialized_end=1235
+  _globals['_CHECKINTEGRITYRESPONSE']._serialized_start=1237
+  _globals['_CHECKINTEGRITYRESPONSE']._serialized_end=1290
+  _globals['_LOADSNAPSHOT']._serialized_start=1293
+  _globals['_LOADSNAPSHOT']._serialized_end=1551
+  _globals['_WATCHREQUEST']._serialized_start=1553
+  _globals['_WATCHREQUEST']._serialized_end=1590
+  _globals['_WORKEREVENT']._serialized_start=1592
+  _globals['_WORKEREVENT']._serialized_end=1701
+  _globals['_KVEVENTBATCH']._serialized_start=1703
+  _globals['_KVEVENTBATCH']._serialized_end=1789
+  _globals['_KVEVENT']._serialized_start=1792
+  _globals['_KVEVENT']._serialized_end=1946
+  _globals['_BLOCKSSTORED']._serialized_start=1948
+  _globals['_BLOCKSSTORED']._serialized_end=2026
+  _globals['_BLOCKSREMOVED']._serialized_start=2028
+  _globals['_BLOCKSREMOVED']._serialized_end=2065
+  _globals['_ALLBLOCKSCLEARED']._serialized_start=2067
+  _globals['_ALLBLOCKSCLEARED']._serialized_end=2085
+  _globals['_DECODE']._serialized_start=2088
+  _globals['_DECODE']._serialized_end=2243
+  _globals['_PREFILL']._serialized_start=2246
+  _globals['_PREFILL']._serialized_end=2393
+  _globals['_WORKER']._serialized_start=2396
+  _globals['_WORKER']._serialized_end=2614
 # @@protoc_insertion_point(module_scope)

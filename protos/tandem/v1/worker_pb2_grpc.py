@@ -42,6 +42,11 @@ class DecodeStub:
                 request_serializer=protos_dot_tandem_dot_v1_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
                 response_deserializer=protos_dot_tandem_dot_v1_dot_common__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/tandem.v1.Decode/GenerateMany',
+                request_serializer=protos_dot_tandem_dot_v1_dot_worker__pb2.DecodeControl.SerializeToString,
+                response_deserializer=protos_dot_tandem_dot_v1_dot_worker__pb2.DecodeBatch.FromString,
+                _registered_method=True)
 
 
 class DecodeServicer:
@@ -55,6 +60,17 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateMany(self, request_iterator, context):
+        """Many generations over one stream, as one gateway sends them to this worker: the gateway
+        starts and cancels requests on it, and the worker answers with one DecodeBatch per engine
+        step holding every request's new chunk (instead of one message per request per token, whose
+        per-message cost on both ends is most of the serving work; see gateway/decode_mux.py). Each
+        request behaves as its own Generate call would: same chunks, same final status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +78,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=protos_dot_tandem_dot_v1_dot_worker__pb2.WorkerGenerateRequest.FromString,
                     response_serializer=protos_dot_tandem_dot_v1_dot_common__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=protos_dot_tandem_dot_v1_dot_worker__pb2.DecodeControl.FromString,
+                    response_serializer=protos_dot_tandem_dot_v1_dot_worker__pb2.DecodeBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,6 +114,33 @@ class Decode:
             '/tandem.v1.Decode/Generate',
             protos_dot_tandem_dot_v1_dot_worker__pb2.WorkerGenerateRequest.SerializeToString,
             protos_dot_tandem_dot_v1_dot_common__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tandem.v1.Decode/GenerateMany',
+            protos_dot_tandem_dot_v1_dot_worker__pb2.DecodeControl.SerializeToString,
+            protos_dot_tandem_dot_v1_dot_worker__pb2.DecodeBatch.FromString,
             options,
             channel_credentials,
             insecure,
