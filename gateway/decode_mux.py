@@ -28,14 +28,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from protos.tandem.v1 import worker_pb2, worker_pb2_grpc
+from services.common.generate_many import LOGICAL_CALL, STREAM_SPAN_ATTRIBUTES
 from services.common.telemetry import tracer
 
 log = logging.getLogger(__name__)
 
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
-# Each request gets the spans its own call would have: a client span here, a server span on the
-# worker (its parent travels in the start), so traces read the same whichever stream carried it.
-LOGICAL_CALL = "/tandem.v1.Decode/Generate"
 _DEADLINE = object()  # put in a request's queue when its deadline passes
 
 
@@ -47,6 +45,7 @@ class _Session:
     """One GenerateMany call and the requests running on it."""
 
     def __init__(self, channel: grpc.aio.Channel):
+        self.channel = channel
         # opened outside the first request's trace: the stream outlives it and serves many others
         # (each request has its own span, see LOGICAL_CALL); its call span is a root of its own
         token = otel_context.attach(otel_context.Context())
@@ -97,17 +96,16 @@ class DecodeMux:
         self.worker_id = worker_id
         self.unsupported = False  # the worker answered UNIMPLEMENTED: use Generate calls
         self._session: _Session | None = None
-        self._channel: grpc.aio.Channel | None = None
         self._ids = itertools.count(1)
 
     def session(self, channel: grpc.aio.Channel) -> _Session:
         """The open stream on `channel`, opened now if there is none (or the last one failed, or
         the channel was replaced: the old stream ends with its last request)."""
-        s = self._session
-        if s is None or s.error is not None or self._channel is not channel:
-            if s is not None and s.error is None and not s.queues:
-                s.close()
-            self._session, self._channel = _Session(channel), channel
+        old = self._session
+        if old is None or old.error is not None or old.channel is not channel:
+            self._session = _Session(channel)
+            if old is not None:
+                self.release(old)  # a replaced stream with no request left closes now
         return self._session
 
     def next_stream_id(self) -> int:
@@ -166,9 +164,8 @@ class MuxCall:
         session.queues[sid] = queue
         control = worker_pb2.DecodeControl(stream_id=sid, start=self._request, timeout_seconds=self._timeout or 0.0)
         # not made current: this generator runs in its consumer's context between chunks
-        span = self._span = tracer().start_span(
-            LOGICAL_CALL, kind=trace.SpanKind.CLIENT, attributes={"rpc.system": "grpc", "tandem.decode_stream": "GenerateMany"}
-        )
+        # the request's client span (its parent travels in the start: see LOGICAL_CALL)
+        span = self._span = tracer().start_span(LOGICAL_CALL, kind=trace.SpanKind.CLIENT, attributes=STREAM_SPAN_ATTRIBUTES)
         propagate.inject(control.trace_context, context=trace.set_span_in_context(span))
         if self._timeout is not None:
             self._timer = loop.call_at(loop.time() + self._timeout, queue.put_nowait, _DEADLINE)

@@ -31,12 +31,16 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from protos.tandem.v1 import worker_pb2
-from services.common.errors import RequestError, bounded, internal_error_message
+from services.common.errors import abort_for, bounded
 from services.common.telemetry import tracer
 
 log = logging.getLogger(__name__)
 
-LOGICAL_CALL = "/tandem.v1.Decode/Generate"  # each request's span: named for the call it stands for
+# Each request gets the spans its own Generate call would have had: a client span at the gateway
+# (gateway/decode_mux.py) and a server span here, under it, so traces read the same whichever
+# way the request travelled.
+LOGICAL_CALL = "/tandem.v1.Decode/Generate"
+STREAM_SPAN_ATTRIBUTES = {"rpc.system": "grpc", "tandem.decode_stream": "GenerateMany"}
 
 
 class RequestAborted(Exception):
@@ -86,23 +90,23 @@ class Outbox:
         return items or None
 
 
-class AlwaysReady:
+class NeverFails:
     """The failure record of a worker whose engine cannot die (the simulated one)."""
 
-    failed, ready, message = False, True, ""
+    failed, message = False, ""
 
 
-ALWAYS_READY = AlwaysReady()
+NEVER_FAILS = NeverFails()
 
 
 class GenerateManyStream:
     """One GenerateMany call. `generate(request, context)` is the worker's Generate handler;
     `failure` its engine's failure record (services/worker/engine_failure.EngineFailure: failed,
-    ready, message) and `is_engine_death(exc)` says whether an exception means the engine died
+    message; a worker still starting never gets here, its EngineFailureGuard refuses the stream) and `is_engine_death(exc)` says whether an exception means the engine died
     (the request then ends UNAVAILABLE, to be retried elsewhere). Injected, so this module stays
     free of the engine (the simulated workers serve it too)."""
 
-    def __init__(self, generate: Callable[..., AsyncIterator], failure=ALWAYS_READY, is_engine_death: Callable[[BaseException], bool] = lambda e: False):
+    def __init__(self, generate: Callable[..., AsyncIterator], failure=NEVER_FAILS, is_engine_death: Callable[[BaseException], bool] = lambda e: False):
         self._generate = generate
         self._failure = failure
         self._is_engine_death = is_engine_death
@@ -149,16 +153,13 @@ class GenerateManyStream:
         sid, request = control.stream_id, control.start
         # the span this request's own Generate call would have had, under the gateway's client span
         parent = propagate.extract(dict(control.trace_context))
-        span = tracer().start_span(
-            LOGICAL_CALL, context=parent, kind=trace.SpanKind.SERVER, attributes={"rpc.system": "grpc", "tandem.decode_stream": "GenerateMany"}
-        )
+        span = tracer().start_span(LOGICAL_CALL, context=parent, kind=trace.SpanKind.SERVER, attributes=STREAM_SPAN_ATTRIBUTES)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
+        context = RequestContext(control.timeout_seconds)
         try:
-            if self._failure.failed or not self._failure.ready:
-                raise RequestAborted(grpc.StatusCode.UNAVAILABLE, self._failure.message if self._failure.failed else "the worker is still starting")
-            context = RequestContext(control.timeout_seconds)
-            timeout = context.time_remaining()
-            async with asyncio.timeout(timeout):
+            if self._failure.failed:
+                raise RequestAborted(grpc.StatusCode.UNAVAILABLE, self._failure.message)
+            async with asyncio.timeout(context.time_remaining()):
                 async for chunk in self._generate(request, context):
                     self._outbox.put(worker_pb2.DecodeItem(stream_id=sid, chunk=chunk))
             self._finish(sid, grpc.StatusCode.OK, "")
@@ -166,16 +167,16 @@ class GenerateManyStream:
             raise  # cancelled by the gateway (or the stream ended): nobody waits for a status
         except RequestAborted as e:
             self._finish(sid, e.code, e.message)
-        except RequestError as e:
-            self._finish(sid, e.code, str(e))
         except TimeoutError:
             self._finish(sid, grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline expired on the decode worker")
         except Exception as e:  # noqa: BLE001 - becomes this request's status; the stream goes on
             if self._is_engine_death(e):
                 self._finish(sid, grpc.StatusCode.UNAVAILABLE, self._failure.message)
-            else:
-                log.error("GenerateMany failed for request %s", request.request_id, exc_info=e)
-                self._finish(sid, grpc.StatusCode.INTERNAL, internal_error_message(request.request_id))
+                return
+            try:  # what ErrorStatusInterceptor makes of it for a Generate call: its code, or INTERNAL (logged)
+                await abort_for(context, e, LOGICAL_CALL, request)
+            except RequestAborted as aborted:
+                self._finish(sid, aborted.code, aborted.message)
         finally:
             otel_context.detach(token)
             span.end()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import grpc
 
+from gateway.decode_mux import rpc_error as status_error
 from protos.tandem.v1 import common_pb2
 
 
 def rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=f"fake {code.name}")
+    return status_error(code, f"fake {code.name}")
 
 
 class FakeDecodeCall:

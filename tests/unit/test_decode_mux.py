@@ -15,13 +15,15 @@ import pytest
 from gateway.decode_leg import RETRYABLE_CODES
 from gateway.decode_mux import DecodeMux, MuxCall
 from protos.tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from services.common.errors import RequestError
 from services.common.generate_many import GenerateManyStream
 from tests.helpers.waiting import eventually
 
 
 class ScriptedDecode(worker_pb2_grpc.DecodeServicer):
     """Generate streams `len(prompt_token_ids)` tokens, one per `step` (all requests in lockstep,
-    as an engine's steps are); prompt token 0 aborts with INVALID_ARGUMENT, a token 1 is never
+    as an engine's steps are); prompt token 0 aborts with INVALID_ARGUMENT, 90 raises a RequestError
+    (RESOURCE_EXHAUSTED), 91 an unexpected exception; a token 1 is never
     reached (the request hangs there).
     Records every GenerateMany call, every batch size, and the requests that were closed early."""
 
@@ -36,6 +38,10 @@ class ScriptedDecode(worker_pb2_grpc.DecodeServicer):
     async def Generate(self, request, context):
         if request.prompt_token_ids[0] == 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {request.request_id}: bad prompt")
+        if request.prompt_token_ids[0] == 90:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "no room for the prompt")
+        if request.prompt_token_ids[0] == 91:
+            raise RuntimeError("a bug")
         try:
             for i, token in enumerate(request.prompt_token_ids):
                 if token == 1:
@@ -120,6 +126,19 @@ async def test_a_failing_request_gets_its_own_status_and_the_others_go_on(worker
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request bad: bad prompt" in bad.value.details()
     await tick(servicer, good.done)
     assert good.result() == [5, 6]
+    mux.close()
+
+
+async def test_a_raising_handler_gets_the_status_a_generate_call_would(worker):
+    _, _, channel = await worker()
+    mux = DecodeMux("decode-0")
+    with pytest.raises(grpc.aio.AioRpcError) as exhausted:
+        await collect(MuxCall(mux, channel, request("big", [90]), timeout=30))
+    assert exhausted.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and exhausted.value.details() == "no room for the prompt"
+    with pytest.raises(grpc.aio.AioRpcError) as bug:
+        await collect(MuxCall(mux, channel, request("buggy", [91]), timeout=30))
+    assert bug.value.code() == grpc.StatusCode.INTERNAL
+    assert "request buggy" in bug.value.details() and "a bug" not in bug.value.details()  # nothing internal leaks
     mux.close()
 
 
