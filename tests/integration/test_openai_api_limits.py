@@ -73,7 +73,9 @@ def test_http_requires_one_of_the_keys(guarded, tiny_llama):
 
 
 def test_grpc_requires_the_same_keys(guarded):
-    request = gateway_pb2.GenerateRequest(token_ids=common_pb2.TokenIds(ids=PROMPT), sampling=common_pb2.SamplingParams(max_tokens=2))
+    request = gateway_pb2.GenerateRequest(
+        token_ids=common_pb2.TokenIds(ids=PROMPT), sampling=common_pb2.SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    )
     with grpc.insecure_channel(guarded.gateway_address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         for metadata in (None, (("authorization", "Bearer wrong"),)):
