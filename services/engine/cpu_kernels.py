@@ -141,6 +141,15 @@ def _self_check(fn: Callable) -> None:
     want = _reference_decode(q, k_cache, v_cache, table, lens, 0.35)
     if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
         raise RuntimeError(f"self-check mismatch (max abs diff {(got - want).abs().max().item():.3g})")
+    # bf16 at a served model's head_dim and block size: the AMX-tile and register paths where the CPU has them
+    k_cache, v_cache = (torch.randn(2, 6, 16, 64, generator=gen).bfloat16() for _ in range(2))
+    q = torch.randn(3, 6, 64, generator=gen).bfloat16()
+    table = torch.tensor([[4, 0, 2], [5, 5, 5], [1, 3, 0]])
+    lens = torch.tensor([40, 16, 3])
+    got = fn(q, k_cache, v_cache, table, lens, 0.125).float()
+    want = _reference_decode(q, k_cache, v_cache, table, lens, 0.125)
+    if not torch.allclose(got, want, atol=1e-2, rtol=1e-2):
+        raise RuntimeError(f"bf16 self-check mismatch (max abs diff {(got - want).abs().max().item():.3g})")
 
 
 def _load(name: str, source: str, symbol: str | None, self_check: Callable, fallback: str):
@@ -163,15 +172,23 @@ def _load(name: str, source: str, symbol: str | None, self_check: Callable, fall
 
 
 @functools.cache
-def load_paged_decode_attention() -> Callable | None:
-    """The compiled paged decode attention function, or None (logged once) when unavailable."""
+def load_paged_decode_attention_module():
+    """The compiled paged decode attention module (`paged_decode_attention`, and `amx_available`: whether
+    its bf16 scores run on AMX tiles here), or None (logged once)."""
     return _load(
         "tandem_paged_decode_attention",
         "paged_decode_attention.cpp",
-        "paged_decode_attention",
-        _self_check,
+        None,
+        lambda m: _self_check(m.paged_decode_attention),
         "the torch fallback for decode attention",
     )
+
+
+@functools.cache
+def load_paged_decode_attention() -> Callable | None:
+    """The compiled paged decode attention function, or None (logged once) when unavailable."""
+    module = load_paged_decode_attention_module()
+    return None if module is None else module.paged_decode_attention
 
 
 def _self_check_linear(fn: Callable) -> None:

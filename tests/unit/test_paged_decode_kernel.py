@@ -20,6 +20,11 @@ def kernel():
     return require_kernel(load_paged_decode_attention(), "the paged decode attention CPU kernel")
 
 
+def clear_kernel_caches():
+    load_paged_decode_attention.cache_clear()
+    cpu_kernels.load_paged_decode_attention_module.cache_clear()
+
+
 def reference(q, k_cache, v_cache, block_table, context_lens, scale):
     """Gather each sequence's blocks, repeat kv heads over their query group, softmax, matmul (float32)."""
     kvh, _, bs, d = k_cache.shape
@@ -138,6 +143,34 @@ def test_other_shapes(kernel, dtype, head_dim, block_size):
     check(kernel, case, dtype, scale=head_dim**-0.5)
 
 
+@pytest.mark.parametrize(
+    ("head_dim", "block_size", "group"),
+    [(64, 16, 3), (64, 16, 8), (64, 32, 1), (128, 16, 4), (128, 48, 3), (64, 8, 3)],
+    ids=["d64-g3", "d64-g8", "d64-bs32", "d128-g4", "d128-bs48", "d64-bs8"],
+)
+def test_bf16_tile_and_vector_paths_agree(kernel, head_dim, block_size, group):
+    """bf16 at the served head_dims: pass 1 on AMX tiles (where the CPU has them; use_amx=False forces the
+    vector path) and pass 2 with its accumulators in registers, for groups wider than one register run
+    (8 heads at d64, 4 at d128), block sizes that are several 16-row tile runs, and one (8) the tiles
+    cannot take. Both must match the reference, and each other to within the accumulation order."""
+    case = make_case(lens=[1, 15, 16, 17, 100, 333], kv_heads=2, group=group, head_dim=head_dim, block_size=block_size,
+                     dtype=torch.bfloat16, seed=11)  # fmt: skip
+    q, k_cache, v_cache, table, lens = case
+    tiles = kernel(q, k_cache, v_cache, table, lens, head_dim**-0.5, use_amx=True)
+    vector = kernel(q, k_cache, v_cache, table, lens, head_dim**-0.5, use_amx=False)
+    for out in (tiles, vector):
+        check(lambda *args: out, case, torch.bfloat16, scale=head_dim**-0.5)
+    torch.testing.assert_close(tiles.float(), vector.float(), atol=2e-2, rtol=2**-7)
+
+
+def test_tiles_are_used_where_the_cpu_has_them(kernel):
+    """On a CPU with AMX-BF16 (the kernel is built with -march=native), bf16 scores run on tiles: Linux
+    granted the process the tile registers."""
+    flags = cpu_kernels._cpu_flags().split()
+    has_amx = {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(flags)
+    assert cpu_kernels.load_paged_decode_attention_module().amx_available() == has_amx
+
+
 def test_large_scores(kernel):
     """Scores large enough that an unstabilised softmax would overflow, and a nearly one-hot softmax."""
     q, k_cache, v_cache, table, lens = make_case(lens=[5, 1, 9, 40], kv_heads=2, group=2, head_dim=16)
@@ -209,11 +242,11 @@ def test_backend_decode_uses_kernel_and_matches_mask_path(kernel):
 
 def test_disabled_by_env(monkeypatch):
     monkeypatch.setenv("TANDEM_DISABLE_CPU_KERNELS", "1")
-    load_paged_decode_attention.cache_clear()
+    clear_kernel_caches()
     try:
         assert load_paged_decode_attention() is None
     finally:
-        load_paged_decode_attention.cache_clear()
+        clear_kernel_caches()
 
 
 def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
@@ -222,7 +255,7 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
 
     monkeypatch.delenv("TANDEM_DISABLE_CPU_KERNELS", raising=False)
     monkeypatch.setattr(cpu_kernels, "_compile", broken)
-    load_paged_decode_attention.cache_clear()
+    clear_kernel_caches()
     try:
         with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
             assert load_paged_decode_attention() is None
@@ -231,7 +264,7 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
         assert len(warnings) == 1
         assert "torch fallback" in warnings[0].getMessage() and "Ninja" in warnings[0].getMessage()
     finally:
-        load_paged_decode_attention.cache_clear()
+        clear_kernel_caches()
 
 
 def test_build_hash_depends_on_cpu_flags(monkeypatch, tmp_path):
