@@ -35,7 +35,10 @@ logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).resolve().parent / "csrc"
 # -fopenmp: at::parallel_for is OpenMP code inlined from torch's headers; without it the kernel runs on
 # one thread. The OpenMP runtime itself is the libgomp torch already loaded (nothing extra is linked).
-_CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
+# -mprefer-vector-width=512: gcc vectorises for AVX-512 CPUs with 256-bit vectors unless told; the fused
+# elementwise kernels' loops ran 1.2-1.4x faster at full width (silu_and_mul 70 -> 50 us, add_rms_norm
+# 19 -> 15 us at 64 rows, same results bit for bit). A preference only: no effect without AVX-512.
+_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=fast", "-fopenmp"]
 
 
 def kernels_disabled() -> bool:

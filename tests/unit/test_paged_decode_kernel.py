@@ -171,6 +171,65 @@ def test_tiles_are_used_where_the_cpu_has_them(kernel):
     assert cpu_kernels.load_paged_decode_attention_module().amx_available() == has_amx
 
 
+def test_out_argument_is_written_and_checked(kernel):
+    """out=: the result lands in the caller's tensor (the backend's output rows); a wrong one raises."""
+    q, k_cache, v_cache, table, lens = case = make_case(lens=[3, 40], kv_heads=3, group=3, head_dim=64, dtype=torch.bfloat16)
+    rows = torch.full((4, q.shape[1] * q.shape[2]), float("nan"), dtype=q.dtype)
+    out = rows[1:3].view(q.shape)
+    returned = kernel(q, k_cache, v_cache, table, lens, 0.125, out=out)
+    assert returned.data_ptr() == out.data_ptr()
+    check(lambda *args: out, case, torch.bfloat16, scale=0.125)
+    assert rows[0].isnan().all() and rows[3].isnan().all(), "nothing written outside out"
+    for bad in (out.float(), torch.empty(2, 9, 32, dtype=q.dtype), torch.empty(2, 9, 128, dtype=q.dtype)[..., :64]):
+        with pytest.raises(RuntimeError, match="out must be"):
+            kernel(q, k_cache, v_cache, table, lens, 0.125, out=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("num_tokens", [1, 64, 5000])
+def test_write_kv_slots_matches_index_assignment(dtype, num_tokens):
+    """The C++ slot writer against torch's advanced-index assignment, with k/v as strided views of one
+    fused qkv output and head-strided caches; a long prefill's rows are split over threads."""
+    write = cpu_kernels.load_paged_decode_attention_module().write_kv_slots
+    gen = torch.Generator().manual_seed(num_tokens)
+    kvh, nb, bs, d = 3, 400, 16, 64
+    storage = torch.randn(2, kvh, 2, nb, bs, d, generator=gen).to(dtype).permute(2, 0, 1, 3, 4, 5)  # [L, 2, KVH, NB, BS, D]
+    qkv = torch.randn(num_tokens, (9 + 2 * kvh) * d, generator=gen).to(dtype)
+    _, k, v = qkv.split([9 * d, kvh * d, kvh * d], dim=-1)
+    k, v = k.reshape(num_tokens, kvh, d), v.reshape(num_tokens, kvh, d)
+    slots = torch.randperm(nb * bs, generator=gen)[:num_tokens]
+    blocks, offsets = slots // bs, slots % bs
+    want = storage.clone()
+    want[1, 0][:, blocks, offsets] = k.transpose(0, 1)
+    want[1, 1][:, blocks, offsets] = v.transpose(0, 1)
+    got = storage.clone()
+    assert not got[1, 0].is_contiguous()
+    write(got[1, 0], got[1, 1], k, v, blocks, offsets)
+    assert torch.equal(got, want)
+
+
+def test_write_kv_slots_rejects_bad_input():
+    write = cpu_kernels.load_paged_decode_attention_module().write_kv_slots
+    k_cache, v_cache = torch.zeros(2, 4, 16, 8), torch.zeros(2, 4, 16, 8)
+    k = v = torch.ones(3, 2, 8)
+    ok_blocks, ok_offsets = torch.tensor([0, 1, 3]), torch.tensor([0, 15, 2])
+    bad = {
+        "block past the cache": (k_cache, v_cache, k, v, torch.tensor([0, 4, 1]), ok_offsets),
+        "negative offset": (k_cache, v_cache, k, v, ok_blocks, torch.tensor([0, -1, 2])),
+        "offset past the block": (k_cache, v_cache, k, v, ok_blocks, torch.tensor([0, 16, 2])),
+        "int32 slots": (k_cache, v_cache, k, v, ok_blocks.int(), ok_offsets),
+        "slot count": (k_cache, v_cache, k, v, ok_blocks[:2], ok_offsets[:2]),
+        "dtype": (k_cache, v_cache, k.double(), v.double(), ok_blocks, ok_offsets),
+        "kv heads": (k_cache, v_cache, torch.ones(3, 1, 8), torch.ones(3, 1, 8), ok_blocks, ok_offsets),
+        "strided head_dim": (k_cache, v_cache, torch.ones(3, 2, 16)[..., ::2], v, ok_blocks, ok_offsets),
+    }
+    for what, args in bad.items():
+        with pytest.raises(RuntimeError, match="write_kv_slots"):
+            write(*args)
+            pytest.fail(f"no error for {what}")
+    assert not k_cache.any() and not v_cache.any(), "a rejected call writes nothing"
+
+
 def test_large_scores(kernel):
     """Scores large enough that an unstabilised softmax would overflow, and a nearly one-hot softmax."""
     q, k_cache, v_cache, table, lens = make_case(lens=[5, 1, 9, 40], kv_heads=2, group=2, head_dim=16)
@@ -230,7 +289,7 @@ def test_backend_decode_uses_kernel_and_matches_mask_path(kernel):
     fused = TorchAttentionBackend()
     assert fused.decode_kernel is not None
     plain = TorchAttentionBackend()
-    plain.decode_kernel = None
+    plain.decode_kernel = plain.kv_writer = None
     outs = []
     for backend in (fused, plain):
         cache = storage.clone()

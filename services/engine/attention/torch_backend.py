@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..cpu_kernels import load_paged_decode_attention
+from ..cpu_kernels import load_paged_decode_attention_module
 from .backend import AttentionBackend, SequenceSlice
 
 
@@ -45,8 +45,10 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def __init__(self) -> None:
-        # fused C++ decode kernel (reads KV blocks in place); None when it cannot be built
-        self.decode_kernel = load_paged_decode_attention()
+        # fused C++ decode kernel (reads KV blocks in place) and KV slot writer; None when they cannot be built
+        kernels = load_paged_decode_attention_module()
+        self.decode_kernel = kernels.paged_decode_attention if kernels is not None else None
+        self.kv_writer = kernels.write_kv_slots if kernels is not None else None
 
     def build_metadata(self, slices: list[SequenceSlice], num_tokens: int, block_size: int) -> TorchAttentionMetadata:
         slot_blocks = torch.empty(num_tokens, dtype=torch.long)
@@ -87,8 +89,11 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(self, q, k, v, k_cache, v_cache, metadata: TorchAttentionMetadata, scale: float):
         m = metadata
         # write this step's keys/values into their slots: cache[:, block, offset] = k[t]
-        k_cache[:, m.slot_blocks, m.slot_offsets] = k.transpose(0, 1)
-        v_cache[:, m.slot_blocks, m.slot_offsets] = v.transpose(0, 1)
+        if self.kv_writer is not None and k_cache.device.type == "cpu" and k.dtype == k_cache.dtype:
+            self.kv_writer(k_cache, v_cache, k, v, m.slot_blocks, m.slot_offsets)
+        else:
+            k_cache[:, m.slot_blocks, m.slot_offsets] = k.transpose(0, 1)
+            v_cache[:, m.slot_blocks, m.slot_offsets] = v.transpose(0, 1)
 
         num_tokens, num_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[0]
@@ -97,8 +102,7 @@ class TorchAttentionBackend(AttentionBackend):
 
         if m.num_decodes and self._use_decode_kernel(q, k_cache, m):
             b = m.num_decodes
-            attn = self.decode_kernel(q[:b], k_cache, v_cache, m.decode_block_table, m.decode_context_lens, scale)
-            out[:b] = attn.view(b, num_heads * head_dim)
+            self.decode_kernel(q[:b], k_cache, v_cache, m.decode_block_table, m.decode_context_lens, scale, out=out[:b].view(b, num_heads, head_dim))
         elif m.num_decodes:
             b = m.num_decodes
             keys = k_cache[:, m.decode_block_table].flatten(2, 3)  # [kvh, B, L, d]

@@ -19,7 +19,7 @@
 // association: the RMSNorm sum of squares (lane-wise partial sums, as torch's vectorised reduction also
 // does) and silu's exp (a polynomial within ~2 ulp of torch's), so float32 results agree to ~1e-7.
 //
-// Built by services/engine/cpu_kernels.py (-O3 -march=native -fopenmp; -ffp-contract=fast is overridden
+// Built by services/engine/cpu_kernels.py (-O3 -march=native -mprefer-vector-width=512 -fopenmp; -ffp-contract=fast is overridden
 // by the pragma below).
 
 #pragma GCC optimize("fp-contract=off")

@@ -7,6 +7,7 @@
 //   block_table  [B, MAXBLK] int64    block ids of each sequence, in order (entries past the context are ignored)
 //   context_lens [B] int64            tokens in each sequence's context (1 .. MAXBLK * BS)
 //   use_amx      bool                 bf16 scores on AMX tiles where the CPU has them (false: the vector path)
+//   out          [B, H, D] or None    where to write the result (contiguous, q's dtype), else a new tensor
 //   returns      [B, H, D]            softmax(q K^T * scale) V, in q's dtype
 //
 // GQA: query head h reads kv head h / (H / KVH). Work is split over (sequence, kv head) pairs; each pair
@@ -21,13 +22,14 @@
 // Same run, 64 sequences x 320 tokens, 2 threads, 30 layers' caches in turn: 1.23 ms a layer before
 // either, 0.95 with the pass 2 change, 0.84 with both (python -m benchmarks.attention_kernel).
 //
-// Built by services/engine/cpu_kernels.py with -O3 -march=native -ffp-contract=fast -fopenmp
+// Built by services/engine/cpu_kernels.py with -O3 -march=native -mprefer-vector-width=512 -ffp-contract=fast -fopenmp
 // (at::parallel_for is header-inlined OpenMP; without -fopenmp it would silently run on one thread).
 
 // Narrow includes instead of <torch/extension.h>: the same pybind/ATen pieces, a third of the compile time.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
 #if defined(__AVX512BF16__)
@@ -45,6 +47,7 @@
 
 #include "exp_nonpos.h"
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -516,7 +519,8 @@ at::Tensor paged_decode_attention(
     at::Tensor block_table,
     at::Tensor context_lens,
     double scale,
-    bool use_amx) {
+    bool use_amx,
+    std::optional<at::Tensor> out_arg) {
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
                   block_table.device().is_cpu() && context_lens.device().is_cpu(),
               "paged_decode_attention: all tensors must be on the CPU");
@@ -551,7 +555,15 @@ at::Tensor paged_decode_attention(
   TORCH_CHECK(context_lens.size(0) == B, "paged_decode_attention: context_lens has ", context_lens.size(0),
               " entries for ", B, " sequences");
 
-  auto out = at::empty({B, H, D}, q.options());
+  at::Tensor out;
+  if (out_arg.has_value()) {
+    out = *out_arg;
+    TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == dtype && out.sizes() == q.sizes() && out.is_contiguous(),
+                "paged_decode_attention: out must be a contiguous CPU tensor shaped and typed like q ", q.sizes(), " ",
+                dtype, ", got ", out.sizes(), " ", out.scalar_type());
+  } else {
+    out = at::empty({B, H, D}, q.options());
+  }
   if (B == 0 || H == 0 || D == 0) return out;
 
   auto qc = q.stride(2) == 1 ? q : q.contiguous();
@@ -590,6 +602,56 @@ at::Tensor paged_decode_attention(
   return out;
 }
 
+// k_cache[:, slot_blocks[t], slot_offsets[t]] = k[t] and the same for v: a step's new keys and values into
+// the cache slots the scheduler gave them. k, v [T, KVH, D] with stride 1 along D (views of the fused qkv
+// output); caches as for paged_decode_attention. Against torch's advanced-index assignment of the same
+// (two index_put calls, each a TensorIterator over [KVH, T, D]): 62 -> a few us a layer at 64 tokens.
+void write_kv_slots(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& slot_blocks, const at::Tensor& slot_offsets) {
+  TORCH_CHECK(k_cache.device().is_cpu() && v_cache.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() &&
+                  slot_blocks.device().is_cpu() && slot_offsets.device().is_cpu(),
+              "write_kv_slots: all tensors must be on the CPU");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "write_kv_slots: k_cache and v_cache must be [KVH, NB, BS, D] of one shape, got ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+  const int64_t KVH = k_cache.size(0), NB = k_cache.size(1), BS = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(k.dim() == 3 && k.size(1) == KVH && k.size(2) == D && v.sizes() == k.sizes(),
+              "write_kv_slots: k and v must be [T, ", KVH, ", ", D, "], got ", k.sizes(), " and ", v.sizes());
+  const auto dtype = k_cache.scalar_type();
+  TORCH_CHECK(v_cache.scalar_type() == dtype && k.scalar_type() == dtype && v.scalar_type() == dtype,
+              "write_kv_slots: k, v and the caches must share a dtype");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "write_kv_slots: rows must have stride 1 along head_dim");
+  const int64_t T = k.size(0);
+  TORCH_CHECK(slot_blocks.scalar_type() == at::kLong && slot_offsets.scalar_type() == at::kLong &&
+                  slot_blocks.dim() == 1 && slot_offsets.dim() == 1 && slot_blocks.size(0) == T &&
+                  slot_offsets.size(0) == T,
+              "write_kv_slots: slot_blocks and slot_offsets must be 1-d int64 of ", T, " entries");
+  auto blocks = slot_blocks.contiguous();
+  auto offsets = slot_offsets.contiguous();
+  const int64_t* bp = blocks.data_ptr<int64_t>();
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(bp[t] >= 0 && bp[t] < NB && op[t] >= 0 && op[t] < BS, "write_kv_slots: slot ", t, " (block ", bp[t],
+                ", offset ", op[t], ") is outside the cache's ", NB, " blocks of ", BS);
+  const size_t row_bytes = static_cast<size_t>(D) * k.element_size();
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t es = k.element_size();
+  // a decode step's few rows stay on this thread; a long prefill's split
+  at::parallel_for(0, T, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t h = 0; h < KVH; ++h) {
+        const int64_t kdst = h * k_cache.stride(0) + bp[t] * k_cache.stride(1) + op[t] * k_cache.stride(2);
+        const int64_t vdst = h * v_cache.stride(0) + bp[t] * v_cache.stride(1) + op[t] * v_cache.stride(2);
+        std::memcpy(kc + kdst * es, kp + (t * k.stride(0) + h * k.stride(1)) * es, row_bytes);
+        std::memcpy(vc + vdst * es, vp + (t * v.stride(0) + h * v.stride(1)) * es, row_bytes);
+      }
+  });
+}
+
 // Whether pass 1 runs on AMX tiles here: built for a CPU with AMX-BF16 and granted the tile registers.
 bool amx_available() {
 #if defined(TANDEM_HAVE_AMX)
@@ -604,6 +666,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Paged decode attention (one query per sequence) reading K/V blocks in place",
         pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("block_table"),
         pybind11::arg("context_lens"), pybind11::arg("scale"), pybind11::arg("use_amx") = true,
+        pybind11::arg("out") = pybind11::none(),
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("write_kv_slots", &write_kv_slots, "Write a step's keys and values into their paged cache slots",
+        pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("k"), pybind11::arg("v"),
+        pybind11::arg("slot_blocks"), pybind11::arg("slot_offsets"), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("amx_available", &amx_available, "Whether bf16 scores run on AMX tiles on this machine");
 }

@@ -11,7 +11,7 @@
 // rows are split across threads with at::parallel_for; each thread streams its slice of W once, and for
 // every W row computes all M dot products while the row is in L1. Accumulation is float32.
 //
-// Built by services/engine/cpu_kernels.py (-O3 -march=native -ffp-contract=fast -fopenmp).
+// Built by services/engine/cpu_kernels.py (-O3 -march=native -mprefer-vector-width=512 -ffp-contract=fast -fopenmp).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
