@@ -253,3 +253,22 @@ def _self_check_fused(kernels) -> None:
 def load_fused_elementwise():
     """The compiled fused layer steps (add_rms_norm_, rms_norm, rope_, silu_and_mul), or None (logged once)."""
     return _load("tandem_fused_elementwise", "fused_elementwise.cpp", None, _self_check_fused, "torch for the layer's elementwise steps")
+
+
+def _self_check_argmax(fn: Callable) -> None:
+    """Rows with ties, a NaN, -inf and a tail past the last full vector, against torch.max(dim).indices."""
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(5, 77, generator=gen).to(dtype)
+        logits[1, 20] = logits[1, 60] = logits[1].max() + 1  # a tie: the first wins
+        logits[2, 33] = float("nan")
+        logits[3] = float("-inf")
+        logits[4, 76] = 100  # in the tail
+        if not torch.equal(fn(logits), logits.max(dim=-1).indices):
+            raise RuntimeError(f"self-check mismatch against torch.max(dim=-1).indices ({dtype})")
+
+
+@functools.cache
+def load_greedy_argmax() -> Callable | None:
+    """The compiled greedy argmax (`argmax_rows`: the first index of each row's maximum), or None (logged once)."""
+    return _load("tandem_greedy_argmax", "greedy_argmax.cpp", "argmax_rows", _self_check_argmax, "torch.max for greedy rows")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cpu_kernels import load_greedy_argmax
 from .request import Logprob, Request
 
 
@@ -61,6 +62,17 @@ def _sample_row(logits: torch.Tensor, req: Request) -> int | SamplingFailure:
         return SamplingFailure("the sampling distribution is invalid for these sampling parameters; use temperature 0 (greedy)")
 
 
+def _greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximum (torch.max(dim).indices' index): the compiled kernel on CPU rows
+    (greedy_argmax.cpp; 64 x 49,152 bf16 logits in a fraction of torch's time), else torch.max, which
+    is itself ~5x faster than argmax on bf16 (torch 2.13's bf16 argmax is not vectorised)."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) and logits.stride(-1) == 1:
+        kernel = load_greedy_argmax()
+        if kernel is not None:
+            return kernel(logits)
+    return logits.max(dim=-1).indices
+
+
 def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int | SamplingFailure], list[Logprob | None]]:
     """One token per row of `logits` ([N, vocab], the model's dtype) for the matching request, or a
     SamplingFailure for a row that has no valid distribution (never raises for one row).
@@ -73,9 +85,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int | Sa
     greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy]
     if greedy_rows:
         greedy_logits = logits if len(greedy_rows) == n else logits[greedy_rows]
-        # max(dim).indices: the same first-maximum index as argmax, ~5x faster on bf16 here (torch
-        # 2.13's argmax over bf16 rows is not vectorised: 5.8 ms for 64 × 49,152 against 1.2 ms)
-        argmax = greedy_logits.max(dim=-1).indices.tolist()
+        argmax = _greedy_argmax(greedy_logits).tolist()
         for row, tok in zip(greedy_rows, argmax):
             tokens[row] = tok
     for i, req in enumerate(requests):

@@ -36,9 +36,8 @@ class TorchAttentionMetadata:
     slot_offsets: torch.Tensor  # [T] offset inside that block
     num_decodes: int
     decode_block_table: torch.Tensor | None  # [num_decodes, max_blocks] long (padded with block 0)
-    decode_mask: torch.Tensor | None  # [1, num_decodes, 1, max_blocks*block_size] bool, True = attend
     prefills: list[PrefillChunk]
-    decode_context_lens: torch.Tensor | None = None  # [num_decodes] long, for the fused CPU decode kernel
+    decode_context_lens: torch.Tensor | None = None  # [num_decodes] long: the kernel's lengths, the fallback's mask
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -56,16 +55,16 @@ class TorchAttentionBackend(AttentionBackend):
         decodes: list[SequenceSlice] = []
         prefills: list[PrefillChunk] = []
         for s in slices:
-            first_pos = s.context_len - s.query_len
-            positions = torch.arange(first_pos, s.context_len)
-            table = torch.tensor(s.block_table, dtype=torch.long)
-            slot_blocks[s.query_start : s.query_start + s.query_len] = table[positions // block_size]
-            slot_offsets[s.query_start : s.query_start + s.query_len] = positions % block_size
             if s.query_len == 1 and not prefills:
                 decodes.append(s)
                 continue
             if s.query_len == 1 and prefills:
                 raise AssertionError("decode sequences must precede prefill chunks in the batch")
+            first_pos = s.context_len - s.query_len
+            positions = torch.arange(first_pos, s.context_len)
+            table = torch.tensor(s.block_table, dtype=torch.long)
+            slot_blocks[s.query_start : s.query_start + s.query_len] = table[positions // block_size]
+            slot_offsets[s.query_start : s.query_start + s.query_len] = positions % block_size
             num_blocks = -(-s.context_len // block_size)
             padded = num_blocks * block_size
             mask = None
@@ -74,17 +73,23 @@ class TorchAttentionBackend(AttentionBackend):
                 mask = key_pos[None, :] <= positions[:, None]
             prefills.append(PrefillChunk(s.query_start, s.query_len, s.context_len, table[:num_blocks], mask))
 
-        decode_table = decode_mask = lens = None
+        decode_table = lens = None
         if decodes:
-            max_blocks = max(-(-s.context_len // block_size) for s in decodes)
-            decode_table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
-            lens = torch.tensor([s.context_len for s in decodes])
-            for i, s in enumerate(decodes):
-                nb = -(-s.context_len // block_size)
-                decode_table[i, :nb] = torch.tensor(s.block_table[:nb])
-            key_pos = torch.arange(max_blocks * block_size)
-            decode_mask = (key_pos[None, :] < lens[:, None]).view(1, len(decodes), 1, -1)
-        return TorchAttentionMetadata(slot_blocks, slot_offsets, len(decodes), decode_table, decode_mask, prefills, decode_context_lens=lens)
+            # A decode step's 64 sequences from plain ints, a few tensors for all of them: a tensor or two
+            # per sequence cost ~2 ms a step (of ~60) at 64 sequences. Decodes lead the batch, one token each.
+            first = decodes[0].query_start
+            if decodes[-1].query_start != first + len(decodes) - 1:
+                raise AssertionError("decode sequences must be adjacent in the batch, one token each")
+            context_lens = [s.context_len for s in decodes]
+            block_counts = [-(-n // block_size) for n in context_lens]
+            max_blocks = max(block_counts)
+            rows = [s.block_table[:nb] + [0] * (max_blocks - nb) for s, nb in zip(decodes, block_counts)]
+            decode_table = torch.tensor(rows, dtype=torch.long)
+            lens = torch.tensor(context_lens, dtype=torch.long)
+            last = [n - 1 for n in context_lens]
+            slot_blocks[first : first + len(decodes)] = torch.tensor([s.block_table[p // block_size] for s, p in zip(decodes, last)])
+            slot_offsets[first : first + len(decodes)] = torch.tensor([p % block_size for p in last])
+        return TorchAttentionMetadata(slot_blocks, slot_offsets, len(decodes), decode_table, prefills, decode_context_lens=lens)
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: TorchAttentionMetadata, scale: float):
         m = metadata
@@ -109,7 +114,9 @@ class TorchAttentionBackend(AttentionBackend):
             values = v_cache[:, m.decode_block_table].flatten(2, 3)
             queries = q[:b].view(b, num_kv_heads, group, head_dim).transpose(0, 1)  # [kvh, B, g, d]
             scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scale)  # [kvh, B, g, L]
-            scores.masked_fill_(~m.decode_mask, float("-inf"))
+            key_pos = torch.arange(keys.shape[2])  # attend to each sequence's own context only
+            attend = (key_pos[None, :] < m.decode_context_lens[:, None]).view(1, b, 1, -1)
+            scores.masked_fill_(~attend, float("-inf"))
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             attn = torch.matmul(probs, values)  # [kvh, B, g, d]
             out[:b] = attn.transpose(0, 1).reshape(b, num_heads * head_dim)
