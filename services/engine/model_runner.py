@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention.backend import SequenceSlice, select_backend
+from .cpu_kernels import load_greedy_argmax
 from .kv_cache import KVCache
 from .model_config import ModelConfig
 from .models.llama import LlamaForCausalLM
@@ -35,6 +36,8 @@ class ModelRunner:
         self.model = LlamaForCausalLM(cfg, load_weights(model_dir, cfg, dtype), dtype)
         self.kv_cache = KVCache(cfg, num_blocks, block_size, dtype, device)
         self.backend = select_backend(self.device)
+        if self.device.type == "cpu":
+            load_greedy_argmax()  # built (or loaded from its cache) now, not inside the first request's step
         self.num_forward_tokens = 0  # tokens run through the model since start (prefill + decode)
 
     def execute(self, scheduled: list[ScheduledRequest]) -> StepResult:
