@@ -192,7 +192,7 @@ def test_cancelled_client_frees_both_sides(pd):
 def test_transfer_spans_are_in_the_requests_trace(pd, otlp_collector):
     request = gateway_pb2.GenerateRequest(
         request_id="pd-trace-1", token_ids=common_pb2.TokenIds(ids=ids(40, start=12)), mode=DISAGG,
-        sampling=common_pb2.SamplingParams(max_tokens=3),
+        sampling=common_pb2.SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),  # a sampled EOS would end it before the pull
     )  # fmt: skip
     list(gateway(pd).Generate(request, timeout=60))
     pull = wait_for(lambda: next((s for s in otlp_collector.snapshot() if s.name == "kv.pull" and s.attributes.get("tandem.request_id") == "pd-trace-1"), None),
