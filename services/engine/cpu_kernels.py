@@ -187,7 +187,6 @@ def load_paged_decode_attention_module():
     )
 
 
-@functools.cache
 def load_paged_decode_attention() -> Callable | None:
     """The compiled paged decode attention function, or None (logged once) when unavailable."""
     module = load_paged_decode_attention_module()

@@ -20,11 +20,6 @@ def kernel():
     return require_kernel(load_paged_decode_attention(), "the paged decode attention CPU kernel")
 
 
-def clear_kernel_caches():
-    load_paged_decode_attention.cache_clear()
-    cpu_kernels.load_paged_decode_attention_module.cache_clear()
-
-
 def reference(q, k_cache, v_cache, block_table, context_lens, scale):
     """Gather each sequence's blocks, repeat kv heads over their query group, softmax, matmul (float32)."""
     kvh, _, bs, d = k_cache.shape
@@ -301,11 +296,11 @@ def test_backend_decode_uses_kernel_and_matches_mask_path(kernel):
 
 def test_disabled_by_env(monkeypatch):
     monkeypatch.setenv("TANDEM_DISABLE_CPU_KERNELS", "1")
-    clear_kernel_caches()
+    cpu_kernels.load_paged_decode_attention_module.cache_clear()
     try:
         assert load_paged_decode_attention() is None
     finally:
-        clear_kernel_caches()
+        cpu_kernels.load_paged_decode_attention_module.cache_clear()
 
 
 def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
@@ -314,7 +309,7 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
 
     monkeypatch.delenv("TANDEM_DISABLE_CPU_KERNELS", raising=False)
     monkeypatch.setattr(cpu_kernels, "_compile", broken)
-    clear_kernel_caches()
+    cpu_kernels.load_paged_decode_attention_module.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
             assert load_paged_decode_attention() is None
@@ -323,7 +318,7 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
         assert len(warnings) == 1
         assert "torch fallback" in warnings[0].getMessage() and "Ninja" in warnings[0].getMessage()
     finally:
-        clear_kernel_caches()
+        cpu_kernels.load_paged_decode_attention_module.cache_clear()
 
 
 def test_build_hash_depends_on_cpu_flags(monkeypatch, tmp_path):

@@ -136,7 +136,7 @@ void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t F, int64_t stride)
         const float x = load(g, i);
         // torch: x / (1 + exp(-x)). With e = exp(-|x|), which never overflows: x / (1 + e) for x > 0, and
         // x e / (1 + e) for x <= 0 (x / (1 + 1/e) multiplied through by e): one division, not two
-        // (divisions bound this loop; a prefill's [8,192 x 1,536] went 9.8 -> ~6 ms)
+        // (the same bits on 12.6M bf16 inputs, ~10% faster at 64 and 8,192 rows)
         const float e = exp_nonpos(x > 0.f ? -x : x);
         const float silu = round_to((x > 0.f ? x : x * e) / (1.f + e), static_cast<T*>(nullptr));
         store(o, i, silu * load(u, i));
