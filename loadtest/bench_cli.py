@@ -97,8 +97,15 @@ def _common_options() -> argparse.ArgumentParser:
         help="measured jobs to send (multi-turn: conversations); default 100, or one round of the shared-prefix groups, or the file's lines",
     )
     load.add_argument("--duration", type=float, default=None, help="send for this many seconds (after the warm-up) instead of a number of prompts")
-    load.add_argument("--warmup", type=int, default=0, help="jobs sent first under the same load and left out of the metrics")
-    load.add_argument("--warmup-seconds", type=float, default=0.0, help="leave out the jobs sent in the first this many seconds")
+    load.add_argument(
+        "--warmup", type=int, default=0, help="jobs sent first and finished before the measured ones (as vllm bench serve --num-warmups); not measured"
+    )
+    load.add_argument(
+        "--warmup-seconds",
+        type=float,
+        default=0.0,
+        help="leave out the jobs sent in the first this many seconds (run under the same load: a steady-state window)",
+    )
     load.add_argument("--request-timeout", type=float, default=300.0, help="deadline of each request in seconds (default 300)")
     load.add_argument(
         "--drain-timeout",

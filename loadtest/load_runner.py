@@ -7,9 +7,14 @@ Load shapes (LoadSpec), as `vllm bench serve` combines them:
     --request-rate R [--burstiness B]       open loop: arrivals at R/s whatever the server does
     --max-concurrency N                     closed loop when the rate is inf: N jobs in flight, the
                                             next sent as one finishes; with a rate, a cap on top
-A run is limited by a number of jobs (num_prompts) or by a duration of sending; warm-up jobs (the
-first `warmup` ones, or those sent in the first `warmup_seconds`) run under the same load but are
-marked and left out of the metrics, so the measured window sees a warm server in steady state.
+A run is limited by a number of jobs (num_prompts) or by a duration of sending. Warm-up jobs are
+marked and left out of the metrics, in one of two ways:
+    --warmup N           the first N jobs are sent under the load shape and finish before the
+                         measured ones start (as `vllm bench serve --num-warmups`); the arrival
+                         clock then restarts, so a burst of num_prompts measures exactly those jobs
+                         against a warm server, not num_prompts + N sharing it
+    --warmup-seconds S   the jobs sent in the first S seconds run under the same load as the ones
+                         after them, so the measured window sees a warm server in steady state
 
 Every request has a gRPC deadline (request_timeout), so nothing waits forever. A duration-limited
 run stops sending when its window closes (conversations start no new turns), lets in-flight
@@ -157,11 +162,18 @@ class LoadRunner:
         # the measured window opens at the start (as vLLM's duration), or where the warm-up ends:
         # at --warmup-seconds, or when the first job after the --warmup ones is sent
         measured_start = None if s.warmup or s.warmup_seconds else 0.0
+        shift = 0.0  # how far the arrival clock moved on while the warm-up jobs finished
         index = 0
         while not self._stop.is_set():
             if s.num_prompts is not None and index >= s.warmup + s.num_prompts:
                 break
-            offset = next(offsets)
+            offset = next(offsets) + shift
+            if index == s.warmup and s.warmup:
+                if not await self._finish_warmup():
+                    break
+                shift = self._now() - offset
+                offset += shift
+                send_until = self._send_until = None if send_until is None else send_until + shift
             if send_until is not None and offset >= send_until:
                 break
             if not await self._sleep_until(offset):
@@ -203,6 +215,17 @@ class LoadRunner:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self.jobs_started += 1
+
+    async def _finish_warmup(self) -> bool:
+        """Wait for the warm-up jobs (all the jobs sent so far) to end; False when stopped meanwhile.
+        Each has its request deadline, so this ends."""
+        stopper = asyncio.ensure_future(self._stop.wait())
+        try:
+            while self._tasks and not self._stop.is_set():
+                await asyncio.wait(self._tasks | {stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        return not self._stop.is_set()
 
     async def _sleep_until(self, offset: float) -> bool:
         """Wait until `offset` seconds into the run; False when stopped meanwhile."""

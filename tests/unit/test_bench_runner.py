@@ -174,6 +174,32 @@ async def test_warmup_requests_run_first_and_are_left_out(fake):
     assert compute_metrics(outcome.records, outcome.duration)["completed"] == 4
 
 
+async def test_warmup_jobs_finish_before_a_burst_starts(fake):
+    """A burst (rate inf) of num_prompts after --warmup N is exactly num_prompts jobs against a warm
+    server: every warm-up has ended before the first measured job is sent, as vllm bench serve's
+    --num-warmups; the measured window opens there."""
+    _, outcome = await run(fake, RandomWorkload(Distribution.parse("4"), Distribution.parse("3")).jobs(), num_prompts=5, warmup=3)
+    warm = [r for r in outcome.records if r.warmup]
+    measured = [r for r in outcome.records if not r.warmup]
+    assert (len(warm), len(measured)) == (3, 5)
+    assert all(r.success for r in outcome.records)
+    assert min(r.send for r in measured) >= max(r.end for r in warm)
+    assert outcome.measured_start == pytest.approx(min(r.send for r in measured), abs=0.01)
+
+
+async def test_poisson_arrivals_restart_after_the_warmup(fake):
+    """The arrival clock restarts when the warm-ups have finished: the measured jobs keep their
+    spacing instead of all being sent at once to catch up with a schedule that ran on meanwhile."""
+    fake.token_delay = 0.05  # a warm-up job lasts ~150 ms, three arrival gaps of 50 ms
+    _, outcome = await run(
+        fake, RandomWorkload(Distribution.parse("4"), Distribution.parse("3")).jobs(), request_rate=20, burstiness=math.inf, num_prompts=4, warmup=2
+    )
+    measured = sorted(r.send for r in outcome.records if not r.warmup)
+    assert measured[0] >= max(r.end for r in outcome.records if r.warmup)
+    gaps = [b - a for a, b in zip(measured, measured[1:])]
+    assert all(g >= 0.035 for g in gaps), gaps
+
+
 async def test_conversation_turns_resend_the_history_with_the_servers_answers(fake):
     workload = MultiTurnWorkload(Distribution.parse("3"), Distribution.parse("4"), Distribution.parse("2"), system_prompt_len=5, vocab_size=1000, seed=1)
     _, outcome = await run(fake, workload.jobs(), num_prompts=2, max_concurrency=2)
