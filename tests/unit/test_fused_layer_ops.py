@@ -130,3 +130,44 @@ def test_bfloat16_engine_first_token_distribution_matches(kernels, tiny_model_di
         # bf16 logits of magnitude 4-8 are quantised in steps of 1/32-1/16: allow ~2 steps (a wrong
         # rotation, norm or gate moves these by whole units)
         assert got == pytest.approx(want, abs=0.15)
+
+
+def test_bf16_vector_and_scalar_paths_agree(kernels):
+    """Where the CPU has AVX512-BF16, bf16 rows run 16 lanes at a time with a scalar loop for the rest of
+    the row. Rows whose tail repeats their first elements (inputs, weights, cos/sin) must give the tail the
+    same bits as the head: the two paths round alike, on special values too (±inf, NaN, saturated, ±0)."""
+    gen = torch.Generator().manual_seed(7)
+    bf = torch.bfloat16
+
+    def with_tail(head: torch.Tensor, width: int, tail: int) -> torch.Tensor:
+        """Rows of `width` vector-path elements then `tail` scalar-path ones repeating the first `tail`."""
+        return torch.cat([head[..., :width], head[..., :tail]], dim=-1).contiguous()
+
+    # SiLU * up: F = 1536 + 15
+    gate = torch.randn(3, 1536, generator=gen) * 6
+    gate[0, :8] = torch.tensor([float("nan"), float("inf"), -float("inf"), -100.0, 100.0, 0.0, -0.0, 1e-30])
+    up = torch.randn(3, 1536, generator=gen)
+    g, u = with_tail(gate, 1536, 15), with_tail(up, 1536, 15)
+    out = kernels.silu_and_mul(torch.cat([g, u], dim=-1).to(bf))
+    assert out.shape == (3, 1551)
+    torch.testing.assert_close(out[:, 1536:], out[:, :15], rtol=0, atol=0, equal_nan=True)
+
+    # residual add and RMSNorm: n = 576 + 9; the tail's squares join the row's sum, so compare the
+    # normalised values, each rounded from (row value × the row's one inverse RMS)
+    x, res, w = (with_tail(torch.randn(2, 576, generator=gen) * 3, 576, 9).to(bf) for _ in range(3))
+    w = w[0].contiguous()
+    res2 = res.clone()
+    h = kernels.add_rms_norm_(x, res2, w, 1e-5)
+    assert torch.equal(res2[:, 576:], res2[:, :9])
+    assert torch.equal(h[:, 576:], h[:, :9])
+    assert torch.equal(kernels.rms_norm(x, w, 1e-5)[:, 576:], kernels.rms_norm(x, w, 1e-5)[:, :9])
+
+    # RoPE: head_dim 80 (half 40 = 32 in lanes + 8 scalar), tail of each half repeating its start
+    rows, heads, half = 4, 3, 40
+    first, second = torch.randn(rows, heads, 32, generator=gen), torch.randn(rows, heads, 32, generator=gen)
+    q = torch.cat([with_tail(first, 32, 8), with_tail(second, 32, 8)], dim=-1).to(bf).contiguous()
+    c1, c2, s1, s2 = (torch.randn(16, 32, generator=gen) for _ in range(4))
+    cos = torch.cat([with_tail(c1, 32, 8), with_tail(c2, 32, 8)], dim=-1).to(bf).contiguous()
+    sin = torch.cat([with_tail(s1, 32, 8), with_tail(s2, 32, 8)], dim=-1).to(bf).contiguous()
+    kernels.rope_(q, heads, torch.randint(0, 16, (rows,), generator=gen), cos, sin)
+    assert torch.equal(q[..., 32:half], q[..., :8]) and torch.equal(q[..., half + 32 :], q[..., half : half + 8])

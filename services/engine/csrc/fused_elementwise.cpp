@@ -35,6 +35,10 @@
 #include "exp_nonpos.h"
 #include <type_traits>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 inline float bits_to_float(uint32_t u) { return __builtin_bit_cast(float, u); }
@@ -59,6 +63,19 @@ inline float round_to(float v, at::BFloat16*) { return bits_to_float(static_cast
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
 inline void store(at::BFloat16* p, int64_t i, float v) { reinterpret_cast<uint16_t*>(p)[i] = to_bf16_bits(v); }
 
+#if defined(__AVX512BF16__)
+// bf16 in 16 lanes. The compiler vectorises the scalar loops below, but not their float -> bf16 rounding
+// (to_bf16_bits: ~7 integer ops a lane); VCVTNEPS2BF16 is that rounding in one instruction: nearest even,
+// NaN quieted with its sign and payload kept, as to_bf16_bits. It differs only for denormal inputs, which it
+// flushes to zero (|x| < 1.2e-38: no activation of a bf16 model lands there but an exact zero).
+inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+inline __m512 load16(const at::BFloat16* p) { return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m256i narrow_bf16(__m512 v) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)); }
+inline __m512 round_bf16(__m512 v) { return widen_bf16(narrow_bf16(v)); }
+inline void store16(at::BFloat16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow_bf16(v)); }
+
+#endif
+
 // rows per parallel chunk: about 16K elements, so a single-token decode step stays on one thread
 inline int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elems)); }
 
@@ -71,7 +88,24 @@ void norm_rows(const T* x, T* residual, const T* weight, T* out, int64_t rows, i
       T* rr = residual ? residual + t * r_stride : nullptr;
       T* orow = out + t * n;
       float sum = 0.f;
-      if (rr) {
+      bool summed = false;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (rr) {  // residual += x in 16 lanes; the sum of squares below reads it back (same order as the loop)
+          int64_t i = 0;
+          for (; i + 16 <= n; i += 16) store16(rr + i, _mm512_add_ps(load16(rr + i), load16(xr + i)));
+          for (; i < n; ++i) store(rr, i, load(rr, i) + load(xr, i));
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < n; ++j) {
+            const float h = load(rr, j);
+            sum += h * h;
+          }
+          summed = true;
+        }
+      }
+#endif
+      if (summed) {
+      } else if (rr) {
 #pragma omp simd reduction(+ : sum)
         for (int64_t i = 0; i < n; ++i) {
           const float h = round_to(load(rr, i) + load(xr, i), static_cast<T*>(nullptr));
@@ -87,8 +121,16 @@ void norm_rows(const T* x, T* residual, const T* weight, T* out, int64_t rows, i
       }
       const T* src = rr ? rr : xr;
       const float inv = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
+      int64_t i0 = 0;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, at::BFloat16>) {  // the loop below, 16 lanes at a time (see load16)
+        const __m512 vinv = _mm512_set1_ps(inv);
+        for (; i0 + 16 <= n; i0 += 16)
+          store16(orow + i0, _mm512_mul_ps(load16(weight + i0), round_bf16(_mm512_mul_ps(load16(src + i0), vinv))));
+      }
+#endif
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
+      for (int64_t i = i0; i < n; ++i) {
         const float h = round_to(load(src, i) * inv, static_cast<T*>(nullptr));
         store(orow, i, load(weight, i) * h);
       }
@@ -106,8 +148,23 @@ void rope_rows(T* x, int64_t rows, int64_t heads, int64_t D, int64_t s_tok, int6
       const T* s = sin + pos[t] * cs_stride;
       for (int64_t h = 0; h < heads; ++h) {
         T* r = x + t * s_tok + h * s_head;
+        int64_t i0 = 0;
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<T, at::BFloat16>) {  // the loop below, 16 lanes at a time (see load16)
+          const __m512 sign = _mm512_set1_ps(-0.0f);
+          for (; i0 + 16 <= half; i0 += 16) {
+            const __m512 x1 = load16(r + i0), x2 = load16(r + i0 + half);
+            const __m512 a1 = round_bf16(_mm512_mul_ps(x1, load16(c + i0)));
+            const __m512 b1 = round_bf16(_mm512_mul_ps(_mm512_xor_ps(x2, sign), load16(s + i0)));
+            const __m512 a2 = round_bf16(_mm512_mul_ps(x2, load16(c + i0 + half)));
+            const __m512 b2 = round_bf16(_mm512_mul_ps(x1, load16(s + i0 + half)));
+            store16(r + i0, _mm512_add_ps(a1, b1));
+            store16(r + i0 + half, _mm512_add_ps(a2, b2));
+          }
+        }
+#endif
 #pragma omp simd
-        for (int64_t i = 0; i < half; ++i) {
+        for (int64_t i = i0; i < half; ++i) {
           const float x1 = load(r, i), x2 = load(r, i + half);
           // torch: x * cos + cat(-x2, x1) * sin, each product rounded to the dtype, then the sum
           const float a1 = round_to(x1 * load(c, i), static_cast<T*>(nullptr));
@@ -124,6 +181,39 @@ void rope_rows(T* x, int64_t rows, int64_t heads, int64_t D, int64_t s_tok, int6
 
 // exp_nonpos(x) for x <= 0: exp_nonpos.h
 
+#if defined(__AVX512BF16__)
+// exp_nonpos (exp_nonpos.h) in 16 lanes, operation for operation (no fused multiply-adds, as the scalar
+// one under this file's fp-contract=off), so both give the same bits.
+inline __m512 exp_nonpos16(__m512 x) {
+  const auto c = [](float v) { return _mm512_set1_ps(v); };
+  x = _mm512_max_ps(x, c(-87.3f));  // NaN -> -87.3 (the second operand), as the scalar ternary
+  const __m512 kRound = c(12582912.0f);
+  const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, c(1.44269504088896341f)), kRound), kRound);
+  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, c(0.693359375f)));
+  r = _mm512_sub_ps(r, _mm512_mul_ps(n, c(-2.12194440e-4f)));
+  __m512 p = c(1.9875691500e-4f);
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), c(1.3981999507e-3f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), c(8.3334519073e-3f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), c(4.1665795894e-2f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), c(1.6666665459e-1f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), c(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), c(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// silu(g) * u for 16 bf16 lanes, as the scalar loop of silu_mul_rows computes it
+inline void silu_mul16(const at::BFloat16* g, const at::BFloat16* u, at::BFloat16* o) {
+  const __m512 x = load16(g);
+  const __mmask16 pos = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
+  const __m512 neg_x = _mm512_xor_ps(x, _mm512_set1_ps(-0.0f));
+  const __m512 e = exp_nonpos16(_mm512_mask_blend_ps(pos, x, neg_x));
+  const __m512 num = _mm512_mask_blend_ps(pos, _mm512_mul_ps(x, e), x);
+  const __m512 silu = round_bf16(_mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+  store16(o, _mm512_mul_ps(silu, load16(u)));
+}
+#endif
+
 template <typename T>
 void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t F, int64_t stride) {
   at::parallel_for(0, rows, grain_rows(2 * F), [&](int64_t begin, int64_t end) {
@@ -131,8 +221,14 @@ void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t F, int64_t stride)
       const T* g = gu + t * stride;
       const T* u = g + F;
       T* o = out + t * F;
+      int64_t i0 = 0;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        for (; i0 + 16 <= F; i0 += 16) silu_mul16(g + i0, u + i0, o + i0);
+      }
+#endif
 #pragma omp simd
-      for (int64_t i = 0; i < F; ++i) {
+      for (int64_t i = i0; i < F; ++i) {
         const float x = load(g, i);
         // torch: x / (1 + exp(-x)). With e = exp(-|x|), which never overflows: x / (1 + e) for x > 0, and
         // x e / (1 + e) for x <= 0 (x / (1 + 1/e) multiplied through by e): one division, not two
