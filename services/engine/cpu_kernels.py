@@ -271,3 +271,48 @@ def _self_check_argmax(fn: Callable) -> None:
 def load_greedy_argmax() -> Callable | None:
     """The compiled greedy argmax (`argmax_rows`: the first index of each row's maximum), or None (logged once)."""
     return _load("tandem_greedy_argmax", "greedy_argmax.cpp", "argmax_rows", _self_check_argmax, "torch.max for greedy rows")
+
+
+def _reference_prefill(q, k_cache, v_cache, query_starts, query_lens, context_lens, block_tables, scale):
+    """Plain torch causal attention of each chunk over its paged context (float32), for the self-check."""
+    kvh, _, bs, d = k_cache.shape
+    group = q.shape[1] // kvh
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    for start, qlen, ctx, table in zip(query_starts.tolist(), query_lens.tolist(), context_lens.tolist(), block_tables):
+        blocks = table[: -(-ctx // bs)]
+        keys = k_cache[:, blocks].reshape(kvh, -1, d)[:, :ctx].float().repeat_interleave(group, 0)
+        values = v_cache[:, blocks].reshape(kvh, -1, d)[:, :ctx].float().repeat_interleave(group, 0)
+        queries = q[start : start + qlen].float().transpose(0, 1)  # [H, Tq, d]
+        visible = torch.arange(ctx)[None, :] <= torch.arange(ctx - qlen, ctx)[:, None]
+        scores = (queries @ keys.transpose(1, 2) * scale).masked_fill(~visible, float("-inf"))
+        out[start : start + qlen] = (torch.softmax(scores, -1) @ values).transpose(0, 1)
+    return out
+
+
+def _self_check_prefill(module) -> None:
+    """Chunks with and without a cached prefix, a context that is not a whole tile, GQA, head_dim 64."""
+    if not module.available:
+        return  # built without AVX512-BF16: callers keep SDPA and never call it
+    gen = torch.Generator().manual_seed(0)
+    k_cache, v_cache = (torch.randn(2, 12, 16, 64, generator=gen).bfloat16() for _ in range(2))
+    q = torch.randn(45, 6, 64, generator=gen).bfloat16()
+    starts, lens, ctxs = torch.tensor([0, 20, 21]), torch.tensor([20, 1, 24]), torch.tensor([20, 37, 60])
+    tables = torch.tensor([[3, 7, 0, 0], [1, 2, 4, 0], [5, 6, 8, 9]])
+    out = torch.zeros_like(q)
+    module.paged_prefill_attention(q, k_cache, v_cache, starts, lens, ctxs, tables, 0.125, out)
+    want = _reference_prefill(q, k_cache, v_cache, starts, lens, ctxs, tables, 0.125)
+    if not torch.allclose(out.float(), want, atol=2e-2, rtol=2e-2):
+        raise RuntimeError(f"self-check mismatch (max abs diff {(out.float() - want).abs().max().item():.3g})")
+
+
+@functools.cache
+def load_paged_prefill_attention_module():
+    """The compiled paged prefill attention module (`paged_prefill_attention`, `available`: whether it was
+    built with AVX512-BF16, `head_dims`), or None (logged once)."""
+    return _load(
+        "tandem_paged_prefill_attention",
+        "paged_prefill_attention.cpp",
+        None,
+        _self_check_prefill,
+        "torch's SDPA for prefill attention",
+    )

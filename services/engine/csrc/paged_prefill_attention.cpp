@@ -1,0 +1,322 @@
+// Paged prefill attention on CPU, bfloat16 on AVX512-BF16: causal attention of each prefill chunk's
+// queries over its whole context (cached prefix + the chunk), keys/values read from the paged KV cache.
+//
+//   q             [T, H, D]          bfloat16, stride(2) == 1 (a view of the fused qkv projection is fine)
+//   k_cache       [KVH, NB, BS, D]   bfloat16, stride(3) == 1, this step's keys already written
+//   v_cache       [KVH, NB, BS, D]   same shape / dtype as k_cache
+//   query_starts  [P] int64          first row of each chunk in q / out
+//   query_lens    [P] int64          the chunk's tokens (>= 1)
+//   context_lens  [P] int64          cached + chunk tokens; the chunk's tokens are the context's last ones
+//   block_tables  [P, MAXBLK] int64  each sequence's block ids, in order
+//   scale         float
+//   out           [T, H, D]          bfloat16, contiguous; rows outside the chunks are not touched
+//
+// Why: torch's SDPA (the flash kernel for CPU) ran these at ~60 GFLOP/s on the served shapes (256-token
+// chunks, head_dim 64, 3 KV heads for 9 query heads), a quarter of a prefill step. Here the products run
+// on vdpbf16ps (two bf16 products per float lane and instruction, float32 accumulation):
+//
+// 1. pack: each (KV head, 16-key tile) of every chunk's context is copied once per call into the layouts
+//    the dot products want — keys as [D/2][16 keys] pairs of dims, so that one vector load feeds 16 keys'
+//    scores; values as [8 key pairs][D] pairs of keys, so that one load feeds 16 output dims for two
+//    keys. Keys past the context are zero (finite: a masked weight of 0 times them stays 0).
+// 2. attend: work items are (chunk, KV head, 16 query tokens); each walks the key tiles its rows may see
+//    with an online softmax (running max and sum per row), a few rows at a time so that their output
+//    accumulators stay in registers. All of a KV head's query heads (GQA) share its packed tiles. Items
+//    are handed out longest first from a shared counter: causal items differ in cost by up to the
+//    context length over 16.
+//
+// The weights are rounded to bf16 before the P.V products (as torch's flash kernel does for bf16) and the
+// row sums add the rounded weights, so each output is a true weighted mean of the value rows.
+//
+// Built by services/engine/cpu_kernels.py with -O3 -march=native -mprefer-vector-width=512 -ffp-contract=fast -fopenmp.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+#if defined(__AVX512BF16__)
+
+constexpr int kKeyTile = 16;    // keys per packed tile: one float lane each in the score vector
+constexpr int kTokenTile = 16;  // query tokens per work item
+
+// exp(x) for x <= 0, 16 lanes: exp_nonpos.h's Cephes reduction and polynomial, written in intrinsics
+inline __m512 exp_nonpos_v(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 round = _mm512_set1_ps(12582912.0f);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), round), round);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+struct Chunk {
+  int64_t query_start, query_len, context_len;
+  int64_t first_tile;  // index of its context's first tile in the packed buffers
+  int64_t num_tiles;
+};
+
+struct Packed {
+  uint32_t* keys;    // [KVH][tiles][D/2][16]: (k[2j], k[2j+1]) of 16 keys
+  uint32_t* values;  // [KVH][tiles][8][D]:    (v0[d], v1[d]) of 8 key pairs
+  int64_t tiles;
+};
+
+template <int D>
+void pack_tile(const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* table, int64_t block_size,
+               int64_t g, int64_t tile, int64_t context_len, uint32_t* __restrict kdst, uint32_t* __restrict vdst) {
+  const auto* kbase = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::BFloat16>());
+  const auto* vbase = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::BFloat16>());
+  const int64_t s0 = k_cache.stride(0), s1 = k_cache.stride(1), s2 = k_cache.stride(2);
+  const int64_t t0 = v_cache.stride(0), t1 = v_cache.stride(1), t2 = v_cache.stride(2);
+  static const uint16_t zeros[D] = {};
+  const uint16_t* krow[kKeyTile];
+  const uint16_t* vrow[kKeyTile];
+  for (int j = 0; j < kKeyTile; ++j) {
+    const int64_t key = tile * kKeyTile + j;
+    if (key < context_len) {
+      const int64_t block = table[key / block_size], off = key % block_size;
+      krow[j] = kbase + g * s0 + block * s1 + off * s2;
+      vrow[j] = vbase + g * t0 + block * t1 + off * t2;
+    } else {
+      krow[j] = vrow[j] = zeros;
+    }
+  }
+  for (int j = 0; j < kKeyTile; ++j) {
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(krow[j]);  // dims in pairs
+    for (int dp = 0; dp < D / 2; ++dp) kdst[dp * kKeyTile + j] = src[dp];
+  }
+  for (int kp = 0; kp < kKeyTile / 2; ++kp) {
+    const uint16_t* __restrict a = vrow[2 * kp];
+    const uint16_t* __restrict b = vrow[2 * kp + 1];
+    uint32_t* __restrict dst = vdst + kp * D;
+#pragma omp simd
+    for (int d = 0; d < D; ++d) dst[d] = static_cast<uint32_t>(a[d]) | (static_cast<uint32_t>(b[d]) << 16);
+  }
+}
+
+// NR query rows (NR * D / 16 float accumulators) over key tiles [0, num_tiles) of one packed context.
+// q32[r]: the row's query as D/2 dim pairs; limit[r]: the last key position the row may see.
+template <int D, int NR>
+__attribute__((noinline)) void attend_rows(const uint32_t* const* q32, const int64_t* limit, const uint32_t* keys,
+                                           const uint32_t* values, int64_t num_tiles, float scale,
+                                           at::BFloat16* const* out_rows) {
+  constexpr int C = D / 16;  // output vectors per row
+  __m512 acc[NR][C];
+  __m512 row_sum[NR];
+  float row_max[NR];
+  for (int r = 0; r < NR; ++r) {
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+    row_sum[r] = _mm512_setzero_ps();
+    row_max[r] = -INFINITY;
+  }
+  const __m512 vscale = _mm512_set1_ps(scale);
+  alignas(64) uint32_t weights[NR][kKeyTile / 2];
+  for (int64_t t = 0; t < num_tiles; ++t) {
+    const uint32_t* kt = keys + t * (D / 2) * kKeyTile;
+    const uint32_t* vt = values + t * (kKeyTile / 2) * D;
+    __m512 s[NR];
+    for (int r = 0; r < NR; ++r) s[r] = _mm512_setzero_ps();
+    for (int dp = 0; dp < D / 2; ++dp) {
+      const __m512bh k = (__m512bh)_mm512_loadu_si512(kt + dp * kKeyTile);
+      for (int r = 0; r < NR; ++r) s[r] = _mm512_dpbf16_ps(s[r], k, (__m512bh)_mm512_set1_epi32(q32[r][dp]));
+    }
+    bool live[NR];
+    for (int r = 0; r < NR; ++r) {
+      const int64_t visible = limit[r] - t * kKeyTile + 1;  // keys of this tile the row may see
+      live[r] = visible > 0;
+      if (!live[r]) continue;
+      const __mmask16 m = visible >= kKeyTile ? __mmask16(0xFFFF) : __mmask16((1u << visible) - 1);
+      const __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), m, _mm512_mul_ps(s[r], vscale));
+      const float new_max = std::max(row_max[r], _mm512_reduce_max_ps(x));
+      const __m512 alpha = _mm512_set1_ps(row_max[r] == -INFINITY ? 0.f : std::exp(row_max[r] - new_max));
+      row_max[r] = new_max;
+      const __m256bh pb = _mm512_cvtneps_pbh(_mm512_maskz_mov_ps(m, exp_nonpos_v(_mm512_sub_ps(x, _mm512_set1_ps(new_max)))));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(weights[r]), (__m256i)pb);
+      row_sum[r] = _mm512_fmadd_ps(row_sum[r], alpha, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16)));
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(acc[r][c], alpha);
+    }
+    for (int kp = 0; kp < kKeyTile / 2; ++kp) {
+      __m512i w[NR];
+      for (int r = 0; r < NR; ++r) w[r] = _mm512_set1_epi32(live[r] ? weights[r][kp] : 0u);
+      for (int c = 0; c < C; ++c) {
+        const __m512bh v = (__m512bh)_mm512_loadu_si512(vt + kp * D + c * 16);
+        for (int r = 0; r < NR; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], v, (__m512bh)w[r]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(row_sum[r]));
+    for (int c = 0; c < C; ++c) {
+      const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], inv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_rows[r] + c * 16), (__m256i)o);
+    }
+  }
+}
+
+template <int D>
+constexpr int kRowsPerPass = D <= 64 ? 4 : 2;  // 16 float output accumulators a pass: 4 rows at D=64, 2 at 128
+
+template <int D>
+void attend_rows_dispatch(int nr, const uint32_t* const* q32, const int64_t* limit, const uint32_t* keys,
+                          const uint32_t* values, int64_t num_tiles, float scale, at::BFloat16* const* out_rows) {
+  static_assert(kRowsPerPass<D> <= 4, "add cases below");
+  switch (nr) {
+    case 4: if constexpr (kRowsPerPass<D> >= 4) { attend_rows<D, 4>(q32, limit, keys, values, num_tiles, scale, out_rows); return; } break;
+    case 3: if constexpr (kRowsPerPass<D> >= 3) { attend_rows<D, 3>(q32, limit, keys, values, num_tiles, scale, out_rows); return; } break;
+    case 2: if constexpr (kRowsPerPass<D> >= 2) { attend_rows<D, 2>(q32, limit, keys, values, num_tiles, scale, out_rows); return; } break;
+    default: break;
+  }
+  attend_rows<D, 1>(q32, limit, keys, values, num_tiles, scale, out_rows);
+}
+
+template <int D>
+void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::vector<Chunk>& chunks,
+         const at::Tensor& block_tables, double scale, at::Tensor& out) {
+  const int64_t H = q.size(1), KVH = k_cache.size(0), G = H / KVH, BS = k_cache.size(2);
+  int64_t tiles = 0;
+  for (const auto& c : chunks) tiles += c.num_tiles;
+  std::vector<uint32_t> kbuf(static_cast<size_t>(KVH * tiles * (D / 2) * kKeyTile));
+  std::vector<uint32_t> vbuf(static_cast<size_t>(KVH * tiles * (kKeyTile / 2) * D));
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t table_stride = block_tables.stride(0);
+
+  // 1. pack every (KV head, tile) once
+  std::vector<std::pair<int64_t, int64_t>> tile_owner;  // global tile -> (chunk, tile within it)
+  tile_owner.reserve(tiles);
+  for (int64_t p = 0; p < static_cast<int64_t>(chunks.size()); ++p)
+    for (int64_t t = 0; t < chunks[p].num_tiles; ++t) tile_owner.emplace_back(p, t);
+  at::parallel_for(0, KVH * tiles, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t g = i / tiles, global = i % tiles;
+      const auto [p, t] = tile_owner[global];
+      pack_tile<D>(k_cache, v_cache, tables + p * table_stride, BS, g, t, chunks[p].context_len,
+                   kbuf.data() + (g * tiles + global) * (D / 2) * kKeyTile,
+                   vbuf.data() + (g * tiles + global) * (kKeyTile / 2) * D);
+    }
+  });
+
+  // 2. attend: (chunk, KV head, token tile) items, most keys first
+  struct Item { int64_t chunk, g, token0, cost; };
+  std::vector<Item> items;
+  for (int64_t p = 0; p < static_cast<int64_t>(chunks.size()); ++p) {
+    const Chunk& c = chunks[p];
+    const int64_t first_pos = c.context_len - c.query_len;
+    for (int64_t i0 = 0; i0 < c.query_len; i0 += kTokenTile) {
+      const int64_t last = first_pos + std::min(i0 + kTokenTile, c.query_len) - 1;
+      for (int64_t g = 0; g < KVH; ++g) items.push_back({p, g, i0, (last / kKeyTile + 1) * std::min<int64_t>(kTokenTile, c.query_len - i0)});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  std::atomic<int64_t> next{0};
+  const auto* qbase = q.data_ptr<at::BFloat16>();
+  auto* obase = out.data_ptr<at::BFloat16>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), os0 = out.stride(0), os1 = out.stride(1);
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    constexpr int R = kRowsPerPass<D>;
+    for (int64_t k = next.fetch_add(1); k < n_items; k = next.fetch_add(1)) {
+      const Item& it = items[k];
+      const Chunk& c = chunks[it.chunk];
+      const int64_t first_pos = c.context_len - c.query_len;
+      const int64_t tokens = std::min<int64_t>(kTokenTile, c.query_len - it.token0);
+      const uint32_t* keys = kbuf.data() + (it.g * tiles + c.first_tile) * (D / 2) * kKeyTile;
+      const uint32_t* values = vbuf.data() + (it.g * tiles + c.first_tile) * (kKeyTile / 2) * D;
+      const int64_t rows = tokens * G;  // token-major: a pass's rows are neighbouring tokens' heads
+      for (int64_t r0 = 0; r0 < rows; r0 += R) {
+        const int nr = static_cast<int>(std::min<int64_t>(R, rows - r0));
+        const uint32_t* q32[R];
+        int64_t limit[R];
+        at::BFloat16* out_rows[R];
+        int64_t max_limit = 0;
+        for (int r = 0; r < nr; ++r) {
+          const int64_t token = it.token0 + (r0 + r) / G, head = it.g * G + (r0 + r) % G;
+          const int64_t row = c.query_start + token;
+          q32[r] = reinterpret_cast<const uint32_t*>(qbase + row * qs0 + head * qs1);
+          out_rows[r] = obase + row * os0 + head * os1;
+          limit[r] = first_pos + token;
+          max_limit = std::max(max_limit, limit[r]);
+        }
+        attend_rows_dispatch<D>(nr, q32, limit, keys, values, max_limit / kKeyTile + 1, static_cast<float>(scale), out_rows);
+      }
+    }
+  });
+}
+
+#endif  // __AVX512BF16__
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "paged_prefill_attention: ", what); }
+
+void paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& query_starts, const at::Tensor& query_lens, const at::Tensor& context_lens,
+                             const at::Tensor& block_tables, double scale, at::Tensor out) {
+#if defined(__AVX512BF16__)
+  check(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "q [T, H, D], caches [KVH, NB, BS, D]");
+  check(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16 &&
+            out.scalar_type() == at::kBFloat16, "bfloat16 only");
+  check(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1 && out.stride(2) == 1, "the last dim must be contiguous");
+  check(out.sizes() == q.sizes(), "out must have q's shape");
+  const int64_t H = q.size(1), D = q.size(2), KVH = k_cache.size(0);
+  check(k_cache.size(3) == D && KVH > 0 && H % KVH == 0, "head_dim must match and H must be a multiple of KVH");
+  check(block_tables.dim() == 2 && block_tables.scalar_type() == at::kLong && block_tables.stride(1) == 1, "block_tables [P, MAXBLK] int64");
+  const int64_t P = query_starts.numel();
+  check(query_lens.numel() == P && context_lens.numel() == P && block_tables.size(0) == P, "one start, length, context and table per chunk");
+  const auto qs = query_starts.contiguous(), ql = query_lens.contiguous(), cl = context_lens.contiguous();
+  const int64_t *qsp = qs.data_ptr<int64_t>(), *qlp = ql.data_ptr<int64_t>(), *clp = cl.data_ptr<int64_t>();
+  std::vector<Chunk> chunks;
+  int64_t first_tile = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    check(qlp[p] >= 1 && clp[p] >= qlp[p] && qsp[p] >= 0 && qsp[p] + qlp[p] <= q.size(0), "a chunk out of range");
+    check((clp[p] + k_cache.size(2) - 1) / k_cache.size(2) <= block_tables.size(1), "a block table shorter than its context");
+    const int64_t* table = block_tables.data_ptr<int64_t>() + p * block_tables.stride(0);
+    for (int64_t b = 0; b < (clp[p] + k_cache.size(2) - 1) / k_cache.size(2); ++b)
+      check(table[b] >= 0 && table[b] < k_cache.size(1), "a block id outside the cache");
+    const int64_t n_tiles = (clp[p] + kKeyTile - 1) / kKeyTile;
+    chunks.push_back({qsp[p], qlp[p], clp[p], first_tile, n_tiles});
+    first_tile += n_tiles;
+  }
+  if (chunks.empty()) return;
+  switch (D) {
+    case 64: run<64>(q, k_cache, v_cache, chunks, block_tables, scale, out); return;
+    case 128: run<128>(q, k_cache, v_cache, chunks, block_tables, scale, out); return;
+    default: check(false, "head_dim must be 64 or 128");
+  }
+#else
+  check(false, "built without AVX512-BF16");
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_prefill_attention", &paged_prefill_attention, "causal attention of prefill chunks over their paged context (bf16)",
+        pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("query_starts"),
+        pybind11::arg("query_lens"), pybind11::arg("context_lens"), pybind11::arg("block_tables"), pybind11::arg("scale"),
+        pybind11::arg("out"));
+#if defined(__AVX512BF16__)
+  m.attr("available") = true;
+#else
+  m.attr("available") = false;
+#endif
+  m.attr("head_dims") = std::vector<int64_t>{64, 128};
+}
