@@ -25,6 +25,10 @@
 //    are handed out longest first from a shared counter: causal items differ in cost by up to the
 //    context length over 16.
 //
+// Same run, 8 chunks of 256 tokens, 9 query / 3 KV heads of 64, 2 threads: 3.1-3.4 ms a layer against
+// SDPA's 9.8 (one scalar exp per row and tile for the rescale factor, and a per-row branch that put the
+// accumulators on the stack, were 20% of it before). A 1,024-token chunk after 512 cached: 11.6 ms.
+//
 // The weights are rounded to bf16 before the P.V products (as torch's flash kernel does for bf16) and the
 // row sums add the rounded weights, so each output is a true weighted mean of the value rows.
 //
@@ -141,24 +145,32 @@ __attribute__((noinline)) void attend_rows(const uint32_t* const* q32, const int
       const __m512bh k = (__m512bh)_mm512_loadu_si512(kt + dp * kKeyTile);
       for (int r = 0; r < NR; ++r) s[r] = _mm512_dpbf16_ps(s[r], k, (__m512bh)_mm512_set1_epi32(q32[r][dp]));
     }
-    bool live[NR];
+    // Branch-free over rows (a row that sees none of this tile gets an empty mask: weights 0, factor 1),
+    // so that gcc keeps every accumulator in a register: with a per-row `continue` here it kept them
+    // on the stack, ~2x slower. Masked scores and new maxima first, then all rescale factors in one exp.
+    __mmask16 visible_mask[NR];
+    alignas(64) float shift[16] = {};
     for (int r = 0; r < NR; ++r) {
       const int64_t visible = limit[r] - t * kKeyTile + 1;  // keys of this tile the row may see
-      live[r] = visible > 0;
-      if (!live[r]) continue;
-      const __mmask16 m = visible >= kKeyTile ? __mmask16(0xFFFF) : __mmask16((1u << visible) - 1);
-      const __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), m, _mm512_mul_ps(s[r], vscale));
-      const float new_max = std::max(row_max[r], _mm512_reduce_max_ps(x));
-      const __m512 alpha = _mm512_set1_ps(row_max[r] == -INFINITY ? 0.f : std::exp(row_max[r] - new_max));
+      visible_mask[r] = visible <= 0 ? __mmask16(0) : visible >= kKeyTile ? __mmask16(0xFFFF) : __mmask16((1u << visible) - 1);
+      s[r] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), visible_mask[r], s[r], vscale);
+      const float new_max = std::max(row_max[r], _mm512_reduce_max_ps(s[r]));
+      shift[r] = row_max[r] - new_max;  // <= 0; -inf on the first tile (exp gives ~0, acc is still 0)
       row_max[r] = new_max;
-      const __m256bh pb = _mm512_cvtneps_pbh(_mm512_maskz_mov_ps(m, exp_nonpos_v(_mm512_sub_ps(x, _mm512_set1_ps(new_max)))));
+    }
+    alignas(64) float alphas[16];
+    _mm512_store_ps(alphas, exp_nonpos_v(_mm512_load_ps(shift)));
+    for (int r = 0; r < NR; ++r) {
+      const __m512 alpha = _mm512_set1_ps(alphas[r]);
+      const __m256bh pb = _mm512_cvtneps_pbh(
+          _mm512_maskz_mov_ps(visible_mask[r], exp_nonpos_v(_mm512_sub_ps(s[r], _mm512_set1_ps(row_max[r])))));
       _mm256_store_si256(reinterpret_cast<__m256i*>(weights[r]), (__m256i)pb);
       row_sum[r] = _mm512_fmadd_ps(row_sum[r], alpha, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16)));
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(acc[r][c], alpha);
     }
     for (int kp = 0; kp < kKeyTile / 2; ++kp) {
       __m512i w[NR];
-      for (int r = 0; r < NR; ++r) w[r] = _mm512_set1_epi32(live[r] ? weights[r][kp] : 0u);
+      for (int r = 0; r < NR; ++r) w[r] = _mm512_set1_epi32(weights[r][kp]);
       for (int c = 0; c < C; ++c) {
         const __m512bh v = (__m512bh)_mm512_loadu_si512(vt + kp * D + c * 16);
         for (int r = 0; r < NR; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], v, (__m512bh)w[r]);
