@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,3 +102,26 @@ def test_prepacked_weights_give_the_plain_result(dtype):
         assert lin(torch.randn(2, 40).to(dtype), w).shape == (2, 96)
     with pytest.raises((TypeError, RuntimeError)):
         lin(torch.randn(3, 40).to(dtype), w)
+
+
+def test_calibrate_routes_each_row_count_to_the_faster_path():
+    """calibrate() times the kernel against torch's path on the given weights and keeps the kernel up
+    to the first row count where torch wins: a kernel slower than torch gets no rows, one faster at
+    every count gets all of them, one faster only at 1-2 rows gets 2."""
+    weights = [torch.randn(2048, 1024) for _ in range(4)]  # 32 MB: torch's path takes ~1 ms or more
+
+    def timed_kernel(delay_for_rows):
+        def kernel(x, w, b=None):
+            if delay_for_rows(x.shape[0]):
+                time.sleep(delay_for_rows(x.shape[0]))
+            return torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
+
+        return kernel
+
+    cases = {"slow": (lambda m: 0.05, 0), "fast": (lambda m: 0.0, 4), "fast at 1-2 rows": (lambda m: 0.0 if m <= 2 else 0.05, 2)}
+    for what, (delay, want) in cases.items():
+        lin = Linear(timed_kernel(delay))
+        timings = lin.calibrate(weights, max_m=4, reps=2)
+        assert lin.max_rows[torch.float32] == want, (what, timings)
+        assert lin.max_rows[torch.bfloat16] == small_batch_max_rows(torch.bfloat16, False)  # other dtypes untouched
+    assert Linear(None).calibrate(weights) == {}

@@ -12,6 +12,9 @@ float32) so that greedy decoding matches it token for token in fp32.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -20,9 +23,12 @@ from ..model_config import ModelConfig
 from .layer_ops import TorchLayerOps, select_layer_ops
 from .rope import RotaryEmbedding
 
+logger = logging.getLogger(__name__)
+
 
 def small_batch_max_rows(dtype: torch.dtype, has_bf16_dot: bool) -> int:
-    """Matmuls with at most this many rows go to the small-batch kernel, measured per dtype (2 threads,
+    """Matmuls with at most this many rows go to the small-batch kernel until Linear.calibrate() has
+    measured this machine (the default where it has not), from one Xeon's figures (2 threads,
     same run, summed over the model's five weight shapes): bf16 on the AVX512-BF16 dot-product path
     1.1 / 1.2 / 1.6 / 2.9 ms at M = 1 / 2 / 4 / 8 against torch's 2.1 / 2.1 / 2.2 / 2.2, so up to 4
     rows (1 row without that path, where the kernel widens W to float32 first); fp32: torch 2.4 /
@@ -31,6 +37,15 @@ def small_batch_max_rows(dtype: torch.dtype, has_bf16_dot: bool) -> int:
     if dtype == torch.bfloat16:
         return 4 if has_bf16_dot else 1
     return 0
+
+
+def _best_of(fn, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 class Linear:
@@ -56,6 +71,30 @@ class Linear:
         """Pack `w` for oneDNN's matmul (fp32/bf16 CPU weights, where torch has oneDNN); a no-op elsewhere."""
         if w.dtype in self.PACKED_MIN_ROWS and w.device.type == "cpu" and torch.backends.mkldnn.is_available():
             self.packed[id(w)] = torch.ops.mkldnn._reorder_linear_weight(w, 64)
+
+    def calibrate(self, weights: list[torch.Tensor], max_m: int = 4, reps: int = 3) -> dict[int, tuple[float, float]]:
+        """Time the small-batch kernel against torch's path (packed oneDNN or GEMV) on the model's own
+        weights at 1..max_m rows, and send to the kernel the row counts up to the first one where torch
+        is faster. Which is faster depends on the CPU, not only the dtype: fp32 at one row took torch
+        2.4 ms against the kernel's 2.7 on a Xeon (MKL's GEMV), but 37.7 against 15.3 ms per 30 layers
+        on an AMD EPYC (where MKL does not take its fast path). `weights` should span more than the
+        last-level cache, as a decode step's do. Returns {rows: (kernel s, torch s)}."""
+        if self.kernel is None or not weights:
+            return {}
+        dtype = weights[0].dtype
+        timings: dict[int, tuple[float, float]] = {}
+        self.max_rows[dtype] = 0  # torch's path while timing it
+        chosen = 0
+        for m in range(1, max_m + 1):
+            xs = {w.shape[1]: torch.randn(m, w.shape[1]).to(dtype) for w in weights}
+            kernel_s = _best_of(lambda: [self.kernel(xs[w.shape[1]], w, None) for w in weights], reps)
+            torch_s = _best_of(lambda: [self(xs[w.shape[1]], w) for w in weights], reps)
+            timings[m] = (kernel_s, torch_s)
+            if kernel_s >= torch_s:
+                break
+            chosen = m
+        self.max_rows[dtype] = chosen
+        return timings
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if self.kernel is not None and x.shape[0] <= self.max_rows.get(x.dtype, 0) and x.is_contiguous():
@@ -120,7 +159,7 @@ class LlamaForCausalLM:
         self.norm = weights["model.norm.weight"]
         self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
         kernels = None
-        if dtype == torch.bfloat16 and self.embed.device.type == "cpu":  # the only dtype it serves (see small_batch_max_rows)
+        if dtype in (torch.bfloat16, torch.float32) and self.embed.device.type == "cpu":
             from ..cpu_kernels import load_small_batch_linear_module
 
             kernels = load_small_batch_linear_module()
@@ -133,6 +172,15 @@ class LlamaForCausalLM:
             for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
                 self.linear.prepack(w)
         self.linear.prepack(self.lm_head)
+        if kernels is not None:
+            # up to 8 layers' weights: more than a CPU's last-level cache, as in a real decode step
+            sample = [w for layer in self.layers[:8] for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+            timings = self.linear.calibrate(sample)
+            logger.info(
+                "small-batch matmuls: %s rows to the kernel (%s)",
+                self.linear.max_rows[dtype],
+                ", ".join(f"{m} rows: kernel {k * 1e3:.2f} ms / torch {t * 1e3:.2f} ms" for m, (k, t) in timings.items()),
+            )
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, dtype)
         self.ops = select_layer_ops(self.rope, cfg.rms_norm_eps, dtype, self.embed.device)
 
