@@ -130,8 +130,67 @@ NOINLINE void score_block(float* __restrict s, const float* __restrict q, const 
 // first (the generic path) cost as much as the dot products; with it gone, pass 1 reads K once, at
 // memory speed. q is the bf16 query row itself.
 constexpr bool kHaveBf16Dot = true;
+
+// lane t of the result = the sum of r[t]'s 16 lanes: a transpose-and-add tree (45 shuffles and adds
+// for 16 rows) instead of one horizontal reduction per row (~9 dependent ops each, and a scalar store)
+inline __m512 sum_lanes_16(const __m512* r) {
+  __m512 pairs[8];  // each 128-bit lane: (row 2i, row 2i+1) partial sums interleaved
+  for (int i = 0; i < 8; ++i)
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]), _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]));
+  __m512 quads[4];  // each 128-bit lane: rows 4i..4i+3, one partial sum each
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  __m512 halves[2];  // 128-bit lanes: (quad 2i: lanes 0+1, 2+3), (quad 2i+1: lanes 0+1, 2+3)
+  for (int i = 0; i < 2; ++i)
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// s[t] = (q . rows[t]) * scale, 16 rows at a time: each row's products summed in one vector, then the
+// 16 vectors reduced together. On a Zen 4 without AMX (where this is pass 1): 1.59 -> 1.52 ms a layer
+// (2 threads) and 2.68 -> 2.56 (1 thread), 64 sequences x ~320 tokens over 30 layers' scattered caches,
+// interleaved in one process: the kernel waits on memory more than on these instructions.
+template <int NC>  // head_dim / 32
+NOINLINE void score_block_bf16_n(float* __restrict s, const at::BFloat16* q, const at::BFloat16* rows, int64_t stride,
+                                 int64_t n, float scale) {
+  __m512bh qa[NC];
+  for (int c = 0; c < NC; ++c) qa[c] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(q + 32 * c));
+  const __m512 vscale = _mm512_set1_ps(scale);
+  int64_t t0 = 0;
+  for (; t0 + 16 <= n; t0 += 16) {
+    __m512 acc[16];
+    for (int t = 0; t < 16; ++t) {
+      const at::BFloat16* r = rows + (t0 + t) * stride;
+      acc[t] = _mm512_setzero_ps();
+      for (int c = 0; c < NC; ++c)
+        acc[t] = _mm512_dpbf16_ps(acc[t], qa[c], (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(r + 32 * c)));
+    }
+    _mm512_storeu_ps(s + t0, _mm512_mul_ps(sum_lanes_16(acc), vscale));
+  }
+  if (t0 < n) {  // the last rows of a sequence's last block: no loads past them (the block may end there)
+    const int m = static_cast<int>(n - t0);
+    __m512 acc[16];
+    for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+    for (int t = 0; t < m; ++t) {
+      const at::BFloat16* r = rows + (t0 + t) * stride;
+      for (int c = 0; c < NC; ++c)
+        acc[t] = _mm512_dpbf16_ps(acc[t], qa[c], (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(r + 32 * c)));
+    }
+    _mm512_mask_storeu_ps(s + t0, static_cast<__mmask16>((1u << m) - 1), _mm512_mul_ps(sum_lanes_16(acc), vscale));
+  }
+}
+
 NOINLINE void score_block_bf16(float* __restrict s, const at::BFloat16* q, const at::BFloat16* rows, int64_t stride,
                                int64_t n, int64_t D, float scale) {
+  switch (D) {
+    case 64: score_block_bf16_n<2>(s, q, rows, stride, n, scale); return;
+    case 128: score_block_bf16_n<4>(s, q, rows, stride, n, scale); return;
+    default: break;
+  }
   for (int64_t t = 0; t < n; ++t) {
     const at::BFloat16* r = rows + t * stride;
     __m512 acc = _mm512_setzero_ps();
