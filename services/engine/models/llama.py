@@ -74,11 +74,11 @@ class Linear:
 
     def calibrate(self, weights: list[torch.Tensor], max_m: int = 4, reps: int = 3) -> dict[int, tuple[float, float]]:
         """Time the small-batch kernel against torch's path (packed oneDNN or GEMV) on the model's own
-        weights at 1..max_m rows, and send to the kernel the row counts up to the first one where torch
-        is faster. Which is faster depends on the CPU, not only the dtype: fp32 at one row took torch
-        2.4 ms against the kernel's 2.7 on a Xeon (MKL's GEMV), but 37.7 against 15.3 ms per 30 layers
-        on an AMD EPYC (where MKL does not take its fast path). `weights` should span more than the
-        last-level cache, as a decode step's do. Returns {rows: (kernel s, torch s)}."""
+        weights at 1..max_m rows, and send to the kernel the row counts up to the first one where it
+        is not at least 5% faster. Which is faster depends on the CPU, not only the dtype: fp32 at one
+        row took torch 2.4 ms against the kernel's 2.7 on a Xeon (MKL's GEMV), but 37.7 against 15.3
+        ms per 30 layers on an AMD EPYC (where MKL does not take its fast path). `weights` should span
+        more than the last-level cache, as a decode step's do. Returns {rows: (kernel s, torch s)}."""
         if self.kernel is None or not weights:
             return {}
         dtype = weights[0].dtype
@@ -90,7 +90,7 @@ class Linear:
             kernel_s = _best_of(lambda: [self.kernel(xs[w.shape[1]], w, None) for w in weights], reps)
             torch_s = _best_of(lambda: [self(xs[w.shape[1]], w) for w in weights], reps)
             timings[m] = (kernel_s, torch_s)
-            if kernel_s >= torch_s:
+            if kernel_s > 0.95 * torch_s:  # a near tie goes to torch, so that it does not flip between loads
                 break
             chosen = m
         self.max_rows[dtype] = chosen
@@ -173,8 +173,13 @@ class LlamaForCausalLM:
                 self.linear.prepack(w)
         self.linear.prepack(self.lm_head)
         if kernels is not None:
-            # up to 8 layers' weights: more than a CPU's last-level cache, as in a real decode step
-            sample = [w for layer in self.layers[:8] for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+            # whole layers' weights until ~96 MB: more than a CPU's last-level cache, as a decode step
+            # streams them, and no more, so that a large model's load pays a few passes over one layer
+            sample: list[torch.Tensor] = []
+            for layer in self.layers:
+                sample += [layer.qkv, layer.o_proj, layer.gate_up, layer.down]
+                if sum(w.numel() * w.element_size() for w in sample) >= 96 << 20:
+                    break
             timings = self.linear.calibrate(sample)
             logger.info(
                 "small-batch matmuls: %s rows to the kernel (%s)",
