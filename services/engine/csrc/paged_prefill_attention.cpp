@@ -47,6 +47,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -208,8 +209,9 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   const int64_t H = q.size(1), KVH = k_cache.size(0), G = H / KVH, BS = k_cache.size(2);
   int64_t tiles = 0;
   for (const auto& c : chunks) tiles += c.num_tiles;
-  std::vector<uint32_t> kbuf(static_cast<size_t>(KVH * tiles * (D / 2) * kKeyTile));
-  std::vector<uint32_t> vbuf(static_cast<size_t>(KVH * tiles * (kKeyTile / 2) * D));
+  // uninitialised: pack_tile writes every element (a std::vector would zero ~1.5 MB a layer first)
+  const std::unique_ptr<uint32_t[]> kbuf(new uint32_t[KVH * tiles * (D / 2) * kKeyTile]);
+  const std::unique_ptr<uint32_t[]> vbuf(new uint32_t[KVH * tiles * (kKeyTile / 2) * D]);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t table_stride = block_tables.stride(0);
 
@@ -223,8 +225,8 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
       const int64_t g = i / tiles, global = i % tiles;
       const auto [p, t] = tile_owner[global];
       pack_tile<D>(k_cache, v_cache, tables + p * table_stride, BS, g, t, chunks[p].context_len,
-                   kbuf.data() + (g * tiles + global) * (D / 2) * kKeyTile,
-                   vbuf.data() + (g * tiles + global) * (kKeyTile / 2) * D);
+                   kbuf.get() + (g * tiles + global) * (D / 2) * kKeyTile,
+                   vbuf.get() + (g * tiles + global) * (kKeyTile / 2) * D);
     }
   });
 
@@ -252,8 +254,8 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
       const Chunk& c = chunks[it.chunk];
       const int64_t first_pos = c.context_len - c.query_len;
       const int64_t tokens = std::min<int64_t>(kTokenTile, c.query_len - it.token0);
-      const uint32_t* keys = kbuf.data() + (it.g * tiles + c.first_tile) * (D / 2) * kKeyTile;
-      const uint32_t* values = vbuf.data() + (it.g * tiles + c.first_tile) * (kKeyTile / 2) * D;
+      const uint32_t* keys = kbuf.get() + (it.g * tiles + c.first_tile) * (D / 2) * kKeyTile;
+      const uint32_t* values = vbuf.get() + (it.g * tiles + c.first_tile) * (kKeyTile / 2) * D;
       const int64_t rows = tokens * G;  // token-major: a pass's rows are neighbouring tokens' heads
       for (int64_t r0 = 0; r0 < rows; r0 += R) {
         const int nr = static_cast<int>(std::min<int64_t>(R, rows - r0));
