@@ -21,6 +21,9 @@
 // AMX-BF16 (16 rows against all of a group's heads at once), else vdpbf16ps; pass 2 widens V in registers.
 // Same run, 64 sequences x 320 tokens, 2 threads, 30 layers' caches in turn: 1.23 ms a layer before
 // either, 0.95 with the pass 2 change, 0.84 with both (python -m benchmarks.attention_kernel).
+// fp32 with head_dim 64 or 128 takes the same two shapes with plain FMAs (any AVX-512 CPU): on a Zen 4,
+// 2.45 -> 2.09 and 1.81 -> 1.51 ms a layer (alternating runs), a 64-sequence decode step 150.6 -> 141.1
+// and 154.7 -> 145.3 ms median (python -m benchmarks.decode_step --dtype float32).
 //
 // Built by services/engine/cpu_kernels.py with -O3 -march=native -mprefer-vector-width=512 -ffp-contract=fast -fopenmp
 // (at::parallel_for is header-inlined OpenMP; without -fopenmp it would silently run on one thread).
@@ -32,7 +35,7 @@
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
@@ -124,13 +127,7 @@ NOINLINE void score_block(float* __restrict s, const float* __restrict q, const 
   }
 }
 
-#if defined(__AVX512BF16__)
-// The bf16 scores without widening K: vdpbf16ps multiplies bf16 pairs exactly and accumulates in float32,
-// 32 elements an instruction, straight from the cache's rows (D % 32 == 0). Widening each K row to float
-// first (the generic path) cost as much as the dot products; with it gone, pass 1 reads K once, at
-// memory speed. q is the bf16 query row itself.
-constexpr bool kHaveBf16Dot = true;
-
+#if defined(__AVX512F__)
 // lane t of the result = the sum of r[t]'s 16 lanes: a transpose-and-add tree (45 shuffles and adds
 // for 16 rows) instead of one horizontal reduction per row (~9 dependent ops each, and a scalar store)
 inline __m512 sum_lanes_16(const __m512* r) {
@@ -149,6 +146,57 @@ inline __m512 sum_lanes_16(const __m512* r) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
                        _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
+
+// fp32 scores, 16 rows at a time, the same shape as the bf16 path below: each row's D products in one
+// vector (D / 16 FMAs), then the 16 vectors reduced together. It replaces the generic score_block, which
+// gcc vectorised across a row's lanes but then summed each row through a stack buffer.
+template <int NC>  // head_dim / 16
+NOINLINE void score_block_f32_n(float* __restrict s, const float* q, const float* rows, int64_t stride, int64_t n,
+                                float scale) {
+  __m512 qa[NC];
+  for (int c = 0; c < NC; ++c) qa[c] = _mm512_loadu_ps(q + 16 * c);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  int64_t t0 = 0;
+  for (; t0 + 16 <= n; t0 += 16) {
+    __m512 acc[16];
+    for (int t = 0; t < 16; ++t) {
+      const float* r = rows + (t0 + t) * stride;
+      acc[t] = _mm512_mul_ps(qa[0], _mm512_loadu_ps(r));
+      for (int c = 1; c < NC; ++c) acc[t] = _mm512_fmadd_ps(qa[c], _mm512_loadu_ps(r + 16 * c), acc[t]);
+    }
+    _mm512_storeu_ps(s + t0, _mm512_mul_ps(sum_lanes_16(acc), vscale));
+  }
+  if (t0 < n) {  // the last rows of a sequence's last block: no loads past them (the block may end there)
+    const int m = static_cast<int>(n - t0);
+    __m512 acc[16];
+    for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+    for (int t = 0; t < m; ++t) {
+      const float* r = rows + (t0 + t) * stride;
+      for (int c = 0; c < NC; ++c) acc[t] = _mm512_fmadd_ps(qa[c], _mm512_loadu_ps(r + 16 * c), acc[t]);
+    }
+    _mm512_mask_storeu_ps(s + t0, static_cast<__mmask16>((1u << m) - 1), _mm512_mul_ps(sum_lanes_16(acc), vscale));
+  }
+}
+
+// 16 elements of a cache row as float32: fp32 loaded as is, bf16 widened in registers (exact: a bf16 is a
+// float's top half)
+inline __m512 load16_ps(const float* r) { return _mm512_loadu_ps(r); }
+inline __m512 load16_ps(const at::BFloat16* r) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r));
+#if defined(__AVX512BF16__)
+  return _mm512_cvtpbh_ps((__m256bh)half);
+#else
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+#endif
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// The bf16 scores without widening K: vdpbf16ps multiplies bf16 pairs exactly and accumulates in float32,
+// 32 elements an instruction, straight from the cache's rows (D % 32 == 0). Widening each K row to float
+// first (the generic path) cost as much as the dot products; with it gone, pass 1 reads K once, at
+// memory speed. q is the bf16 query row itself.
+constexpr bool kHaveBf16Dot = true;
 
 // s[t] = (q . rows[t]) * scale, 16 rows at a time: each row's products summed in one vector, then the
 // 16 vectors reduced together. On a Zen 4 without AMX (where this is pass 1): 1.59 -> 1.52 ms a layer
@@ -207,13 +255,13 @@ constexpr bool kHaveBf16Dot = false;
 NOINLINE void score_block_bf16(float*, const at::BFloat16*, const at::BFloat16*, int64_t, int64_t, int64_t, float) {}
 #endif
 
-#if defined(__AVX512BF16__)
-// Pass 2 for bf16 without a widened copy of V: each row's 16-element chunks are widened in registers
-// (exact: bf16 is a float's top half) and multiplied into GN heads' accumulators, which stay in vector
+#if defined(__AVX512F__)
+// Pass 2 without a widened copy of V: each row's 16-element chunks are loaded into registers (bf16 widened
+// there, exact) and multiplied into GN heads' accumulators, which stay in vector
 // registers for the whole item. Against widening each block into a scratch buffer first and summing from
 // there: the decode attention kernel 1.23 -> 0.95 ms a layer (64 sequences x 320 tokens, 2 threads).
-template <int NCH, int GN>
-NOINLINE void accumulate_heads_bf16(float* __restrict acc, const at::BFloat16* v_head, int64_t blk_stride,
+template <typename T, int NCH, int GN>
+NOINLINE void accumulate_heads(float* __restrict acc, const T* v_head, int64_t blk_stride,
                                     int64_t tok_stride, const int64_t* table, int64_t len, int64_t BS,
                                     const float* __restrict p, int64_t p_stride) {
   __m512 a[GN][NCH];
@@ -222,15 +270,14 @@ NOINLINE void accumulate_heads_bf16(float* __restrict acc, const at::BFloat16* v
   const int64_t nblk = (len + BS - 1) / BS;
   for (int64_t i = 0; i < nblk; ++i) {
     const int64_t n = std::min(BS, len - i * BS);
-    const at::BFloat16* blk = v_head + table[i] * blk_stride;
+    const T* blk = v_head + table[i] * blk_stride;
     const float* pb = p + i * BS;
     for (int64_t t = 0; t < n; ++t) {
-      const at::BFloat16* row = blk + t * tok_stride;
+      const T* row = blk + t * tok_stride;
       __m512 w[GN];
       for (int g = 0; g < GN; ++g) w[g] = _mm512_set1_ps(pb[g * p_stride + t]);
       for (int c = 0; c < NCH; ++c) {
-        const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * c));
-        const __m512 x = _mm512_cvtpbh_ps((__m256bh)half);
+        const __m512 x = load16_ps(row + 16 * c);
         for (int g = 0; g < GN; ++g) a[g][c] = _mm512_fmadd_ps(w[g], x, a[g][c]);
       }
     }
@@ -241,11 +288,11 @@ NOINLINE void accumulate_heads_bf16(float* __restrict acc, const at::BFloat16* v
 
 // acc [G, 16 * NCH] = p [G, len] . V: the group's heads in runs small enough for their accumulators to stay
 // in registers (GN * NCH <= 24 of the 32), each run one walk over V (from cache: pass 1 prefetched it)
-template <int NCH>
-void accumulate_item_bf16(int64_t G, float* acc, const at::BFloat16* v_head, int64_t blk_stride, int64_t tok_stride,
+template <typename T, int NCH>
+void accumulate_item(int64_t G, float* acc, const T* v_head, int64_t blk_stride, int64_t tok_stride,
                           const int64_t* table, int64_t len, int64_t BS, const float* p, int64_t p_stride) {
   constexpr int kMaxHeads = 24 / NCH;
-  static_assert(kMaxHeads >= 1 && kMaxHeads <= 6, "accumulate_item_bf16: cases below cover 1..6 heads a run");
+  static_assert(kMaxHeads >= 1 && kMaxHeads <= 6, "accumulate_item: cases below cover 1..6 heads a run");
   for (int64_t g0 = 0; g0 < G; g0 += kMaxHeads) {
     const int64_t gn = std::min<int64_t>(kMaxHeads, G - g0);
     float* ag = acc + g0 * NCH * 16;
@@ -253,7 +300,7 @@ void accumulate_item_bf16(int64_t G, float* acc, const at::BFloat16* v_head, int
     switch (gn) {
 #define TANDEM_PV_CASE(K)                                                                              \
   case K:                                                                                              \
-    if constexpr (K <= kMaxHeads) accumulate_heads_bf16<NCH, K>(ag, v_head, blk_stride, tok_stride, table, len, BS, pg, p_stride); \
+    if constexpr (K <= kMaxHeads) accumulate_heads<T, NCH, K>(ag, v_head, blk_stride, tok_stride, table, len, BS, pg, p_stride); \
     break;
       TANDEM_PV_CASE(1)
       TANDEM_PV_CASE(2)
@@ -512,6 +559,14 @@ void decode_attention(
             continue;
           }
         }
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<T, float> && (DT == 64 || DT == 128)) {
+          for (int64_t g = 0; g < G; ++g)
+            score_block_f32_n<DT / 16>(scores.data() + g * len + i * BS, qf.data() + g * D, k_head + table[i] * ks.blk,
+                                       ks.tok, n, scale);
+          continue;
+        }
+#endif
         int64_t stride;
         const float* rows = block_rows(k_head + table[i] * ks.blk, ks.tok, n, D, scratch.data(), stride);
         for (int64_t g = 0; g < G; ++g)
@@ -524,9 +579,9 @@ void decode_attention(
       }
       // pass 2: acc[g] = sum_pos p[g, pos] * v_pos
       bool accumulated = false;
-#if defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<T, at::BFloat16> && (DT == 64 || DT == 128)) {
-        accumulate_item_bf16<DT / 16>(G, acc.data(), v_head, vs.blk, vs.tok, table, len, BS, scores.data(), len);
+#if defined(__AVX512F__)
+      if constexpr (DT == 64 || DT == 128) {
+        accumulate_item<T, DT / 16>(G, acc.data(), v_head, vs.blk, vs.tok, table, len, BS, scores.data(), len);
         accumulated = true;
       }
 #endif
