@@ -290,25 +290,28 @@ def _reference_prefill(q, k_cache, v_cache, query_starts, query_lens, context_le
 
 
 def _self_check_prefill(module) -> None:
-    """Chunks with and without a cached prefix, a context that is not a whole tile, GQA, head_dim 64."""
-    if not module.available:
-        return  # built without AVX512-BF16: callers keep SDPA and never call it
-    gen = torch.Generator().manual_seed(0)
-    k_cache, v_cache = (torch.randn(2, 12, 16, 64, generator=gen).bfloat16() for _ in range(2))
-    q = torch.randn(45, 6, 64, generator=gen).bfloat16()
-    starts, lens, ctxs = torch.tensor([0, 20, 21]), torch.tensor([20, 1, 24]), torch.tensor([20, 37, 60])
-    tables = torch.tensor([[3, 7, 0, 0], [1, 2, 4, 0], [5, 6, 8, 9]])
-    out = torch.zeros_like(q)
-    module.paged_prefill_attention(q, k_cache, v_cache, starts, lens, ctxs, tables, 0.125, out)
-    want = _reference_prefill(q, k_cache, v_cache, starts, lens, ctxs, tables, 0.125)
-    if not torch.allclose(out.float(), want, atol=2e-2, rtol=2e-2):
-        raise RuntimeError(f"self-check mismatch (max abs diff {(out.float() - want).abs().max().item():.3g})")
+    """Chunks with and without a cached prefix, a context that is not a whole tile, GQA, head_dim 64, in
+    each dtype the build runs (none without AVX-512: callers keep SDPA and never call it)."""
+    for name in module.dtypes:
+        dtype = getattr(torch, name)
+        gen = torch.Generator().manual_seed(0)
+        k_cache, v_cache = (torch.randn(2, 12, 16, 64, generator=gen).to(dtype) for _ in range(2))
+        q = torch.randn(45, 6, 64, generator=gen).to(dtype)
+        starts, lens, ctxs = torch.tensor([0, 20, 21]), torch.tensor([20, 1, 24]), torch.tensor([20, 37, 60])
+        tables = torch.tensor([[3, 7, 0, 0], [1, 2, 4, 0], [5, 6, 8, 9]])
+        out = torch.zeros_like(q)
+        module.paged_prefill_attention(q, k_cache, v_cache, starts, lens, ctxs, tables, 0.125, out)
+        want = _reference_prefill(q, k_cache, v_cache, starts, lens, ctxs, tables, 0.125)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        if not torch.allclose(out.float(), want, atol=tol, rtol=tol):
+            raise RuntimeError(f"self-check mismatch, {name} (max abs diff {(out.float() - want).abs().max().item():.3g})")
 
 
 @functools.cache
 def load_paged_prefill_attention_module():
-    """The compiled paged prefill attention module (`paged_prefill_attention`, `available`: whether it was
-    built with AVX512-BF16, `head_dims`), or None (logged once)."""
+    """The compiled paged prefill attention module (`paged_prefill_attention`; `dtypes`: the torch dtype
+    names it was built for, bfloat16 with AVX512-BF16 and float32 with AVX-512; `available`: any of them;
+    `head_dims`), or None (logged once)."""
     return _load(
         "tandem_paged_prefill_attention",
         "paged_prefill_attention.cpp",

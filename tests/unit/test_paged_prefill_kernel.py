@@ -1,7 +1,8 @@
-"""The bf16 paged prefill attention kernel against a float32 reference, and the backend that calls it.
+"""The paged prefill attention kernel (bf16 and fp32) against a float32 reference, and the backend that calls it.
 
 Fails when the kernel does not build on a machine with a compiler; skipped without one, with
-TANDEM_DISABLE_CPU_KERNELS=1, or on a CPU without AVX512-BF16 (where the backend keeps torch's SDPA).
+TANDEM_DISABLE_CPU_KERNELS=1, or for a dtype the CPU lacks the instructions for (bf16: AVX512-BF16,
+fp32: AVX-512), where the backend keeps torch's SDPA.
 """
 
 from __future__ import annotations
@@ -12,16 +13,24 @@ import torch
 from services.engine.cpu_kernels import _reference_prefill, load_paged_prefill_attention_module
 from tests.helpers.kernels import require_kernel
 
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+
 
 @pytest.fixture(scope="module")
-def kernel():
-    module = require_kernel(load_paged_prefill_attention_module(), "the paged prefill attention CPU kernel")
-    if not module.available:
-        pytest.skip("this CPU has no AVX512-BF16: prefill attention stays on torch's SDPA")
+def module():
+    return require_kernel(load_paged_prefill_attention_module(), "the paged prefill attention CPU kernel")
+
+
+@pytest.fixture
+def kernel(module, request):
+    """The kernel, for the test's `dtype` parameter (bf16 where the test has none)."""
+    dtype = request.node.callspec.params.get("dtype", torch.bfloat16) if hasattr(request.node, "callspec") else torch.bfloat16
+    if str(dtype).removeprefix("torch.") not in module.dtypes:
+        pytest.skip(f"this CPU lacks the instructions for {dtype}: prefill attention stays on torch's SDPA")
     return module.paged_prefill_attention
 
 
-def make_case(*, chunks, kv_heads, group, head_dim, block_size=16, seed=0, qkv_view=False):
+def make_case(*, chunks, kv_heads, group, head_dim, block_size=16, seed=0, qkv_view=False, dtype=torch.bfloat16):
     """chunks: (query_len, context_len) pairs. Each context gets shuffled blocks of one cache; blocks no
     context uses hold NaN, and so do the slots past each context's end, which the kernel must never read.
     qkv_view: q is a view into a fused [T, (H + 2 KVH) * D] projection, as the model passes it."""
@@ -29,7 +38,7 @@ def make_case(*, chunks, kv_heads, group, head_dim, block_size=16, seed=0, qkv_v
     heads = kv_heads * group
     blocks_per = [-(-ctx // block_size) for _, ctx in chunks]
     num_blocks = sum(blocks_per) + 5
-    k_cache, v_cache = (torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=gen).bfloat16() for _ in range(2))
+    k_cache, v_cache = (torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=gen).to(dtype) for _ in range(2))
     perm = torch.randperm(num_blocks, generator=gen)
     tables = torch.zeros(len(chunks), max(blocks_per) + 2, dtype=torch.long)
     used = torch.zeros(num_blocks, dtype=torch.bool)
@@ -45,11 +54,11 @@ def make_case(*, chunks, kv_heads, group, head_dim, block_size=16, seed=0, qkv_v
     v_cache[:, ~used] = float("nan")
     total = sum(qlen for qlen, _ in chunks) + 3  # 3 rows (decodes, say) that belong to no chunk
     if qkv_view:
-        fused = torch.randn(total, (heads + 2 * kv_heads) * head_dim, generator=gen).bfloat16()
+        fused = torch.randn(total, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
         q = fused[:, : heads * head_dim].view(total, heads, head_dim)
         assert not q.is_contiguous()
     else:
-        q = torch.randn(total, heads, head_dim, generator=gen).bfloat16()
+        q = torch.randn(total, heads, head_dim, generator=gen).to(dtype)
     starts, start = [], 3
     for qlen, _ in chunks:
         starts.append(start)
@@ -60,12 +69,15 @@ def make_case(*, chunks, kv_heads, group, head_dim, block_size=16, seed=0, qkv_v
 
 def check(kernel, case, scale):
     q, k_cache, v_cache, starts, lens, ctxs, tables = case
-    out = torch.full(q.shape, 7.0, dtype=torch.bfloat16)
+    out = torch.full(q.shape, 7.0, dtype=q.dtype)
     kernel(q, k_cache, v_cache, starts, lens, ctxs, tables, scale, out)
     want = _reference_prefill(q, k_cache, v_cache, starts, lens, ctxs, tables, scale)
     assert (out[:3] == 7.0).all(), "rows outside every chunk were written"
     got = out[3:].float()
     assert torch.isfinite(got).all()
+    if q.dtype == torch.float32:  # float32 throughout: only the order of the sums differs
+        torch.testing.assert_close(got, want[3:], atol=1e-5, rtol=1e-5)
+        return
     # Each softmax weight is rounded to bf16 (relative error <= 2**-9) before the P.V products, as torch's
     # flash kernel does, and the row sums add the rounded weights: the output stays a weighted mean of
     # the value rows, moved by at most ~2 * 2**-9 of their spread; then one bf16 rounding of the output.
@@ -82,27 +94,32 @@ CHUNKS = {
 }
 
 
+@DTYPES
 @pytest.mark.parametrize("chunks", CHUNKS.values(), ids=CHUNKS.keys())
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_matches_reference(kernel, chunks, group, head_dim):
-    case = make_case(chunks=chunks, kv_heads=2 if group == 4 else 3, group=group, head_dim=head_dim)
+def test_matches_reference(kernel, chunks, group, head_dim, dtype):
+    case = make_case(chunks=chunks, kv_heads=2 if group == 4 else 3, group=group, head_dim=head_dim, dtype=dtype)
     check(kernel, case, scale=head_dim**-0.5)
 
 
+@DTYPES
 @pytest.mark.parametrize("block_size", [1, 8, 32, 5])
-def test_block_sizes(kernel, block_size):
+def test_block_sizes(kernel, block_size, dtype):
     """Key tiles of 16 straddle blocks of other sizes, including ones that do not divide 16."""
-    check(kernel, make_case(chunks=CHUNKS["cached_prefix"], kv_heads=3, group=3, head_dim=64, block_size=block_size), 0.125)
+    case = make_case(chunks=CHUNKS["cached_prefix"], kv_heads=3, group=3, head_dim=64, block_size=block_size, dtype=dtype)
+    check(kernel, case, 0.125)
 
 
-def test_query_view_of_fused_projection(kernel):
-    check(kernel, make_case(chunks=CHUNKS["ragged"], kv_heads=3, group=3, head_dim=64, qkv_view=True), 0.125)
+@DTYPES
+def test_query_view_of_fused_projection(kernel, dtype):
+    check(kernel, make_case(chunks=CHUNKS["ragged"], kv_heads=3, group=3, head_dim=64, qkv_view=True, dtype=dtype), 0.125)
 
 
+@DTYPES
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_thread_counts_agree(kernel, threads):
-    case = make_case(chunks=CHUNKS["ragged"] + CHUNKS["cached_prefix"], kv_heads=3, group=3, head_dim=64, seed=4)
+def test_thread_counts_agree(kernel, threads, dtype):
+    case = make_case(chunks=CHUNKS["ragged"] + CHUNKS["cached_prefix"], kv_heads=3, group=3, head_dim=64, seed=4, dtype=dtype)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -111,9 +128,10 @@ def test_thread_counts_agree(kernel, threads):
         torch.set_num_threads(old)
 
 
-def test_large_scores(kernel):
+@DTYPES
+def test_large_scores(kernel, dtype):
     """Scores that would overflow an unstabilised softmax: the running max must rescale correctly."""
-    q, *rest = make_case(chunks=[(50, 90)], kv_heads=1, group=2, head_dim=64, seed=7)
+    q, *rest = make_case(chunks=[(50, 90)], kv_heads=1, group=2, head_dim=64, seed=7, dtype=dtype)
     check(kernel, (q * 40, *rest), 1.0)
 
 
@@ -121,7 +139,9 @@ def test_bad_input_raises(kernel):
     q, k_cache, v_cache, starts, lens, ctxs, tables = make_case(chunks=[(20, 40), (5, 5)], kv_heads=3, group=3, head_dim=64)
     out = torch.zeros(q.shape, dtype=torch.bfloat16)
     bad_calls = {
-        "float32": (q.float(), k_cache.float(), v_cache.float(), starts, lens, ctxs, tables, out.float()),
+        "float64": (q.double(), k_cache.double(), v_cache.double(), starts, lens, ctxs, tables, out.double()),
+        "mixed dtypes": (q.float(), k_cache, v_cache, starts, lens, ctxs, tables, out.float()),
+        "out in another dtype": (q, k_cache, v_cache, starts, lens, ctxs, tables, out.float()),
         "head_dim 80": (q[..., :40], k_cache[..., :40], v_cache[..., :40], starts, lens, ctxs, tables, out[..., :40]),
         "out shape": (q, k_cache, v_cache, starts, lens, ctxs, tables, out[1:]),
         "int32 tables": (q, k_cache, v_cache, starts, lens, ctxs, tables.int(), out),
@@ -139,7 +159,8 @@ def test_bad_input_raises(kernel):
             pytest.fail(f"no error for {what}")
 
 
-def test_backend_prefill_uses_kernel_and_matches_sdpa(kernel):
+@DTYPES
+def test_backend_prefill_uses_kernel_and_matches_sdpa(kernel, dtype):
     """A mixed step (decodes, a whole prompt, a chunk after a cached prefix) through the torch backend:
     the same output with the kernel as with SDPA, and the kernel is what runs."""
     from services.engine.attention.backend import SequenceSlice
@@ -147,7 +168,7 @@ def test_backend_prefill_uses_kernel_and_matches_sdpa(kernel):
 
     gen = torch.Generator().manual_seed(3)
     kvh, heads, d, bs, nb = 3, 9, 64, 16, 80
-    storage = torch.randn(2, kvh, nb, bs, d, generator=gen).bfloat16()
+    storage = torch.randn(2, kvh, nb, bs, d, generator=gen).to(dtype)
     # (query_len, context_len): two decodes, then two prefill chunks
     shapes = [(1, 30), (1, 17), (64, 64), (40, 200)]
     perm = torch.randperm(nb, generator=gen).tolist()
@@ -157,9 +178,9 @@ def test_backend_prefill_uses_kernel_and_matches_sdpa(kernel):
         start += len(blocks)
         slices.append(SequenceSlice(row, qlen, ctx, blocks))
         row += qlen
-    q = torch.randn(row, heads, d, generator=gen).bfloat16()
-    k = torch.randn(row, kvh, d, generator=gen).bfloat16()
-    v = torch.randn(row, kvh, d, generator=gen).bfloat16()
+    q = torch.randn(row, heads, d, generator=gen).to(dtype)
+    k = torch.randn(row, kvh, d, generator=gen).to(dtype)
+    v = torch.randn(row, kvh, d, generator=gen).to(dtype)
 
     fused = TorchAttentionBackend()
     assert fused.prefill_kernel is not None
@@ -174,13 +195,18 @@ def test_backend_prefill_uses_kernel_and_matches_sdpa(kernel):
         meta = backend.build_metadata(slices, row, bs)
         outs.append(backend.forward(q, k, v, cache[0], cache[1], meta, d**-0.5).float())
     assert calls == [1], "the backend did not run the prefill kernel"
-    torch.testing.assert_close(outs[0], outs[1], atol=2e-2, rtol=2e-2)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outs[0], outs[1], atol=tol, rtol=tol)
 
 
-def test_float32_keeps_sdpa(kernel):
+def test_backend_runs_the_kernel_only_where_it_was_built(module):
     from services.engine.attention.torch_backend import TorchAttentionBackend
 
     backend = TorchAttentionBackend()
-    q = torch.zeros(4, 9, 64)
-    assert not backend._use_prefill_kernel(q, torch.zeros(3, 2, 16, 64))
-    assert backend._use_prefill_kernel(q.bfloat16(), torch.zeros(3, 2, 16, 64, dtype=torch.bfloat16))
+    cache = lambda dtype: torch.zeros(3, 2, 16, 64, dtype=dtype)  # noqa: E731
+    for dtype in (torch.float32, torch.bfloat16):
+        want = str(dtype).removeprefix("torch.") in module.dtypes
+        assert backend._use_prefill_kernel(torch.zeros(4, 9, 64, dtype=dtype), cache(dtype)) == want
+    assert not backend._use_prefill_kernel(torch.zeros(4, 9, 64, dtype=torch.float16), cache(torch.float16))
+    assert not backend._use_prefill_kernel(torch.zeros(4, 9, 64), cache(torch.bfloat16)), "mixed dtypes keep SDPA"
+    assert not backend._use_prefill_kernel(torch.zeros(4, 9, 80), torch.zeros(3, 2, 16, 80)), "head_dim 80 keeps SDPA"

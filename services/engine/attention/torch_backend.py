@@ -65,6 +65,7 @@ class TorchAttentionBackend(AttentionBackend):
         prefill = load_paged_prefill_attention_module()
         self.prefill_kernel = prefill.paged_prefill_attention if prefill is not None and prefill.available else None
         self.prefill_head_dims = set(prefill.head_dims) if prefill is not None else set()
+        self.prefill_dtypes = {getattr(torch, name) for name in prefill.dtypes} if prefill is not None else set()
 
     def build_metadata(self, slices: list[SequenceSlice], num_tokens: int, block_size: int) -> TorchAttentionMetadata:
         slot_blocks = torch.empty(num_tokens, dtype=torch.long)
@@ -177,8 +178,8 @@ class TorchAttentionBackend(AttentionBackend):
         return (
             self.prefill_kernel is not None
             and q.device.type == "cpu"
-            and q.dtype == torch.bfloat16
-            and k_cache.dtype == torch.bfloat16
+            and q.dtype in self.prefill_dtypes
+            and k_cache.dtype == q.dtype
             and q.shape[-1] in self.prefill_head_dims
         )
 

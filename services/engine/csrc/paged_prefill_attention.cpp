@@ -1,15 +1,16 @@
-// Paged prefill attention on CPU, bfloat16 on AVX512-BF16: causal attention of each prefill chunk's
-// queries over its whole context (cached prefix + the chunk), keys/values read from the paged KV cache.
+// Paged prefill attention on CPU, bfloat16 on AVX512-BF16 and float32 on AVX-512: causal attention of each
+// prefill chunk's queries over its whole context (cached prefix + the chunk), keys/values read from the
+// paged KV cache.
 //
-//   q             [T, H, D]          bfloat16, stride(2) == 1 (a view of the fused qkv projection is fine)
-//   k_cache       [KVH, NB, BS, D]   bfloat16, stride(3) == 1, this step's keys already written
+//   q             [T, H, D]          bfloat16 or float32, stride(2) == 1 (a view of the fused qkv projection is fine)
+//   k_cache       [KVH, NB, BS, D]   q's dtype, stride(3) == 1, this step's keys already written
 //   v_cache       [KVH, NB, BS, D]   same shape / dtype as k_cache
 //   query_starts  [P] int64          first row of each chunk in q / out
 //   query_lens    [P] int64          the chunk's tokens (>= 1)
 //   context_lens  [P] int64          cached + chunk tokens; the chunk's tokens are the context's last ones
 //   block_tables  [P, MAXBLK] int64  each sequence's block ids, in order
 //   scale         float
-//   out           [T, H, D]          bfloat16, contiguous; rows outside the chunks are not touched
+//   out           [T, H, D]          q's dtype, contiguous; rows outside the chunks are not touched
 //
 // Why: torch's SDPA (the flash kernel for CPU) ran these at ~60 GFLOP/s on the served shapes (256-token
 // chunks, head_dim 64, 3 KV heads for 9 query heads), a quarter of a prefill step. Here the products run
@@ -32,6 +33,12 @@
 // The weights are rounded to bf16 before the P.V products (as torch's flash kernel does for bf16) and the
 // row sums add the rounded weights, so each output is a true weighted mean of the value rows.
 //
+// float32 takes the same shape with plain FMAs (any AVX-512 CPU): keys packed as [D][16 keys], values as
+// [16 keys][D], the weights kept in float32. On a Zen 4, 2 threads, alternating with SDPA call by call
+// (python -m benchmarks.prefill_attention --dtype float32): 6.7 against 11.6 ms a layer for 8 x 256
+// tokens, 25.6 against 41.3 for 32 x 256; a whole fp32 prefill step of 8,192 tokens 10.02 -> 9.45 s, of
+// 2,048 tokens 2.50 -> 2.34 s (median, alternating in one engine).
+//
 // Built by services/engine/cpu_kernels.py with -O3 -march=native -mprefer-vector-width=512 -ffp-contract=fast -fopenmp.
 
 #include <ATen/Parallel.h>
@@ -39,7 +46,7 @@
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -48,11 +55,13 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 
 constexpr int kKeyTile = 16;    // keys per packed tile: one float lane each in the score vector
 constexpr int kTokenTile = 16;  // query tokens per work item
@@ -81,22 +90,29 @@ struct Chunk {
   int64_t num_tiles;
 };
 
-struct Packed {
-  uint32_t* keys;    // [KVH][tiles][D/2][16]: (k[2j], k[2j+1]) of 16 keys
-  uint32_t* values;  // [KVH][tiles][8][D]:    (v0[d], v1[d]) of 8 key pairs
-  int64_t tiles;
-};
+// Packed tiles hold 32-bit words: for bf16 a pair of bf16 values, for float32 one float.
+//   bf16:    keys [D/2][16]: (k[2j], k[2j+1]) of 16 keys;  values [8][D]: (v0[d], v1[d]) of 8 key pairs
+//   float32: keys [D][16]:   k[d] of 16 keys;               values [16][D]: the 16 key rows as they are
+template <typename T>
+using Word = std::conditional_t<std::is_same_v<T, float>, float, uint32_t>;
+template <typename T>
+constexpr int kPairs = std::is_same_v<T, float> ? 1 : 2;  // values per word
+template <typename T, int D>
+constexpr int64_t kKeyWords = (D / kPairs<T>) * kKeyTile;  // words per packed key tile
+template <typename T, int D>
+constexpr int64_t kValueWords = (kKeyTile / kPairs<T>) * D;
 
-template <int D>
+template <typename T, int D>
 void pack_tile(const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* table, int64_t block_size,
-               int64_t g, int64_t tile, int64_t context_len, uint32_t* __restrict kdst, uint32_t* __restrict vdst) {
-  const auto* kbase = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::BFloat16>());
-  const auto* vbase = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::BFloat16>());
+               int64_t g, int64_t tile, int64_t context_len, Word<T>* __restrict kdst, Word<T>* __restrict vdst) {
+  using E = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;  // one cache element
+  const auto* kbase = reinterpret_cast<const E*>(k_cache.data_ptr<T>());
+  const auto* vbase = reinterpret_cast<const E*>(v_cache.data_ptr<T>());
   const int64_t s0 = k_cache.stride(0), s1 = k_cache.stride(1), s2 = k_cache.stride(2);
   const int64_t t0 = v_cache.stride(0), t1 = v_cache.stride(1), t2 = v_cache.stride(2);
-  static const uint16_t zeros[D] = {};
-  const uint16_t* krow[kKeyTile];
-  const uint16_t* vrow[kKeyTile];
+  static const E zeros[D] = {};
+  const E* krow[kKeyTile];
+  const E* vrow[kKeyTile];
   for (int j = 0; j < kKeyTile; ++j) {
     const int64_t key = tile * kKeyTile + j;
     if (key < context_len) {
@@ -107,25 +123,32 @@ void pack_tile(const at::Tensor& k_cache, const at::Tensor& v_cache, const int64
       krow[j] = vrow[j] = zeros;
     }
   }
-  for (int j = 0; j < kKeyTile; ++j) {
-    const uint32_t* src = reinterpret_cast<const uint32_t*>(krow[j]);  // dims in pairs
-    for (int dp = 0; dp < D / 2; ++dp) kdst[dp * kKeyTile + j] = src[dp];
-  }
-  for (int kp = 0; kp < kKeyTile / 2; ++kp) {
-    const uint16_t* __restrict a = vrow[2 * kp];
-    const uint16_t* __restrict b = vrow[2 * kp + 1];
-    uint32_t* __restrict dst = vdst + kp * D;
+  if constexpr (std::is_same_v<T, float>) {
+    for (int j = 0; j < kKeyTile; ++j)
+      for (int d = 0; d < D; ++d) kdst[d * kKeyTile + j] = krow[j][d];
+    for (int j = 0; j < kKeyTile; ++j) std::memcpy(vdst + j * D, vrow[j], D * sizeof(float));
+  } else {
+    for (int j = 0; j < kKeyTile; ++j) {
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(krow[j]);  // dims in pairs
+      for (int dp = 0; dp < D / 2; ++dp) kdst[dp * kKeyTile + j] = src[dp];
+    }
+    for (int kp = 0; kp < kKeyTile / 2; ++kp) {
+      const uint16_t* __restrict a = vrow[2 * kp];
+      const uint16_t* __restrict b = vrow[2 * kp + 1];
+      uint32_t* __restrict dst = vdst + kp * D;
 #pragma omp simd
-    for (int d = 0; d < D; ++d) dst[d] = static_cast<uint32_t>(a[d]) | (static_cast<uint32_t>(b[d]) << 16);
+      for (int d = 0; d < D; ++d) dst[d] = static_cast<uint32_t>(a[d]) | (static_cast<uint32_t>(b[d]) << 16);
+    }
   }
 }
 
 // NR query rows (NR * D / 16 float accumulators) over key tiles [0, num_tiles) of one packed context.
-// q32[r]: the row's query as D/2 dim pairs; limit[r]: the last key position the row may see.
-template <int D, int NR>
-__attribute__((noinline)) void attend_rows(const uint32_t* const* q32, const int64_t* limit, const uint32_t* keys,
-                                           const uint32_t* values, int64_t num_tiles, float scale,
-                                           at::BFloat16* const* out_rows) {
+// qw[r]: the row's query as words (bf16: D/2 dim pairs; float32: D floats); limit[r]: the last key
+// position the row may see.
+template <typename T, int D, int NR>
+__attribute__((noinline)) void attend_rows(const Word<T>* const* qw, const int64_t* limit, const Word<T>* keys,
+                                           const Word<T>* values, int64_t num_tiles, float scale, T* const* out_rows) {
+  constexpr bool kFloat = std::is_same_v<T, float>;
   constexpr int C = D / 16;  // output vectors per row
   __m512 acc[NR][C];
   __m512 row_sum[NR];
@@ -136,15 +159,24 @@ __attribute__((noinline)) void attend_rows(const uint32_t* const* q32, const int
     row_max[r] = -INFINITY;
   }
   const __m512 vscale = _mm512_set1_ps(scale);
-  alignas(64) uint32_t weights[NR][kKeyTile / 2];
+  alignas(64) Word<T> weights[NR][kKeyTile / kPairs<T>];
   for (int64_t t = 0; t < num_tiles; ++t) {
-    const uint32_t* kt = keys + t * (D / 2) * kKeyTile;
-    const uint32_t* vt = values + t * (kKeyTile / 2) * D;
+    const Word<T>* kt = keys + t * kKeyWords<T, D>;
+    const Word<T>* vt = values + t * kValueWords<T, D>;
     __m512 s[NR];
     for (int r = 0; r < NR; ++r) s[r] = _mm512_setzero_ps();
-    for (int dp = 0; dp < D / 2; ++dp) {
-      const __m512bh k = (__m512bh)_mm512_loadu_si512(kt + dp * kKeyTile);
-      for (int r = 0; r < NR; ++r) s[r] = _mm512_dpbf16_ps(s[r], k, (__m512bh)_mm512_set1_epi32(q32[r][dp]));
+    if constexpr (kFloat) {
+      for (int d = 0; d < D; ++d) {
+        const __m512 k = _mm512_loadu_ps(kt + d * kKeyTile);
+        for (int r = 0; r < NR; ++r) s[r] = _mm512_fmadd_ps(k, _mm512_set1_ps(qw[r][d]), s[r]);
+      }
+    } else {
+#if defined(__AVX512BF16__)
+      for (int dp = 0; dp < D / 2; ++dp) {
+        const __m512bh k = (__m512bh)_mm512_loadu_si512(kt + dp * kKeyTile);
+        for (int r = 0; r < NR; ++r) s[r] = _mm512_dpbf16_ps(s[r], k, (__m512bh)_mm512_set1_epi32(qw[r][dp]));
+      }
+#endif
     }
     // Branch-free over rows (a row that sees none of this tile gets an empty mask: weights 0, factor 1),
     // so that gcc keeps every accumulator in a register: with a per-row `continue` here it kept them
@@ -163,26 +195,53 @@ __attribute__((noinline)) void attend_rows(const uint32_t* const* q32, const int
     _mm512_store_ps(alphas, exp_nonpos_v(_mm512_load_ps(shift)));
     for (int r = 0; r < NR; ++r) {
       const __m512 alpha = _mm512_set1_ps(alphas[r]);
-      const __m256bh pb = _mm512_cvtneps_pbh(
-          _mm512_maskz_mov_ps(visible_mask[r], exp_nonpos_v(_mm512_sub_ps(s[r], _mm512_set1_ps(row_max[r])))));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(weights[r]), (__m256i)pb);
-      row_sum[r] = _mm512_fmadd_ps(row_sum[r], alpha, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16)));
+      const __m512 p =
+          _mm512_maskz_mov_ps(visible_mask[r], exp_nonpos_v(_mm512_sub_ps(s[r], _mm512_set1_ps(row_max[r]))));
+      if constexpr (kFloat) {
+        _mm512_store_ps(weights[r], p);
+        row_sum[r] = _mm512_fmadd_ps(row_sum[r], alpha, p);
+      } else {
+#if defined(__AVX512BF16__)
+        const __m256bh pb = _mm512_cvtneps_pbh(p);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(weights[r]), (__m256i)pb);
+        row_sum[r] = _mm512_fmadd_ps(row_sum[r], alpha, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16)));
+#endif
+      }
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(acc[r][c], alpha);
     }
-    for (int kp = 0; kp < kKeyTile / 2; ++kp) {
-      __m512i w[NR];
-      for (int r = 0; r < NR; ++r) w[r] = _mm512_set1_epi32(weights[r][kp]);
-      for (int c = 0; c < C; ++c) {
-        const __m512bh v = (__m512bh)_mm512_loadu_si512(vt + kp * D + c * 16);
-        for (int r = 0; r < NR; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], v, (__m512bh)w[r]);
+    if constexpr (kFloat) {
+      for (int j = 0; j < kKeyTile; ++j) {
+        __m512 w[NR];
+        for (int r = 0; r < NR; ++r) w[r] = _mm512_set1_ps(weights[r][j]);
+        for (int c = 0; c < C; ++c) {
+          const __m512 v = _mm512_loadu_ps(vt + j * D + c * 16);
+          for (int r = 0; r < NR; ++r) acc[r][c] = _mm512_fmadd_ps(v, w[r], acc[r][c]);
+        }
       }
+    } else {
+#if defined(__AVX512BF16__)
+      for (int kp = 0; kp < kKeyTile / 2; ++kp) {
+        __m512i w[NR];
+        for (int r = 0; r < NR; ++r) w[r] = _mm512_set1_epi32(weights[r][kp]);
+        for (int c = 0; c < C; ++c) {
+          const __m512bh v = (__m512bh)_mm512_loadu_si512(vt + kp * D + c * 16);
+          for (int r = 0; r < NR; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], v, (__m512bh)w[r]);
+        }
+      }
+#endif
     }
   }
   for (int r = 0; r < NR; ++r) {
     const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(row_sum[r]));
     for (int c = 0; c < C; ++c) {
-      const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], inv));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_rows[r] + c * 16), (__m256i)o);
+      if constexpr (kFloat) {
+        _mm512_storeu_ps(out_rows[r] + c * 16, _mm512_mul_ps(acc[r][c], inv));
+      } else {
+#if defined(__AVX512BF16__)
+        const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], inv));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_rows[r] + c * 16), (__m256i)o);
+#endif
+      }
     }
   }
 }
@@ -190,28 +249,28 @@ __attribute__((noinline)) void attend_rows(const uint32_t* const* q32, const int
 template <int D>
 constexpr int kRowsPerPass = D <= 64 ? 4 : 2;  // 16 float output accumulators a pass: 4 rows at D=64, 2 at 128
 
-template <int D>
-void attend_rows_dispatch(int nr, const uint32_t* const* q32, const int64_t* limit, const uint32_t* keys,
-                          const uint32_t* values, int64_t num_tiles, float scale, at::BFloat16* const* out_rows) {
+template <typename T, int D>
+void attend_rows_dispatch(int nr, const Word<T>* const* qw, const int64_t* limit, const Word<T>* keys,
+                          const Word<T>* values, int64_t num_tiles, float scale, T* const* out_rows) {
   static_assert(kRowsPerPass<D> <= 4, "add cases below");
   switch (nr) {
-    case 4: if constexpr (kRowsPerPass<D> >= 4) { attend_rows<D, 4>(q32, limit, keys, values, num_tiles, scale, out_rows); return; } break;
-    case 3: if constexpr (kRowsPerPass<D> >= 3) { attend_rows<D, 3>(q32, limit, keys, values, num_tiles, scale, out_rows); return; } break;
-    case 2: if constexpr (kRowsPerPass<D> >= 2) { attend_rows<D, 2>(q32, limit, keys, values, num_tiles, scale, out_rows); return; } break;
+    case 4: if constexpr (kRowsPerPass<D> >= 4) { attend_rows<T, D, 4>(qw, limit, keys, values, num_tiles, scale, out_rows); return; } break;
+    case 3: if constexpr (kRowsPerPass<D> >= 3) { attend_rows<T, D, 3>(qw, limit, keys, values, num_tiles, scale, out_rows); return; } break;
+    case 2: if constexpr (kRowsPerPass<D> >= 2) { attend_rows<T, D, 2>(qw, limit, keys, values, num_tiles, scale, out_rows); return; } break;
     default: break;
   }
-  attend_rows<D, 1>(q32, limit, keys, values, num_tiles, scale, out_rows);
+  attend_rows<T, D, 1>(qw, limit, keys, values, num_tiles, scale, out_rows);
 }
 
-template <int D>
+template <typename T, int D>
 void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::vector<Chunk>& chunks,
          const at::Tensor& block_tables, double scale, at::Tensor& out) {
   const int64_t H = q.size(1), KVH = k_cache.size(0), G = H / KVH, BS = k_cache.size(2);
   int64_t tiles = 0;
   for (const auto& c : chunks) tiles += c.num_tiles;
   // uninitialised: pack_tile writes every element (a std::vector would zero ~1.5 MB a layer first)
-  const std::unique_ptr<uint32_t[]> kbuf(new uint32_t[KVH * tiles * (D / 2) * kKeyTile]);
-  const std::unique_ptr<uint32_t[]> vbuf(new uint32_t[KVH * tiles * (kKeyTile / 2) * D]);
+  const std::unique_ptr<Word<T>[]> kbuf(new Word<T>[KVH * tiles * kKeyWords<T, D>]);
+  const std::unique_ptr<Word<T>[]> vbuf(new Word<T>[KVH * tiles * kValueWords<T, D>]);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t table_stride = block_tables.stride(0);
 
@@ -224,9 +283,9 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
     for (int64_t i = begin; i < end; ++i) {
       const int64_t g = i / tiles, global = i % tiles;
       const auto [p, t] = tile_owner[global];
-      pack_tile<D>(k_cache, v_cache, tables + p * table_stride, BS, g, t, chunks[p].context_len,
-                   kbuf.get() + (g * tiles + global) * (D / 2) * kKeyTile,
-                   vbuf.get() + (g * tiles + global) * (kKeyTile / 2) * D);
+      pack_tile<T, D>(k_cache, v_cache, tables + p * table_stride, BS, g, t, chunks[p].context_len,
+                      kbuf.get() + (g * tiles + global) * kKeyWords<T, D>,
+                      vbuf.get() + (g * tiles + global) * kValueWords<T, D>);
     }
   });
 
@@ -243,8 +302,8 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
   std::atomic<int64_t> next{0};
-  const auto* qbase = q.data_ptr<at::BFloat16>();
-  auto* obase = out.data_ptr<at::BFloat16>();
+  const auto* qbase = q.data_ptr<T>();
+  auto* obase = out.data_ptr<T>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), os0 = out.stride(0), os1 = out.stride(1);
   const int64_t n_items = static_cast<int64_t>(items.size());
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
@@ -254,40 +313,58 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
       const Chunk& c = chunks[it.chunk];
       const int64_t first_pos = c.context_len - c.query_len;
       const int64_t tokens = std::min<int64_t>(kTokenTile, c.query_len - it.token0);
-      const uint32_t* keys = kbuf.get() + (it.g * tiles + c.first_tile) * (D / 2) * kKeyTile;
-      const uint32_t* values = vbuf.get() + (it.g * tiles + c.first_tile) * (kKeyTile / 2) * D;
+      const Word<T>* keys = kbuf.get() + (it.g * tiles + c.first_tile) * kKeyWords<T, D>;
+      const Word<T>* values = vbuf.get() + (it.g * tiles + c.first_tile) * kValueWords<T, D>;
       const int64_t rows = tokens * G;  // token-major: a pass's rows are neighbouring tokens' heads
       for (int64_t r0 = 0; r0 < rows; r0 += R) {
         const int nr = static_cast<int>(std::min<int64_t>(R, rows - r0));
-        const uint32_t* q32[R];
+        const Word<T>* qw[R];
         int64_t limit[R];
-        at::BFloat16* out_rows[R];
+        T* out_rows[R];
         int64_t max_limit = 0;
         for (int r = 0; r < nr; ++r) {
           const int64_t token = it.token0 + (r0 + r) / G, head = it.g * G + (r0 + r) % G;
           const int64_t row = c.query_start + token;
-          q32[r] = reinterpret_cast<const uint32_t*>(qbase + row * qs0 + head * qs1);
+          qw[r] = reinterpret_cast<const Word<T>*>(qbase + row * qs0 + head * qs1);
           out_rows[r] = obase + row * os0 + head * os1;
           limit[r] = first_pos + token;
           max_limit = std::max(max_limit, limit[r]);
         }
-        attend_rows_dispatch<D>(nr, q32, limit, keys, values, max_limit / kKeyTile + 1, static_cast<float>(scale), out_rows);
+        attend_rows_dispatch<T, D>(nr, qw, limit, keys, values, max_limit / kKeyTile + 1, static_cast<float>(scale), out_rows);
       }
     }
   });
 }
 
-#endif  // __AVX512BF16__
+#endif  // __AVX512F__
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "paged_prefill_attention: ", what); }
+
+// the dtypes this build runs: bf16 needs AVX512-BF16's dot products, float32 plain AVX-512
+std::vector<std::string> built_dtypes() {
+  std::vector<std::string> dtypes;
+#if defined(__AVX512BF16__)
+  dtypes.push_back("bfloat16");
+#endif
+#if defined(__AVX512F__)
+  dtypes.push_back("float32");
+#endif
+  return dtypes;
+}
 
 void paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& query_starts, const at::Tensor& query_lens, const at::Tensor& context_lens,
                              const at::Tensor& block_tables, double scale, at::Tensor out) {
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
   check(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "q [T, H, D], caches [KVH, NB, BS, D]");
-  check(q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16 &&
-            out.scalar_type() == at::kBFloat16, "bfloat16 only");
+  const auto dtype = q.scalar_type();
+  check(k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype && out.scalar_type() == dtype,
+        "q, the caches and out must share one dtype");
+#if defined(__AVX512BF16__)
+  check(dtype == at::kBFloat16 || dtype == at::kFloat, "bfloat16 or float32 only");
+#else
+  check(dtype == at::kFloat, "float32 only (built without AVX512-BF16)");
+#endif
   check(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1 && out.stride(2) == 1, "the last dim must be contiguous");
   check(out.sizes() == q.sizes(), "out must have q's shape");
   const int64_t H = q.size(1), D = q.size(2), KVH = k_cache.size(0);
@@ -310,27 +387,32 @@ void paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
     first_tile += n_tiles;
   }
   if (chunks.empty()) return;
-  switch (D) {
-    case 64: run<64>(q, k_cache, v_cache, chunks, block_tables, scale, out); return;
-    case 128: run<128>(q, k_cache, v_cache, chunks, block_tables, scale, out); return;
-    default: check(false, "head_dim must be 64 or 128");
+  check(D == 64 || D == 128, "head_dim must be 64 or 128");
+  const bool f32 = dtype == at::kFloat;
+  if (D == 64) {
+    if (f32) return run<float, 64>(q, k_cache, v_cache, chunks, block_tables, scale, out);
+#if defined(__AVX512BF16__)
+    return run<at::BFloat16, 64>(q, k_cache, v_cache, chunks, block_tables, scale, out);
+#endif
+  } else {
+    if (f32) return run<float, 128>(q, k_cache, v_cache, chunks, block_tables, scale, out);
+#if defined(__AVX512BF16__)
+    return run<at::BFloat16, 128>(q, k_cache, v_cache, chunks, block_tables, scale, out);
+#endif
   }
 #else
-  check(false, "built without AVX512-BF16");
+  check(false, "built without AVX-512");
 #endif
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_prefill_attention", &paged_prefill_attention, "causal attention of prefill chunks over their paged context (bf16)",
+  m.def("paged_prefill_attention", &paged_prefill_attention, "causal attention of prefill chunks over their paged context",
         pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("query_starts"),
         pybind11::arg("query_lens"), pybind11::arg("context_lens"), pybind11::arg("block_tables"), pybind11::arg("scale"),
         pybind11::arg("out"));
-#if defined(__AVX512BF16__)
-  m.attr("available") = true;
-#else
-  m.attr("available") = false;
-#endif
+  m.attr("dtypes") = built_dtypes();  // torch dtype names this build runs
+  m.attr("available") = !built_dtypes().empty();
   m.attr("head_dims") = std::vector<int64_t>{64, 128};
 }
