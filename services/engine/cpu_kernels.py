@@ -219,6 +219,27 @@ def load_small_batch_linear() -> Callable | None:
     return None if module is None else module.small_batch_linear
 
 
+def _self_check_panels(module) -> None:
+    """Row counts across a register tile and a row block, a weight whose rows are not whole panels, bias."""
+    if not module.available:
+        return  # built without AVX-512: callers keep oneDNN and never call it
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(70, 40, generator=gen), torch.randn(70, generator=gen)
+    panels = module.pack_panels(w)
+    for rows in (1, 13, 200):
+        x = torch.randn(rows, 40, generator=gen)
+        for bias in (None, b):
+            if not torch.allclose(module.panel_linear(x, panels, 70, bias), torch.nn.functional.linear(x, w, bias), atol=1e-4, rtol=1e-4):
+                raise RuntimeError(f"self-check mismatch against torch.nn.functional.linear ({rows} rows)")
+
+
+@functools.cache
+def load_panel_linear_module():
+    """The compiled fp32 panel matmul (`pack_panels`, `panel_linear`; `available`: built with AVX-512),
+    or None (logged once)."""
+    return _load("tandem_panel_linear", "panel_linear.cpp", None, _self_check_panels, "oneDNN's fp32 matmul")
+
+
 def _self_check_fused(kernels) -> None:
     """The fused layer steps against the torch formulas they replace, float32 and bfloat16."""
     from .model_config import RopeConfig

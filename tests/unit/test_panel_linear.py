@@ -1,0 +1,117 @@
+"""The fp32 panel matmul (csrc/panel_linear.cpp) against F.linear, its input checks, and Linear's routing.
+
+Fails when the kernel does not build on a machine with a compiler; skipped without one, with
+TANDEM_DISABLE_CPU_KERNELS=1, or on a CPU without AVX-512 (where fp32 weights stay packed for oneDNN).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from services.engine.cpu_kernels import load_panel_linear_module
+from services.engine.models.llama import Linear
+from tests.helpers.kernels import require_kernel
+
+
+@pytest.fixture(scope="module")
+def module():
+    m = require_kernel(load_panel_linear_module(), "the fp32 panel matmul CPU kernel")
+    if not m.available:
+        pytest.skip("this CPU has no AVX-512: fp32 matmuls stay on oneDNN")
+    return m
+
+
+# (rows, weight rows, K): single rows, a register tile (12) and one past it, a decode batch, and with K
+# = 1,536 (~340 rows a block) a prefill that spans three row blocks; weight rows that are not whole
+# 32-column panels (70: the last panel 6 wide, 16: less than one vector)
+SHAPES = [(1, 70, 40), (12, 96, 40), (13, 16, 40), (64, 576, 576), (700, 70, 1536), (5, 960, 1536)]
+
+
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in SHAPES])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_matches_f_linear(module, m, n, k, bias):
+    gen = torch.Generator().manual_seed(m * 7 + n)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    panels = module.pack_panels(w)
+    assert panels.shape == (-(-n // 32), k, 32)
+    got = module.panel_linear(x, panels, n, b)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    # float32 throughout; only the order of the K products' sums differs from torch's
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-4 * k**0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_thread_counts_agree(module, threads):
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(50, 64, generator=gen), torch.randn(200, 64, generator=gen)
+    panels = module.pack_panels(w)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = module.panel_linear(x, panels, 200)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(got, F.linear(x, w), atol=1e-4, rtol=1e-5)
+
+
+def test_zero_rows(module):
+    w = torch.randn(40, 8)
+    assert module.panel_linear(torch.empty(0, 8), module.pack_panels(w), 40).shape == (0, 40)
+
+
+def test_bad_input_raises(module):
+    w = torch.randn(70, 40)
+    panels = module.pack_panels(w)
+    x = torch.randn(4, 40)
+    bad_calls = {
+        "bf16 x": (x.bfloat16(), panels, 70, None),
+        "non-contiguous x": (torch.randn(40, 4).t(), panels, 70, None),
+        "K mismatch": (torch.randn(4, 41), panels, 70, None),
+        "N past the panels": (x, panels, 97, None),
+        "N a panel short": (x, panels, 64, None),
+        "bias of the wrong size": (x, panels, 70, torch.randn(69)),
+        "bf16 bias": (x, panels, 70, torch.randn(70).bfloat16()),
+        "panels not from pack_panels": (x, torch.randn(3, 40, 16), 70, None),
+    }
+    for what, args in bad_calls.items():
+        with pytest.raises(RuntimeError, match="panel_linear"):
+            module.panel_linear(*args)
+            pytest.fail(f"no error for {what}")
+    with pytest.raises(RuntimeError, match="panel_linear"):
+        module.pack_panels(w.bfloat16())
+
+
+def test_linear_packs_fp32_into_panels_and_routes_them(module):
+    """With the panel kernel, an fp32 weight gets panels instead of a oneDNN copy, and matmuls of 3
+    rows or more run on them (1-2 rows keep torch's GEMV, as with oneDNN); bf16 stays with oneDNN."""
+    calls = []
+
+    class Spy:
+        available = True
+        pack_panels = staticmethod(module.pack_panels)
+
+        @staticmethod
+        def panel_linear(x, panels, n, b=None):
+            calls.append(x.shape[0])
+            return module.panel_linear(x, panels, n, b)
+
+    gen = torch.Generator().manual_seed(5)
+    w, b = torch.randn(96, 40, generator=gen), torch.randn(96, generator=gen)
+    lin = Linear(None, panel_module=Spy())
+    lin.prepack(w)
+    assert id(w) in lin.panels and id(w) not in lin.packed
+    for m in (1, 2, 3, 64):
+        x = torch.randn(m, 40, generator=gen)
+        torch.testing.assert_close(lin(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    assert calls == [3, 64]
+    if torch.backends.mkldnn.is_available():
+        wb = w.bfloat16()
+        lin.prepack(wb)
+        assert id(wb) in lin.packed and id(wb) not in lin.panels
+    unavailable = type("NoAvx512", (), {"available": False})()
+    plain = Linear(None, panel_module=unavailable)
+    plain.prepack(w)
+    assert not plain.panels and (id(w) in plain.packed) == torch.backends.mkldnn.is_available()
