@@ -69,7 +69,7 @@ class Linear:
         self.max_rows = {dtype: small_batch_max_rows(dtype, has_bf16_dot) for dtype in (torch.float32, torch.bfloat16)}
         self.packed: dict[int, torch.Tensor] = {}  # id(plain weight) -> its oneDNN-packed copy
         self.panel_module = panel_module if panel_module is not None and panel_module.available else None
-        self.panels: dict[int, tuple[torch.Tensor, int]] = {}  # id(plain fp32 weight) -> (its panels, its rows)
+        self.panels: dict[int, torch.Tensor] = {}  # id(plain fp32 weight) -> its panels
 
     def prepack(self, w: torch.Tensor) -> None:
         """Pack `w`: fp32 CPU weights into panels where the panel kernel runs, else fp32/bf16 CPU weights
@@ -77,7 +77,7 @@ class Linear:
         if w.device.type != "cpu":
             return
         if w.dtype == torch.float32 and self.panel_module is not None:
-            self.panels[id(w)] = (self.panel_module.pack_panels(w), w.shape[0])
+            self.panels[id(w)] = self.panel_module.pack_panels(w)
         elif w.dtype in self.PACKED_MIN_ROWS and torch.backends.mkldnn.is_available():
             self.packed[id(w)] = torch.ops.mkldnn._reorder_linear_weight(w, 64)
 
@@ -108,9 +108,9 @@ class Linear:
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if self.kernel is not None and x.shape[0] <= self.max_rows.get(x.dtype, 0) and x.is_contiguous():
             return self.kernel(x, w, b)
-        panel = self.panels.get(id(w))
-        if panel is not None and x.dtype == torch.float32 and x.shape[0] >= self.PACKED_MIN_ROWS[torch.float32]:
-            return self.panel_module.panel_linear(x.contiguous(), panel[0], panel[1], b)
+        panels = self.panels.get(id(w))
+        if panels is not None and x.dtype == torch.float32 and x.shape[0] >= self.PACKED_MIN_ROWS[torch.float32]:
+            return self.panel_module.panel_linear(x.contiguous(), panels, w.shape[0], b)
         packed = self.packed.get(id(w))
         if packed is not None and x.shape[0] >= self.PACKED_MIN_ROWS[x.dtype]:
             return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
@@ -182,13 +182,16 @@ class DecoderLayer:
 
     def mlp(self, h: torch.Tensor, ops: TorchLayerOps) -> torch.Tensor:
         """down(silu(gate) * up), in chunks of self.mlp_rows rows (see MLP_CHUNK_BYTES)."""
+
+        def one_pass(part: torch.Tensor) -> torch.Tensor:
+            return self.linear(ops.silu_and_mul(self.linear(part, self.gate_up)), self.down)
+
         rows = h.shape[0]
         if rows <= self.mlp_rows:
-            return self.linear(ops.silu_and_mul(self.linear(h, self.gate_up)), self.down)
+            return one_pass(h)
         out = h.new_empty(rows, self.down.shape[0])
         for start in range(0, rows, self.mlp_rows):
-            part = h[start : start + self.mlp_rows]
-            out[start : start + part.shape[0]] = self.linear(ops.silu_and_mul(self.linear(part, self.gate_up)), self.down)
+            out[start : start + self.mlp_rows] = one_pass(h[start : start + self.mlp_rows])
         return out
 
 
