@@ -48,12 +48,22 @@ def _best_of(fn, reps: int) -> float:
     return best
 
 
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can pack and run weights of `dtype` here: its bf16 matmul needs AVX-512 (BW, VL, DQ)
+    or AVX-NE-CONVERT, and `_reorder_linear_weight` raises without them (a Zen 3's AVX2, say), where bf16
+    weights stay plain for F.linear."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 class Linear:
     """F.linear, except decode steps with few rows use the small-batch CPU kernel (it splits output rows
     over threads and streams W once at close to memory bandwidth), bf16 weights prepacked for oneDNN
-    (prepack()) run through its packed matmul, and fp32 weights, where the CPU has AVX-512, are packed
-    into 32-column panels for csrc/panel_linear.cpp instead of for oneDNN (a 64-sequence fp32 decode
-    step 11% faster on a Zen 4, prefill steps level; the numbers are in that file).
+    (prepack()) run through its packed matmul where oneDNN runs bf16, and fp32 weights, where the CPU has
+    AVX-512 or AVX2, are packed into panels for csrc/panel_linear.cpp instead of for oneDNN (a 64-sequence
+    fp32 decode step 11% faster on a Zen 4, prefill steps level; 10% and 7-8% on a Zen 3; the numbers are
+    in that file).
 
     Prepacking: F.linear hands oneDNN the plain [N, K] weight on every call, and oneDNN reorders it
     into its blocked layout each time. Packed once, bf16 matmuls measured 1.5-2.4x faster at 5 to
@@ -78,7 +88,7 @@ class Linear:
             return
         if w.dtype == torch.float32 and self.panel_module is not None:
             self.panels[id(w)] = self.panel_module.pack_panels(w)
-        elif w.dtype in self.PACKED_MIN_ROWS and torch.backends.mkldnn.is_available():
+        elif w.dtype in self.PACKED_MIN_ROWS and onednn_packs(w.dtype):
             self.packed[id(w)] = torch.ops.mkldnn._reorder_linear_weight(w, 64)
 
     def calibrate(self, weights: list[torch.Tensor], max_m: int = 4, reps: int = 3) -> dict[int, tuple[float, float]]:
