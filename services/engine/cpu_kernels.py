@@ -222,7 +222,7 @@ def load_small_batch_linear() -> Callable | None:
 def _self_check_panels(module) -> None:
     """Row counts across a register tile and a row block, a weight whose rows are not whole panels, bias."""
     if not module.available:
-        return  # built without AVX-512: callers keep oneDNN and never call it
+        return  # built without AVX2 or AVX-512: callers keep oneDNN and never call it
     gen = torch.Generator().manual_seed(0)
     w, b = torch.randn(70, 40, generator=gen), torch.randn(70, generator=gen)
     panels = module.pack_panels(w)
@@ -235,7 +235,7 @@ def _self_check_panels(module) -> None:
 
 @functools.cache
 def load_panel_linear_module():
-    """The compiled fp32 panel matmul (`pack_panels`, `panel_linear`; `available`: built with AVX-512),
+    """The compiled fp32 panel matmul (`pack_panels`, `panel_linear`; `panel_width`; `available`: built with AVX2 or AVX-512),
     or None (logged once)."""
     return _load("tandem_panel_linear", "panel_linear.cpp", None, _self_check_panels, "oneDNN's fp32 matmul")
 

@@ -1,7 +1,8 @@
 """The fp32 panel matmul (csrc/panel_linear.cpp) against F.linear, its input checks, and Linear's routing.
 
 Fails when the kernel does not build on a machine with a compiler; skipped without one, with
-TANDEM_DISABLE_CPU_KERNELS=1, or on a CPU without AVX-512 (where fp32 weights stay packed for oneDNN).
+TANDEM_DISABLE_CPU_KERNELS=1, or on a CPU with neither AVX2 nor AVX-512 (where fp32 weights stay packed for
+oneDNN).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from services.engine.cpu_kernels import load_panel_linear_module
-from services.engine.models.llama import Linear
+from services.engine.models.llama import Linear, onednn_packs
 from tests.helpers.kernels import require_kernel
 
 
@@ -19,14 +20,15 @@ from tests.helpers.kernels import require_kernel
 def module():
     m = require_kernel(load_panel_linear_module(), "the fp32 panel matmul CPU kernel")
     if not m.available:
-        pytest.skip("this CPU has no AVX-512: fp32 matmuls stay on oneDNN")
+        pytest.skip("this CPU has neither AVX2 nor AVX-512: fp32 matmuls stay on oneDNN")
     return m
 
 
-# (rows, weight rows, K): single rows, a register tile (12) and one past it, a decode batch, and with K
-# = 1,536 (~340 rows a block) a prefill that spans three row blocks; weight rows that are not whole
-# 32-column panels (70: the last panel 6 wide, 16: less than one vector)
-SHAPES = [(1, 70, 40), (12, 96, 40), (13, 16, 40), (64, 576, 576), (700, 70, 1536), (5, 960, 1536)]
+# (rows, weight rows, K): single rows, a register tile (12 rows with AVX-512, 6 with AVX2) and one past
+# it, a decode batch, and with K = 1,536 (~340 rows a block) a prefill that spans three row blocks;
+# weight rows that are not whole panels (70: the last panel 6 wide, 16: less than one AVX-512 vector,
+# 20: one AVX2 panel and 4)
+SHAPES = [(1, 70, 40), (6, 20, 40), (7, 20, 40), (12, 96, 40), (13, 16, 40), (64, 576, 576), (700, 70, 1536), (5, 960, 1536)]
 
 
 @pytest.mark.parametrize(("m", "n", "k"), SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in SHAPES])
@@ -36,7 +38,8 @@ def test_matches_f_linear(module, m, n, k, bias):
     x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
     b = torch.randn(n, generator=gen) if bias else None
     panels = module.pack_panels(w)
-    assert panels.shape == (-(-n // 32), k, 32)
+    width = module.panel_width  # two float vectors: 32 columns with AVX-512, 16 with AVX2
+    assert panels.shape == (-(-n // width), k, width)
     got = module.panel_linear(x, panels, n, b)
     assert got.shape == (m, n) and got.dtype == torch.float32
     # float32 throughout; only the order of the K products' sums differs from torch's
@@ -107,11 +110,11 @@ def test_linear_packs_fp32_into_panels_and_routes_them(module):
         x = torch.randn(m, 40, generator=gen)
         torch.testing.assert_close(lin(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
     assert calls == [3, 64]
-    if torch.backends.mkldnn.is_available():
+    if onednn_packs(torch.bfloat16):
         wb = w.bfloat16()
         lin.prepack(wb)
         assert id(wb) in lin.packed and id(wb) not in lin.panels
-    unavailable = type("NoAvx512", (), {"available": False})()
+    unavailable = type("NoPanels", (), {"available": False})()
     plain = Linear(None, panel_module=unavailable)
     plain.prepack(w)
     assert not plain.panels and (id(w) in plain.packed) == torch.backends.mkldnn.is_available()
