@@ -224,19 +224,21 @@ def _self_check_panels(module) -> None:
     if not module.available:
         return  # built without AVX2 or AVX-512: callers keep oneDNN and never call it
     gen = torch.Generator().manual_seed(0)
-    w, b = torch.randn(70, 40, generator=gen), torch.randn(70, generator=gen)
-    panels = module.pack_panels(w)
-    for rows in (1, 13, 200):
-        x = torch.randn(rows, 40, generator=gen)
-        for bias in (None, b):
-            if not torch.allclose(module.panel_linear(x, panels, 70, bias), torch.nn.functional.linear(x, w, bias), atol=1e-4, rtol=1e-4):
-                raise RuntimeError(f"self-check mismatch against torch.nn.functional.linear ({rows} rows)")
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        w, b = torch.randn(70, 40, generator=gen).to(dtype), torch.randn(70, generator=gen).to(dtype)
+        panels = module.pack_panels(w)
+        for rows in (1, 13, 200):
+            x = torch.randn(rows, 40, generator=gen).to(dtype)
+            for bias in (None, b):
+                want = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+                if not torch.allclose(module.panel_linear(x, panels, 70, bias).float(), want, atol=tol, rtol=tol):
+                    raise RuntimeError(f"self-check mismatch against torch.nn.functional.linear ({rows} rows, {dtype})")
 
 
 @functools.cache
 def load_panel_linear_module():
-    """The compiled fp32 panel matmul (`pack_panels`, `panel_linear`; `panel_width`; `available`: built with AVX2 or AVX-512),
-    or None (logged once)."""
+    """The compiled fp32/bf16 panel matmul (`pack_panels`, `panel_linear`; `panel_width`; `available`: built
+    with AVX2 or AVX-512), or None (logged once)."""
     return _load("tandem_panel_linear", "panel_linear.cpp", None, _self_check_panels, "oneDNN's fp32 matmul")
 
 

@@ -1,4 +1,5 @@
-"""The fp32 panel matmul (csrc/panel_linear.cpp) against F.linear, its input checks, and Linear's routing.
+"""The panel matmul (csrc/panel_linear.cpp), fp32 and bf16, against F.linear, its input checks, and
+Linear's routing.
 
 Fails when the kernel does not build on a machine with a compiler; skipped without one, with
 TANDEM_DISABLE_CPU_KERNELS=1, or on a CPU with neither AVX2 nor AVX-512 (where fp32 weights stay packed for
@@ -33,17 +34,23 @@ SHAPES = [(1, 70, 40), (6, 20, 40), (7, 20, 40), (12, 96, 40), (13, 16, 40), (64
 
 @pytest.mark.parametrize(("m", "n", "k"), SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in SHAPES])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-def test_matches_f_linear(module, m, n, k, bias):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matches_f_linear(module, m, n, k, bias, dtype):
     gen = torch.Generator().manual_seed(m * 7 + n)
-    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
-    b = torch.randn(n, generator=gen) if bias else None
+    x, w = torch.randn(m, k, generator=gen).to(dtype), torch.randn(n, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
     panels = module.pack_panels(w)
     width = module.panel_width  # two float vectors: 32 columns with AVX-512, 16 with AVX2
-    assert panels.shape == (-(-n // width), k, width)
+    assert panels.shape == (-(-n // width), k, width) and panels.dtype == dtype
     got = module.panel_linear(x, panels, n, b)
-    assert got.shape == (m, n) and got.dtype == torch.float32
-    # float32 throughout; only the order of the K products' sums differs from torch's
-    torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-4 * k**0.5, rtol=1e-5)
+    assert got.shape == (m, n) and got.dtype == dtype
+    # float32 products and sums (exact bf16 inputs); only the order of the K sums differs from the
+    # float32 reference, and bf16 outputs are rounded once, to nearest even
+    want = F.linear(x.float(), w.float(), None if b is None else b.float())
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-4 * k**0.5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(got, want.bfloat16(), atol=1e-3 * k**0.5, rtol=8e-3)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -79,17 +86,20 @@ def test_bad_input_raises(module):
         "bf16 bias": (x, panels, 70, torch.randn(70).bfloat16()),
         "panels not from pack_panels": (x, torch.randn(3, 40, 16), 70, None),
     }
+    bad_calls["fp32 x, bf16 panels"] = (x, module.pack_panels(w.bfloat16()), 70, None)
     for what, args in bad_calls.items():
         with pytest.raises(RuntimeError, match="panel_linear"):
             module.panel_linear(*args)
             pytest.fail(f"no error for {what}")
-    with pytest.raises(RuntimeError, match="panel_linear"):
-        module.pack_panels(w.bfloat16())
+    for bad_w in (w.half(), w.int(), w[0]):
+        with pytest.raises(RuntimeError, match="panel_linear"):
+            module.pack_panels(bad_w)
 
 
-def test_linear_packs_fp32_into_panels_and_routes_them(module):
+def test_linear_packs_into_panels_and_routes_them(module):
     """With the panel kernel, an fp32 weight gets panels instead of a oneDNN copy, and matmuls of 3
-    rows or more run on them (1-2 rows keep torch's GEMV, as with oneDNN); bf16 stays with oneDNN."""
+    rows or more run on them (1-2 rows keep torch's GEMV, as with oneDNN); bf16 stays with oneDNN where
+    oneDNN runs bf16, else gets panels too, for every row count."""
     calls = []
 
     class Spy:
@@ -110,10 +120,18 @@ def test_linear_packs_fp32_into_panels_and_routes_them(module):
         x = torch.randn(m, 40, generator=gen)
         torch.testing.assert_close(lin(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
     assert calls == [3, 64]
+    wb, bb = w.bfloat16(), b.bfloat16()
+    lin.prepack(wb)
     if onednn_packs(torch.bfloat16):
-        wb = w.bfloat16()
-        lin.prepack(wb)
         assert id(wb) in lin.packed and id(wb) not in lin.panels
+    else:
+        assert id(wb) in lin.panels and id(wb) not in lin.packed
+        calls.clear()
+        for m in (1, 2, 64):
+            x = torch.randn(m, 40, generator=gen).bfloat16()
+            want = F.linear(x.float(), wb.float(), bb.float())
+            torch.testing.assert_close(lin(x, wb, bb).float(), want, atol=0.05, rtol=0.01)
+        assert calls == [1, 2, 64]
     unavailable = type("NoPanels", (), {"available": False})()
     plain = Linear(None, panel_module=unavailable)
     plain.prepack(w)

@@ -37,11 +37,16 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace {
 
-// The float vector of the widest ISA the build has, and the register tile it allows.
+// The float vector of the widest ISA the build has, and the register tile it allows. `widen_bf16` turns one
+// vector of 2 x kLanes bf16 weights, stored as pairs (column j, column j + kLanes) in each 32-bit lane,
+// into the two float vectors of columns 0..kLanes-1 and kLanes..2 kLanes-1: a bf16 is the top half of its
+// float, so a shift left by 16 and a mask of the top half are exact conversions, two instructions a k.
 #if defined(__AVX512F__)
 struct Vec {
   using T = __m512;
@@ -52,6 +57,11 @@ struct Vec {
   static T set1(float f) { return _mm512_set1_ps(f); }
   static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static void widen_bf16(const uint16_t* p, T& lo, T& hi) {
+    const __m512i v = _mm512_loadu_si512(p);
+    lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    hi = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
 };
 constexpr int kRowTile = 12;  // rows of x per register tile: 12 x 2 accumulators of the 32 registers
 #elif defined(TANDEM_PANELS)
@@ -64,6 +74,11 @@ struct Vec {
   static T set1(float f) { return _mm256_set1_ps(f); }
   static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static void widen_bf16(const uint16_t* p, T& lo, T& hi) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
 };
 constexpr int kRowTile = 6;  // 6 x 2 accumulators, two panel loads and a broadcast: 15 of the 16 registers
 #else
@@ -78,35 +93,66 @@ constexpr int64_t kBlockBytes = 2 << 20;      // x rows per block: about this mu
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "panel_linear: ", what); }
 
-at::Tensor pack_panels(const at::Tensor& w) {
-  check(w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu(), "w must be a 2-d float32 CPU tensor");
-  const auto wc = w.contiguous();
-  const int64_t N = wc.size(0), K = wc.size(1), NB = (N + kPanel - 1) / kPanel;
-  auto out = at::empty({NB, K, kPanel}, wc.options());
-  const float* src = wc.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
+inline float bf16_to_float(uint16_t b) { return __builtin_bit_cast(float, static_cast<uint32_t>(b) << 16); }
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u = __builtin_bit_cast(uint32_t, f);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Where column j of a panel sits in one k-row of it: float panels in order; bf16 panels as lane pairs
+// (j, j + kLanes), the order Vec::widen_bf16 reads.
+template <typename W>
+constexpr int64_t panel_slot(int64_t j) {
+  if constexpr (std::is_same_v<W, float>) return j;
+  return j < Vec::kLanes ? 2 * j : 2 * (j - Vec::kLanes) + 1;
+}
+
+template <typename W>
+void pack_into(const W* __restrict src, W* __restrict dst, int64_t N, int64_t K) {
+  const int64_t NB = (N + kPanel - 1) / kPanel;
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t nb = b0; nb < b1; ++nb)
       for (int64_t k = 0; k < K; ++k)
         for (int64_t j = 0; j < kPanel; ++j) {
           const int64_t n = nb * kPanel + j;
-          dst[(nb * K + k) * kPanel + j] = n < N ? src[n * K + k] : 0.f;
+          dst[(nb * K + k) * kPanel + panel_slot<W>(j)] = n < N ? src[n * K + k] : W(0);
         }
   });
+}
+
+at::Tensor pack_panels(const at::Tensor& w) {
+  check(w.dim() == 2 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) && w.device().is_cpu(),
+        "w must be a 2-d float32 or bfloat16 CPU tensor");
+  const auto wc = w.contiguous();
+  const int64_t N = wc.size(0), K = wc.size(1), NB = (N + kPanel - 1) / kPanel;
+  auto out = at::empty({NB, K, kPanel}, wc.options());
+  if (wc.scalar_type() == at::kFloat) {
+    pack_into(wc.data_ptr<float>(), out.data_ptr<float>(), N, K);
+  } else {
+    pack_into(reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()),
+              reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), N, K);
+  }
   return out;
 }
 
 #if defined(TANDEM_PANELS)
-// MR rows of x against one panel over all of K, plus the panel's (zero-padded) bias; `cols` (<= kPanel) of
-// the results are stored, the last panel's through a small buffer.
-template <int MR>
-__attribute__((noinline)) void row_tile(const float* __restrict x, int64_t K, const float* __restrict panel,
-                                        float* __restrict y, int64_t ldy, int64_t cols, const float* __restrict bias) {
+// MR rows of x (float32) against one panel of W (float32 or bf16) over all of K, plus the panel's
+// zero-padded float32 bias; `cols` (<= kPanel) of the results are stored as Y (float32 or bf16), the last
+// panel's and every bf16 row through a small buffer.
+template <int MR, typename W, typename Y>
+__attribute__((noinline)) void row_tile(const float* __restrict x, int64_t K, const W* __restrict panel,
+                                        Y* __restrict y, int64_t ldy, int64_t cols, const float* __restrict bias) {
   typename Vec::T acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = Vec::zero();
   for (int64_t k = 0; k < K; ++k) {
-    const auto w0 = Vec::load(panel + k * kPanel);
-    const auto w1 = Vec::load(panel + k * kPanel + Vec::kLanes);
+    typename Vec::T w0, w1;
+    if constexpr (std::is_same_v<W, float>) {
+      w0 = Vec::load(panel + k * kPanel);
+      w1 = Vec::load(panel + k * kPanel + Vec::kLanes);
+    } else {
+      Vec::widen_bf16(panel + k * kPanel, w0, w1);
+    }
     for (int r = 0; r < MR; ++r) {
       const auto xv = Vec::set1(x[r * K + k]);
       acc[r][0] = Vec::fmadd(xv, w0, acc[r][0]);
@@ -116,48 +162,34 @@ __attribute__((noinline)) void row_tile(const float* __restrict x, int64_t K, co
   const auto b0 = bias ? Vec::load(bias) : Vec::zero();
   const auto b1 = bias ? Vec::load(bias + Vec::kLanes) : Vec::zero();
   for (int r = 0; r < MR; ++r) {
-    if (cols == kPanel) {
-      Vec::store(y + r * ldy, Vec::add(acc[r][0], b0));
-      Vec::store(y + r * ldy + Vec::kLanes, Vec::add(acc[r][1], b1));
-    } else {
-      alignas(64) float tail[kPanel];
-      Vec::store(tail, Vec::add(acc[r][0], b0));
-      Vec::store(tail + Vec::kLanes, Vec::add(acc[r][1], b1));
+    if (std::is_same_v<Y, float> && cols == kPanel) {
+      Vec::store(reinterpret_cast<float*>(y + r * ldy), Vec::add(acc[r][0], b0));
+      Vec::store(reinterpret_cast<float*>(y + r * ldy) + Vec::kLanes, Vec::add(acc[r][1], b1));
+      continue;
+    }
+    alignas(64) float tail[kPanel];
+    Vec::store(tail, Vec::add(acc[r][0], b0));
+    Vec::store(tail + Vec::kLanes, Vec::add(acc[r][1], b1));
+    if constexpr (std::is_same_v<Y, float>) {
       std::memcpy(y + r * ldy, tail, cols * sizeof(float));
+    } else {
+      Y* __restrict out = y + r * ldy;
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) out[j] = float_to_bf16(tail[j]);
     }
   }
 }
 
-template <int... MR>
+template <typename W, int... MR>
 constexpr auto row_tiles(std::integer_sequence<int, MR...>) {
-  using RowTileFn = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, const float*);
-  return std::array<RowTileFn, sizeof...(MR) + 1>{nullptr, row_tile<MR + 1>...};
+  using RowTileFn = void (*)(const float*, int64_t, const W*, W*, int64_t, int64_t, const float*);
+  return std::array<RowTileFn, sizeof...(MR) + 1>{nullptr, row_tile<MR + 1, W, W>...};
 }
-constexpr auto kRowTiles = row_tiles(std::make_integer_sequence<int, kRowTile>{});  // [rows] -> tile, 1..kRowTile
-#endif
 
-at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t N, const std::optional<at::Tensor>& bias) {
-#if defined(TANDEM_PANELS)
-  check(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
-        "x must be a contiguous 2-d float32 CPU tensor");
-  check(panels.dim() == 3 && panels.scalar_type() == at::kFloat && panels.is_contiguous() && panels.size(2) == kPanel,
-        "panels must come from pack_panels");
-  const int64_t M = x.size(0), K = x.size(1), NB = panels.size(0);
-  check(panels.size(1) == K, "x's columns must match the weight's");
-  check(N > (NB - 1) * kPanel && N <= NB * kPanel, "N must be the packed weight's row count");
-  at::Tensor padded_bias;  // zero-padded to whole panels, so that every tile loads whole vectors
-  if (bias.has_value() && bias->defined()) {
-    check(bias->dim() == 1 && bias->numel() == N && bias->scalar_type() == at::kFloat && bias->is_contiguous(),
-          "bias must be a contiguous float32 [N]");
-    padded_bias = at::zeros({NB * kPanel}, bias->options());
-    std::memcpy(padded_bias.data_ptr<float>(), bias->data_ptr<float>(), N * sizeof(float));
-  }
-  const float* bp = padded_bias.defined() ? padded_bias.data_ptr<float>() : nullptr;
-  auto y = at::empty({M, N}, x.options());
-  if (M == 0) return y;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = panels.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+// y = x W^T (+ bias) with x, W and y of one element type (float, or uint16_t for bf16); x as float32.
+template <typename W>
+void run(const float* xp, int64_t M, int64_t K, const W* wp, int64_t NB, int64_t N, const float* bp, W* yp) {
+  static constexpr auto tiles = row_tiles<W>(std::make_integer_sequence<int, kRowTile>{});  // [rows], 1..kRowTile
   const int64_t block = std::max<int64_t>(kRowTile, kBlockBytes / (K * 4) / kRowTile * kRowTile);
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t mb = 0; mb < M; mb += block) {
@@ -166,12 +198,53 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t N
         const int64_t cols = std::min(kPanel, N - nb * kPanel);
         for (int64_t m0 = mb; m0 < m_end; m0 += kRowTile) {
           const int rows = static_cast<int>(std::min<int64_t>(kRowTile, m_end - m0));
-          kRowTiles[rows](xp + m0 * K, K, wp + nb * K * kPanel, yp + m0 * N + nb * kPanel, N, cols,
-                          bp ? bp + nb * kPanel : nullptr);
+          tiles[rows](xp + m0 * K, K, wp + nb * K * kPanel, yp + m0 * N + nb * kPanel, N, cols,
+                      bp ? bp + nb * kPanel : nullptr);
         }
       }
     }
   });
+}
+#endif
+
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t N, const std::optional<at::Tensor>& bias) {
+#if defined(TANDEM_PANELS)
+  const auto dtype = x.scalar_type();
+  check(x.dim() == 2 && (dtype == at::kFloat || dtype == at::kBFloat16) && x.is_contiguous() && x.device().is_cpu(),
+        "x must be a contiguous 2-d float32 or bfloat16 CPU tensor");
+  check(panels.dim() == 3 && panels.scalar_type() == dtype && panels.is_contiguous() && panels.size(2) == kPanel,
+        "panels must come from pack_panels, of x's dtype");
+  const int64_t M = x.size(0), K = x.size(1), NB = panels.size(0);
+  check(panels.size(1) == K, "x's columns must match the weight's");
+  check(N > (NB - 1) * kPanel && N <= NB * kPanel, "N must be the packed weight's row count");
+  at::Tensor padded_bias;  // float32, zero-padded to whole panels, so that every tile loads whole vectors
+  if (bias.has_value() && bias->defined()) {
+    check(bias->dim() == 1 && bias->numel() == N && bias->scalar_type() == dtype && bias->is_contiguous(),
+          "bias must be a contiguous [N] of x's dtype");
+    padded_bias = at::zeros({NB * kPanel}, bias->options().dtype(at::kFloat));
+    float* pb = padded_bias.data_ptr<float>();
+    if (dtype == at::kFloat) {
+      std::memcpy(pb, bias->data_ptr<float>(), N * sizeof(float));
+    } else {
+      const auto* src = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
+      for (int64_t n = 0; n < N; ++n) pb[n] = bf16_to_float(src[n]);
+    }
+  }
+  const float* bp = padded_bias.defined() ? padded_bias.data_ptr<float>() : nullptr;
+  auto y = at::empty({M, N}, x.options());
+  if (M == 0) return y;
+  pybind11::gil_scoped_release no_gil;
+  if (dtype == at::kFloat) {
+    run(x.data_ptr<float>(), M, K, panels.data_ptr<float>(), NB, N, bp, y.data_ptr<float>());
+  } else {
+    // x widened once: M x K conversions against M x N x K multiply-adds
+    std::vector<float> xf(M * K);
+    const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+#pragma omp simd
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_float(src[i]);
+    run(xf.data(), M, K, reinterpret_cast<const uint16_t*>(panels.data_ptr<at::BFloat16>()), NB, N, bp,
+        reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
+  }
   return y;
 #else
   (void)x, (void)panels, (void)N, (void)bias;
@@ -183,7 +256,8 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t N
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack_panels", &pack_panels, "W [N, K] float32 -> panels [ceil(N/width), K, width]", pybind11::arg("w"));
+  m.def("pack_panels", &pack_panels, "W [N, K] float32 or bfloat16 -> panels [ceil(N/width), K, width]",
+        pybind11::arg("w"));
   m.def("panel_linear", &panel_linear, "x [M, K] . W^T (+ bias) from W's panels", pybind11::arg("x"),
         pybind11::arg("panels"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none());
   m.attr("panel_width") = kPanel;  // 32 with AVX-512, 16 with AVX2

@@ -51,7 +51,7 @@ def _best_of(fn, reps: int) -> float:
 def onednn_packs(dtype: torch.dtype) -> bool:
     """Whether oneDNN can pack and run weights of `dtype` here: its bf16 matmul needs AVX-512 (BW, VL, DQ)
     or AVX-NE-CONVERT, and `_reorder_linear_weight` raises without them (a Zen 3's AVX2, say), where bf16
-    weights stay plain for F.linear."""
+    weights go to the panel kernel instead (or stay plain for F.linear without it)."""
     if not torch.backends.mkldnn.is_available():
         return False
     return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -63,7 +63,8 @@ class Linear:
     (prepack()) run through its packed matmul where oneDNN runs bf16, and fp32 weights, where the CPU has
     AVX-512 or AVX2, are packed into panels for csrc/panel_linear.cpp instead of for oneDNN (a 64-sequence
     fp32 decode step 11% faster on a Zen 4, prefill steps level; 10% and 7-8% on a Zen 3; the numbers are
-    in that file).
+    in that file). bf16 weights go to bf16 panels where oneDNN has no bf16 matmul (AVX2 without
+    AVX-NE-CONVERT): F.linear's bf16 fallback there ran SmolLM2-135M's matmuls 8x slower at 64 rows.
 
     Prepacking: F.linear hands oneDNN the plain [N, K] weight on every call, and oneDNN reorders it
     into its blocked layout each time. Packed once, bf16 matmuls measured 1.5-2.4x faster at 5 to
@@ -73,20 +74,23 @@ class Linear:
     copy of the weights."""
 
     PACKED_MIN_ROWS = {torch.float32: 3, torch.bfloat16: 1}
+    PANEL_MIN_ROWS = {torch.float32: 3, torch.bfloat16: 1}  # fp32 1-2 rows: torch's GEMV, or the small-batch kernel
 
     def __init__(self, small_batch_kernel, has_bf16_dot: bool = False, panel_module=None):
         self.kernel = small_batch_kernel
         self.max_rows = {dtype: small_batch_max_rows(dtype, has_bf16_dot) for dtype in (torch.float32, torch.bfloat16)}
         self.packed: dict[int, torch.Tensor] = {}  # id(plain weight) -> its oneDNN-packed copy
         self.panel_module = panel_module if panel_module is not None and panel_module.available else None
-        self.panels: dict[int, torch.Tensor] = {}  # id(plain fp32 weight) -> its panels
+        self.panels: dict[int, torch.Tensor] = {}  # id(plain weight) -> its panels
 
     def prepack(self, w: torch.Tensor) -> None:
-        """Pack `w`: fp32 CPU weights into panels where the panel kernel runs, else fp32/bf16 CPU weights
-        for oneDNN's matmul (where torch has oneDNN); a no-op elsewhere."""
+        """Pack `w`: fp32 CPU weights into panels where the panel kernel runs, bf16 ones too where oneDNN
+        has no bf16 matmul, else fp32/bf16 CPU weights for oneDNN's matmul (where torch has oneDNN); a
+        no-op elsewhere."""
         if w.device.type != "cpu":
             return
-        if w.dtype == torch.float32 and self.panel_module is not None:
+        to_panels = w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and not onednn_packs(w.dtype))
+        if self.panel_module is not None and to_panels:
             self.panels[id(w)] = self.panel_module.pack_panels(w)
         elif w.dtype in self.PACKED_MIN_ROWS and onednn_packs(w.dtype):
             self.packed[id(w)] = torch.ops.mkldnn._reorder_linear_weight(w, 64)
@@ -119,7 +123,7 @@ class Linear:
         if self.kernel is not None and x.shape[0] <= self.max_rows.get(x.dtype, 0) and x.is_contiguous():
             return self.kernel(x, w, b)
         panels = self.panels.get(id(w))
-        if panels is not None and x.dtype == torch.float32 and x.shape[0] >= self.PACKED_MIN_ROWS[torch.float32]:
+        if panels is not None and x.shape[0] >= self.PANEL_MIN_ROWS[x.dtype]:
             return self.panel_module.panel_linear(x.contiguous(), panels, w.shape[0], b)
         packed = self.packed.get(id(w))
         if packed is not None and x.shape[0] >= self.PACKED_MIN_ROWS[x.dtype]:
@@ -219,7 +223,7 @@ class LlamaForCausalLM:
             from ..cpu_kernels import load_panel_linear_module, load_small_batch_linear_module
 
             kernels = load_small_batch_linear_module()
-            panels = load_panel_linear_module() if dtype == torch.float32 else None
+            panels = load_panel_linear_module()
         self.linear = Linear(kernels.small_batch_linear if kernels else None, kernels.has_bf16_dot if kernels else False, panels)
         self.layers = [
             DecoderLayer(cfg, {k.split(".", 3)[3]: v for k, v in weights.items() if k.startswith(f"model.layers.{i}.")}, self.linear)
