@@ -8,6 +8,8 @@ oneDNN).
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,3 +138,32 @@ def test_linear_packs_into_panels_and_routes_them(module):
     plain = Linear(None, panel_module=unavailable)
     plain.prepack(w)
     assert not plain.panels and (id(w) in plain.packed) == torch.backends.mkldnn.is_available()
+
+
+def test_calibrate_panels_takes_few_rows_only_where_the_panels_are_faster(module):
+    """calibrate() times the panels against torch's GEMV at the row counts below PANEL_MIN_ROWS and
+    moves the panels' minimum down to the fewest rows where they win: never for panels slower than
+    the GEMV, 1 for faster ones, 2 for ones faster only at 2 rows."""
+    weights = [torch.randn(2048, 1024) for _ in range(4)]  # 32 MB: the GEMV takes ~1 ms or more
+
+    def delayed(delay_for_rows):
+        class Timed:
+            available = True
+            pack_panels = staticmethod(module.pack_panels)
+
+            @staticmethod
+            def panel_linear(x, panels, n, b=None):
+                time.sleep(delay_for_rows(x.shape[0]))
+                return torch.empty(x.shape[0], n)
+
+        return Timed()
+
+    cases = {"slow": (lambda m: 0.05, 3), "fast": (lambda m: 0.0, 1), "fast at 2 rows only": (lambda m: 0.0 if m == 2 else 0.05, 2)}
+    for what, (delay, want) in cases.items():
+        lin = Linear(None, panel_module=delayed(delay))
+        for w in weights:
+            lin.prepack(w)
+        timings = lin.calibrate(weights, reps=2)
+        assert lin.panel_min_rows[torch.float32] == want, (what, timings)
+        assert lin.panel_min_rows[torch.bfloat16] == Linear.PANEL_MIN_ROWS[torch.bfloat16]  # other dtypes untouched
+    assert Linear(None).calibrate_panels(weights) == {}  # no panels: nothing timed

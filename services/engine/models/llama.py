@@ -74,7 +74,9 @@ class Linear:
     copy of the weights."""
 
     PACKED_MIN_ROWS = {torch.float32: 3, torch.bfloat16: 1}
-    PANEL_MIN_ROWS = {torch.float32: 3, torch.bfloat16: 1}  # fp32 1-2 rows: torch's GEMV, or the small-batch kernel
+    # until calibrate() has timed the panels against torch's GEMV at 1-2 fp32 rows: the GEMV (MKL's was
+    # faster than oneDNN there on a Xeon and a Zen 4), or the small-batch kernel
+    PANEL_MIN_ROWS = {torch.float32: 3, torch.bfloat16: 1}
 
     def __init__(self, small_batch_kernel, has_bf16_dot: bool = False, panel_module=None):
         self.kernel = small_batch_kernel
@@ -82,6 +84,7 @@ class Linear:
         self.packed: dict[int, torch.Tensor] = {}  # id(plain weight) -> its oneDNN-packed copy
         self.panel_module = panel_module if panel_module is not None and panel_module.available else None
         self.panels: dict[int, torch.Tensor] = {}  # id(plain weight) -> its panels
+        self.panel_min_rows = dict(self.PANEL_MIN_ROWS)
 
     def prepack(self, w: torch.Tensor) -> None:
         """Pack `w`: fp32 CPU weights into panels where the panel kernel runs, bf16 ones too where oneDNN
@@ -96,15 +99,20 @@ class Linear:
             self.packed[id(w)] = torch.ops.mkldnn._reorder_linear_weight(w, 64)
 
     def calibrate(self, weights: list[torch.Tensor], max_m: int = 4, reps: int = 3) -> dict[int, tuple[float, float]]:
-        """Time the small-batch kernel against torch's path (packed oneDNN or GEMV) on the model's own
-        weights at 1..max_m rows, and send to the kernel the row counts up to the first one where it
-        is not at least 5% faster. Which is faster depends on the CPU, not only the dtype: fp32 at one
-        row took torch 2.4 ms against the kernel's 2.7 on a Xeon (MKL's GEMV), but 37.7 against 15.3
-        ms per 30 layers on an AMD EPYC (where MKL does not take its fast path). `weights` should span
-        more than the last-level cache, as a decode step's do. Returns {rows: (kernel s, torch s)}."""
-        if self.kernel is None or not weights:
+        """Time the small-batch kernel against torch's path (panels, packed oneDNN or GEMV) on the
+        model's own weights at 1..max_m rows, and send to the kernel the row counts up to the first one
+        where it is not at least 5% faster. Which is faster depends on the CPU, not only the dtype: fp32
+        at one row took torch 2.4 ms against the kernel's 2.7 on a Xeon (MKL's GEMV), but 37.7 against
+        15.3 ms per 30 layers on an AMD EPYC (where MKL does not take its fast path). First, where the
+        weights have panels, the panels are timed against torch's GEMV at the row counts below
+        PANEL_MIN_ROWS (calibrate_panels). `weights` should span more than the last-level cache, as a
+        decode step's do. Returns {rows: (kernel s, torch s)}."""
+        if not weights:
             return {}
         dtype = weights[0].dtype
+        self.calibrate_panels(weights, reps)
+        if self.kernel is None:
+            return {}
         timings: dict[int, tuple[float, float]] = {}
         self.max_rows[dtype] = 0  # torch's path while timing it
         chosen = 0
@@ -119,11 +127,30 @@ class Linear:
         self.max_rows[dtype] = chosen
         return timings
 
+    def calibrate_panels(self, weights: list[torch.Tensor], reps: int = 3) -> dict[int, tuple[float, float]]:
+        """Send fewer rows to the panels, down to the fewest where they beat torch's GEMV on `weights`:
+        on a Zen 3, 1 fp32 row over SmolLM2-135M's 30 layers took the panels 20.9 ms (the weights' bytes
+        at memory speed) against the GEMV's 46.1, and 2 rows 20.3 against 71.2. Returns {rows: (panel
+        s, GEMV s)}, empty where the weights have no panels."""
+        if not weights or any(id(w) not in self.panels for w in weights):
+            return {}
+        dtype = weights[0].dtype
+        timings: dict[int, tuple[float, float]] = {}
+        for m in range(self.PANEL_MIN_ROWS[dtype] - 1, 0, -1):
+            xs = {w.shape[1]: torch.randn(m, w.shape[1]).to(dtype) for w in weights}
+            panel_s = _best_of(lambda: [self.panel_module.panel_linear(xs[w.shape[1]], self.panels[id(w)], w.shape[0]) for w in weights], reps)
+            torch_s = _best_of(lambda: [F.linear(xs[w.shape[1]], w) for w in weights], reps)
+            timings[m] = (panel_s, torch_s)
+            if panel_s > 0.95 * torch_s:  # a near tie goes to torch, so that it does not flip between loads
+                break
+            self.panel_min_rows[dtype] = m
+        return timings
+
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if self.kernel is not None and x.shape[0] <= self.max_rows.get(x.dtype, 0) and x.is_contiguous():
             return self.kernel(x, w, b)
         panels = self.panels.get(id(w))
-        if panels is not None and x.shape[0] >= self.PANEL_MIN_ROWS[x.dtype]:
+        if panels is not None and x.shape[0] >= self.panel_min_rows[x.dtype]:
             return self.panel_module.panel_linear(x.contiguous(), panels, w.shape[0], b)
         packed = self.packed.get(id(w))
         if packed is not None and x.shape[0] >= self.PACKED_MIN_ROWS[x.dtype]:
@@ -233,7 +260,7 @@ class LlamaForCausalLM:
             for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
                 self.linear.prepack(w)
         self.linear.prepack(self.lm_head)
-        if kernels is not None:
+        if kernels is not None or panels is not None:
             # whole layers' weights until ~96 MB: more than a CPU's last-level cache, as a decode step
             # streams them, and no more, so that a large model's load pays a few passes over one layer
             sample: list[torch.Tensor] = []
@@ -243,9 +270,10 @@ class LlamaForCausalLM:
                     break
             timings = self.linear.calibrate(sample)
             logger.info(
-                "small-batch matmuls: %s rows to the kernel (%s)",
+                "small-batch matmuls: %s rows to the kernel (%s); panels from %s rows",
                 self.linear.max_rows[dtype],
                 ", ".join(f"{m} rows: kernel {k * 1e3:.2f} ms / torch {t * 1e3:.2f} ms" for m, (k, t) in timings.items()),
+                self.linear.panel_min_rows.get(dtype, "-"),
             )
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, dtype)
         self.ops = select_layer_ops(self.rope, cfg.rms_norm_eps, dtype, self.embed.device)
