@@ -30,8 +30,9 @@ def module():
 # (rows, weight rows, K): single rows, a register tile (12 rows with AVX-512, 6 with AVX2) and one past
 # it, a decode batch, and with K = 1,536 (~340 rows a block) a prefill that spans three row blocks;
 # weight rows that are not whole panels (70: the last panel 6 wide, 16: less than one AVX-512 vector,
-# 20: one AVX2 panel and 4)
-SHAPES = [(1, 70, 40), (6, 20, 40), (7, 20, 40), (12, 96, 40), (13, 16, 40), (64, 576, 576), (700, 70, 1536), (5, 960, 1536)]
+# 20: one AVX2 panel and 4); and a K of 3 under many row tiles, whose shares of the next panel's
+# prefetch are mostly empty
+SHAPES = [(1, 70, 40), (6, 20, 40), (7, 20, 40), (12, 96, 40), (13, 16, 40), (64, 576, 576), (700, 70, 1536), (5, 960, 1536), (50, 70, 3)]
 
 
 @pytest.mark.parametrize(("m", "n", "k"), SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in SHAPES])
