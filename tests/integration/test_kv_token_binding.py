@@ -41,9 +41,15 @@ from tests.integration.test_disaggregation import (
 pytestmark = pytest.mark.slow
 
 
+# Grants here outlive the thief's 2 s wait with room to spare: with test_disaggregation's 3 s lease a
+# slow machine saw the bound worker's pull arrive after the grant's expiry (and recompute instead).
+# No test in this module is about expiry; the 5 s release check below is then stricter, not looser.
+LONG_LEASE_ARGS = {**ROLE_ARGS, "prefill": ["--kv-lease-seconds", "30"]}
+
+
 @pytest.fixture(scope="module")
 def pdd(tmp_path_factory, default_model_dir):
-    with running_cluster(tmp_path_factory.mktemp("pdd"), role_args=ROLE_ARGS, num_prefill=1, num_decode=2) as c:
+    with running_cluster(tmp_path_factory.mktemp("pdd"), role_args=LONG_LEASE_ARGS, num_prefill=1, num_decode=2) as c:
         yield c
 
 
