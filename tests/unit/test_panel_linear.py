@@ -90,6 +90,9 @@ def test_bad_input_raises(module):
         "panels not from pack_panels": (x, torch.randn(3, 40, 16), 70, None),
     }
     bad_calls["fp32 x, bf16 panels"] = (x, module.pack_panels(w.bfloat16()), 70, None)
+    # where bf16 panels hold k pairs, K = 40 and an x of 39 columns fill the same 20 pairs
+    bad_calls["bf16 x a column short"] = (torch.randn(4, 39).bfloat16(), module.pack_panels(w.bfloat16()), 70, None)
+    bad_calls["sliced panels"] = (x, module.pack_panels(torch.randn(70, 41))[:, :40], 70, None)
     for what, args in bad_calls.items():
         with pytest.raises(RuntimeError, match="panel_linear"):
             module.panel_linear(*args)
@@ -101,12 +104,14 @@ def test_bad_input_raises(module):
 
 def test_linear_packs_into_panels_and_routes_them(module):
     """With the panel kernel, an fp32 weight gets panels instead of a oneDNN copy, and matmuls of 3
-    rows or more run on them (1-2 rows keep torch's GEMV, as with oneDNN); bf16 stays with oneDNN where
-    oneDNN runs bf16, else gets panels too, for every row count."""
+    rows or more run on them (1-2 rows keep torch's GEMV, as with oneDNN); bf16 gets panels too, for
+    every row count, where the kernel has the bf16 dot instruction or oneDNN does not run bf16, and
+    stays with oneDNN otherwise."""
     calls = []
 
     class Spy:
         available = True
+        bf16_dot = module.bf16_dot
         pack_panels = staticmethod(module.pack_panels)
 
         @staticmethod
@@ -125,7 +130,7 @@ def test_linear_packs_into_panels_and_routes_them(module):
     assert calls == [3, 64]
     wb, bb = w.bfloat16(), b.bfloat16()
     lin.prepack(wb)
-    if onednn_packs(torch.bfloat16):
+    if onednn_packs(torch.bfloat16) and not module.bf16_dot:
         assert id(wb) in lin.packed and id(wb) not in lin.panels
     else:
         assert id(wb) in lin.panels and id(wb) not in lin.packed

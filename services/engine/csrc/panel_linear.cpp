@@ -1,8 +1,10 @@
-// y = x · Wᵀ (+ bias) in float32 on AVX-512 or AVX2, W packed once into panels of two vectors' width.
+// y = x · Wᵀ (+ bias), float32 or bf16, on AVX-512 or AVX2, W packed once into panels of two vectors' width.
 //
-//   pack_panels(w [N, K] float32)         -> panels [ceil(N / P), K, P]: W's rows P at a time, transposed,
-//                                            the last panel zero-padded; P = panel_width (32 AVX-512, 16 AVX2)
-//   panel_linear(x [M, K], panels, N, bias [N] or None) -> [M, N] float32
+//   pack_panels(w [N, K] float32 or bf16) -> panels [ceil(N / P), K, P]: W's rows P at a time, transposed,
+//                                            the last panel zero-padded; P = panel_width (32 AVX-512, 16 AVX2);
+//                                            bf16 panels as k pairs where bf16_dot (an odd K padded by a
+//                                            zero k-row, seen only in the stride)
+//   panel_linear(x [M, K], panels, N, bias [N] or None) -> [M, N] of x's dtype
 //
 // Why: a decode step's matmuls have a few dozen rows, and oneDNN's fp32 matmul on its own packed weights
 // splits those poorly over 2 threads: 125-190 GF/s at 64 rows on a Zen 4 (SmolLM2-135M's four weight
@@ -21,6 +23,13 @@
 // 88.9 -> 81.3, 1-2 and 256-2,048 rows level; a 64-sequence fp32 decode step 187.2 -> 176.1 ms median
 // and a 16-sequence one 66.2 -> 54.2. bf16 panels (half the bytes) measured 2% slower with it.
 //
+// With AVX512-BF16, bf16 panels hold k pairs and tiles multiply bf16 x by them with vdpbf16ps, two
+// multiply-adds a float32 lane per instruction and no widening of x or W. Against oneDNN's packed bf16 matmul
+// on SmolLM2-135M's shapes (2 cores of a Zen 4, alternating, `python -m benchmarks.linear_kernels`): 1 row
+// 30 against 19 GF/s, 16 rows 352 against 225, 64 rows 423 against 352, 512 rows 429 against 415, 2,048
+// rows 387 against 393. In one engine, alternating steps: a 64-sequence bf16 decode step 104.1 -> 93.1 ms
+// median, a 16-sequence one 36.9 -> 29.9, batch-1 level (12.2), a 2,048-token prefill step level (1.34 s).
+//
 // Each thread takes a range of panels. Rows go in blocks of ~2 MB of x (a core's share of the last-level
 // cache) so that a long prefill does not stream all of x from memory once per panel; in a block, a tile
 // of rows x one panel is kept in registers over all of K, fed by two panel loads and one broadcast of x
@@ -37,6 +46,9 @@
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define TANDEM_PANELS 1
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define TANDEM_BF16_DOT 1  // bf16 panels hold k pairs, multiplied by vdpbf16ps (bf16 x, no widening)
 #endif
 
 #include <algorithm>
@@ -107,24 +119,44 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch doe
   return static_cast<uint16_t>(u >> 16);
 }
 
-// Where column j of a panel sits in one k-row of it: float panels in order; bf16 panels as lane pairs
-// (j, j + kLanes), the order Vec::widen_bf16 reads.
+// bf16 panels with the dot instruction (TANDEM_BF16_DOT): each k-row pair (k, k + 1) of a panel is kPanel
+// 32-bit lanes, column j's two weights in lane j, the operand order of vdpbf16ps; an odd K is padded with a
+// zero k-row. Else float panels in order, and bf16 panels as lane pairs (j, j + kLanes) per k-row, the
+// order Vec::widen_bf16 reads.
 template <typename W>
-constexpr int64_t panel_slot(int64_t j) {
-  if constexpr (std::is_same_v<W, float>) return j;
-  return j < Vec::kLanes ? 2 * j : 2 * (j - Vec::kLanes) + 1;
+constexpr bool k_pairs() {
+#if defined(TANDEM_BF16_DOT)
+  return !std::is_same_v<W, float>;
+#else
+  return false;
+#endif
+}
+
+// k-rows a panel holds for a weight of K columns
+template <typename W>
+constexpr int64_t panel_k(int64_t K) {
+  return k_pairs<W>() ? K + (K & 1) : K;
+}
+
+// where W[n = panel's first + j, k] sits in its panel
+template <typename W>
+constexpr int64_t panel_offset(int64_t k, int64_t j) {
+  if constexpr (k_pairs<W>()) return (k & ~int64_t{1}) * kPanel + 2 * j + (k & 1);
+  if constexpr (std::is_same_v<W, float>) return k * kPanel + j;
+  return k * kPanel + (j < Vec::kLanes ? 2 * j : 2 * (j - Vec::kLanes) + 1);
 }
 
 template <typename W>
 void pack_into(const W* __restrict src, W* __restrict dst, int64_t N, int64_t K) {
-  const int64_t NB = (N + kPanel - 1) / kPanel;
+  const int64_t NB = (N + kPanel - 1) / kPanel, KP = panel_k<W>(K);
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t nb = b0; nb < b1; ++nb)
+    for (int64_t nb = b0; nb < b1; ++nb) {
+      W* __restrict panel = dst + nb * KP * kPanel;
+      std::fill(panel, panel + KP * kPanel, W(0));
       for (int64_t k = 0; k < K; ++k)
-        for (int64_t j = 0; j < kPanel; ++j) {
-          const int64_t n = nb * kPanel + j;
-          dst[(nb * K + k) * kPanel + panel_slot<W>(j)] = n < N ? src[n * K + k] : W(0);
-        }
+        for (int64_t j = 0; j < kPanel && nb * kPanel + j < N; ++j)
+          panel[panel_offset<W>(k, j)] = src[(nb * kPanel + j) * K + k];
+    }
   });
 }
 
@@ -133,7 +165,11 @@ at::Tensor pack_panels(const at::Tensor& w) {
         "w must be a 2-d float32 or bfloat16 CPU tensor");
   const auto wc = w.contiguous();
   const int64_t N = wc.size(0), K = wc.size(1), NB = (N + kPanel - 1) / kPanel;
-  auto out = at::empty({NB, K, kPanel}, wc.options());
+  const int64_t KP = wc.scalar_type() == at::kFloat ? panel_k<float>(K) : panel_k<uint16_t>(K);
+  auto storage = at::empty({NB, KP, kPanel}, wc.options());
+  // [NB, K, kPanel] whatever the padding: a padded k-row shows only in the panels' stride, so that K is
+  // still checked against x's columns exactly
+  auto out = storage.as_strided({NB, K, kPanel}, {KP * kPanel, kPanel, 1});
   if (wc.scalar_type() == at::kFloat) {
     pack_into(wc.data_ptr<float>(), out.data_ptr<float>(), N, K);
   } else {
@@ -144,6 +180,32 @@ at::Tensor pack_panels(const at::Tensor& w) {
 }
 
 #if defined(TANDEM_PANELS)
+// A tile's MR x kPanel float32 sums plus the panel's zero-padded float32 bias, `cols` (<= kPanel) of them
+// stored as Y (float32 or bf16): the last panel's and every bf16 row through a small buffer.
+template <int MR, typename Y>
+inline void store_tile(const typename Vec::T (&acc)[MR][2], Y* __restrict y, int64_t ldy, int64_t cols,
+                       const float* __restrict bias) {
+  const auto b0 = bias ? Vec::load(bias) : Vec::zero();
+  const auto b1 = bias ? Vec::load(bias + Vec::kLanes) : Vec::zero();
+  for (int r = 0; r < MR; ++r) {
+    if (std::is_same_v<Y, float> && cols == kPanel) {
+      Vec::store(reinterpret_cast<float*>(y + r * ldy), Vec::add(acc[r][0], b0));
+      Vec::store(reinterpret_cast<float*>(y + r * ldy) + Vec::kLanes, Vec::add(acc[r][1], b1));
+      continue;
+    }
+    alignas(64) float tail[kPanel];
+    Vec::store(tail, Vec::add(acc[r][0], b0));
+    Vec::store(tail + Vec::kLanes, Vec::add(acc[r][1], b1));
+    if constexpr (std::is_same_v<Y, float>) {
+      std::memcpy(y + r * ldy, tail, cols * sizeof(float));
+    } else {
+      Y* __restrict out = y + r * ldy;
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) out[j] = float_to_bf16(tail[j]);
+    }
+  }
+}
+
 // MR rows of x (float32) against one panel of W (float32 or bf16) over all of K, plus the panel's
 // zero-padded float32 bias; `cols` (<= kPanel) of the results are stored as Y (float32 or bf16), the last
 // panel's and every bf16 row through a small buffer.
@@ -182,39 +244,62 @@ __attribute__((noinline)) void row_tile(const float* __restrict x, int64_t K, co
     }
     for (; pf < pf_end; pf += 64) __builtin_prefetch(pf, 0, 2);  // a share larger than K
   }
-  const auto b0 = bias ? Vec::load(bias) : Vec::zero();
-  const auto b1 = bias ? Vec::load(bias + Vec::kLanes) : Vec::zero();
-  for (int r = 0; r < MR; ++r) {
-    if (std::is_same_v<Y, float> && cols == kPanel) {
-      Vec::store(reinterpret_cast<float*>(y + r * ldy), Vec::add(acc[r][0], b0));
-      Vec::store(reinterpret_cast<float*>(y + r * ldy) + Vec::kLanes, Vec::add(acc[r][1], b1));
-      continue;
-    }
-    alignas(64) float tail[kPanel];
-    Vec::store(tail, Vec::add(acc[r][0], b0));
-    Vec::store(tail + Vec::kLanes, Vec::add(acc[r][1], b1));
-    if constexpr (std::is_same_v<Y, float>) {
-      std::memcpy(y + r * ldy, tail, cols * sizeof(float));
-    } else {
-      Y* __restrict out = y + r * ldy;
-#pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) out[j] = float_to_bf16(tail[j]);
-    }
-  }
+  store_tile<MR>(acc, y, ldy, cols, bias);
 }
 
-template <typename W, int... MR>
+#if defined(TANDEM_BF16_DOT)
+// MR rows of bf16 x against one k-pair bf16 panel over all of K: per k pair, two panel loads and per row
+// one broadcast of x's pair, each vdpbf16ps two multiply-adds a lane into float32 sums. The unused
+// prefetch arguments keep the fp32 tile's signature.
+template <int MR>
+__attribute__((noinline)) void row_tile_dot(const uint16_t* __restrict x, int64_t K, const uint16_t* __restrict panel,
+                                            uint16_t* __restrict y, int64_t ldy, int64_t cols,
+                                            const float* __restrict bias, const char*, int64_t) {
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const auto step = [&](int64_t k, auto x_pair) __attribute__((always_inline)) {
+    const auto w0 = (__m512bh)_mm512_loadu_si512(panel + k * kPanel);
+    const auto w1 = (__m512bh)_mm512_loadu_si512(panel + k * kPanel + kPanel);
+    for (int r = 0; r < MR; ++r) {
+      const auto xv = (__m512bh)_mm512_set1_epi32(x_pair(x + r * K + k));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xv, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xv, w1);
+    }
+  };
+  const int64_t K2 = K & ~int64_t{1};
+  for (int64_t k = 0; k < K2; k += 2)
+    step(k, [](const uint16_t* p) {
+      int32_t v;
+      std::memcpy(&v, p, sizeof(v));
+      return v;
+    });
+  if (K & 1)  // the last k alone, against the panel's zero k-row
+    step(K2, [](const uint16_t* p) { return static_cast<int32_t>(*p); });
+  store_tile<MR>(acc, y, ldy, cols, bias);
+}
+#endif
+
+// The row tiles for x of type X and W (= y's type), indexed by rows 1..kRowTile: x as float32 against float
+// or lane-pair bf16 panels, or bf16 x against k-pair panels.
+template <typename X, typename W, int... MR>
 constexpr auto row_tiles(std::integer_sequence<int, MR...>) {
-  using RowTileFn = void (*)(const float*, int64_t, const W*, W*, int64_t, int64_t, const float*, const char*, int64_t);
-  return std::array<RowTileFn, sizeof...(MR) + 1>{nullptr, row_tile<MR + 1, W, W>...};
+  using RowTileFn = void (*)(const X*, int64_t, const W*, W*, int64_t, int64_t, const float*, const char*, int64_t);
+#if defined(TANDEM_BF16_DOT)
+  if constexpr (!std::is_same_v<X, float>) return std::array<RowTileFn, sizeof...(MR) + 1>{nullptr, row_tile_dot<MR + 1>...};
+  else
+#endif
+    return std::array<RowTileFn, sizeof...(MR) + 1>{nullptr, row_tile<MR + 1, W, W>...};
 }
 
-// y = x W^T (+ bias) with x, W and y of one element type (float, or uint16_t for bf16); x as float32.
-template <typename W>
-void run(const float* xp, int64_t M, int64_t K, const W* wp, int64_t NB, int64_t N, const float* bp, W* yp) {
-  const int64_t panel_lines = K * kPanel * static_cast<int64_t>(sizeof(W)) / 64;  // 64-byte lines a panel
-  static constexpr auto tiles = row_tiles<W>(std::make_integer_sequence<int, kRowTile>{});  // [rows], 1..kRowTile
-  const int64_t block = std::max<int64_t>(kRowTile, kBlockBytes / (K * 4) / kRowTile * kRowTile);
+// y = x W^T (+ bias) with W and y of one element type (float, or uint16_t for bf16), x as X: float32, or
+// bf16 for the k-pair panels.
+template <typename X, typename W>
+void run(const X* xp, int64_t M, int64_t K, const W* wp, int64_t NB, int64_t N, const float* bp, W* yp) {
+  const int64_t KP = panel_k<W>(K);  // k-rows a panel
+  const int64_t panel_lines = KP * kPanel * static_cast<int64_t>(sizeof(W)) / 64;  // 64-byte lines a panel
+  static constexpr auto tiles = row_tiles<X, W>(std::make_integer_sequence<int, kRowTile>{});
+  const int64_t x_row_bytes = K * static_cast<int64_t>(sizeof(X));
+  const int64_t block = std::max<int64_t>(kRowTile, kBlockBytes / x_row_bytes / kRowTile * kRowTile);
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t mb = 0; mb < M; mb += block) {
       const int64_t m_end = std::min(M, mb + block);
@@ -225,12 +310,12 @@ void run(const float* xp, int64_t M, int64_t K, const W* wp, int64_t NB, int64_t
         // the bytes for the same multiply-adds, measured 2% slower with it at 64 rows)
         const bool has_next = std::is_same_v<W, float> && nb + 1 < b1 && ntiles > 1;
         const int64_t next_lines = has_next ? panel_lines : 0;
-        const char* next = reinterpret_cast<const char*>(wp + (nb + 1) * K * kPanel);
+        const char* next = reinterpret_cast<const char*>(wp + (nb + 1) * KP * kPanel);
         int64_t t = 0;
         for (int64_t m0 = mb; m0 < m_end; m0 += kRowTile, ++t) {
           const int rows = static_cast<int>(std::min<int64_t>(kRowTile, m_end - m0));
           const int64_t l0 = t * next_lines / ntiles, l1 = (t + 1) * next_lines / ntiles;
-          tiles[rows](xp + m0 * K, K, wp + nb * K * kPanel, yp + m0 * N + nb * kPanel, N, cols,
+          tiles[rows](xp + m0 * K, K, wp + nb * KP * kPanel, yp + m0 * N + nb * kPanel, N, cols,
                       bp ? bp + nb * kPanel : nullptr, next + 64 * l0, l1 - l0);
         }
       }
@@ -244,10 +329,13 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t N
   const auto dtype = x.scalar_type();
   check(x.dim() == 2 && (dtype == at::kFloat || dtype == at::kBFloat16) && x.is_contiguous() && x.device().is_cpu(),
         "x must be a contiguous 2-d float32 or bfloat16 CPU tensor");
-  check(panels.dim() == 3 && panels.scalar_type() == dtype && panels.is_contiguous() && panels.size(2) == kPanel,
+  check(panels.dim() == 3 && panels.scalar_type() == dtype && panels.size(2) == kPanel,
         "panels must come from pack_panels, of x's dtype");
   const int64_t M = x.size(0), K = x.size(1), NB = panels.size(0);
   check(panels.size(1) == K, "x's columns must match the weight's");
+  const int64_t KP = dtype == at::kFloat ? panel_k<float>(K) : panel_k<uint16_t>(K);
+  check(panels.stride(2) == 1 && panels.stride(1) == kPanel && (NB == 1 || panels.stride(0) == KP * kPanel),
+        "panels must come from pack_panels (its layout, unsliced)");
   check(N > (NB - 1) * kPanel && N <= NB * kPanel, "N must be the packed weight's row count");
   at::Tensor padded_bias;  // float32, zero-padded to whole panels, so that every tile loads whole vectors
   if (bias.has_value() && bias->defined()) {
@@ -269,13 +357,18 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t N
   if (dtype == at::kFloat) {
     run(x.data_ptr<float>(), M, K, panels.data_ptr<float>(), NB, N, bp, y.data_ptr<float>());
   } else {
+    const auto* wb = reinterpret_cast<const uint16_t*>(panels.data_ptr<at::BFloat16>());
+    auto* yb = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+#if defined(TANDEM_BF16_DOT)
+    run(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K, wb, NB, N, bp, yb);
+    return y;
+#endif
     // x widened once: M x K conversions against M x N x K multiply-adds
     std::vector<float> xf(M * K);
     const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
 #pragma omp simd
     for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_float(src[i]);
-    run(xf.data(), M, K, reinterpret_cast<const uint16_t*>(panels.data_ptr<at::BFloat16>()), NB, N, bp,
-        reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
+    run(xf.data(), M, K, wb, NB, N, bp, yb);
   }
   return y;
 #else
@@ -293,6 +386,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_linear", &panel_linear, "x [M, K] . W^T (+ bias) from W's panels", pybind11::arg("x"),
         pybind11::arg("panels"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none());
   m.attr("panel_width") = kPanel;  // 32 with AVX-512, 16 with AVX2
+#if defined(TANDEM_BF16_DOT)
+  m.attr("bf16_dot") = true;  // bf16 panels hold k pairs (an odd K padded by one k-row) for vdpbf16ps
+#else
+  m.attr("bf16_dot") = false;
+#endif
 #if defined(TANDEM_PANELS)
   m.attr("available") = true;
 #else

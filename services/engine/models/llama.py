@@ -63,8 +63,11 @@ class Linear:
     (prepack()) run through its packed matmul where oneDNN runs bf16, and fp32 weights, where the CPU has
     AVX-512 or AVX2, are packed into panels for csrc/panel_linear.cpp instead of for oneDNN (a 64-sequence
     fp32 decode step 11% faster on a Zen 4, prefill steps level; 10% and 7-8% on a Zen 3; the numbers are
-    in that file). bf16 weights go to bf16 panels where oneDNN has no bf16 matmul (AVX2 without
-    AVX-NE-CONVERT): F.linear's bf16 fallback there ran SmolLM2-135M's matmuls 8x slower at 64 rows.
+    in that file). bf16 weights go to bf16 panels where the kernel has AVX512-BF16's dot instruction,
+    which beat oneDNN's packed bf16 matmul at 1 to 512 rows (423 against 352 GF/s at 64 rows, 396
+    against 293 at 32, level at 2,048; SmolLM2-135M's shapes, 2 cores of a Zen 4, `python -m
+    benchmarks.linear_kernels`), and where oneDNN has no bf16 matmul (AVX2 without AVX-NE-CONVERT):
+    F.linear's bf16 fallback there ran SmolLM2-135M's matmuls 8x slower at 64 rows.
 
     Prepacking: F.linear hands oneDNN the plain [N, K] weight on every call, and oneDNN reorders it
     into its blocked layout each time. Packed once, bf16 matmuls measured 1.5-2.4x faster at 5 to
@@ -87,13 +90,14 @@ class Linear:
         self.panel_min_rows = dict(self.PANEL_MIN_ROWS)
 
     def prepack(self, w: torch.Tensor) -> None:
-        """Pack `w`: fp32 CPU weights into panels where the panel kernel runs, bf16 ones too where oneDNN
-        has no bf16 matmul, else fp32/bf16 CPU weights for oneDNN's matmul (where torch has oneDNN); a
-        no-op elsewhere."""
+        """Pack `w`: fp32 CPU weights into panels where the panel kernel runs, bf16 ones too where the
+        kernel has the bf16 dot instruction or oneDNN has no bf16 matmul, else fp32/bf16 CPU weights for
+        oneDNN's matmul (where torch has oneDNN); a no-op elsewhere."""
         if w.device.type != "cpu":
             return
-        to_panels = w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and not onednn_packs(w.dtype))
-        if self.panel_module is not None and to_panels:
+        if self.panel_module is not None and (
+            w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and (self.panel_module.bf16_dot or not onednn_packs(w.dtype)))
+        ):
             self.panels[id(w)] = self.panel_module.pack_panels(w)
         elif w.dtype in self.PACKED_MIN_ROWS and onednn_packs(w.dtype):
             self.packed[id(w)] = torch.ops.mkldnn._reorder_linear_weight(w, 64)
