@@ -193,6 +193,13 @@ inline void store_tile(const typename Vec::T (&acc)[MR][2], Y* __restrict y, int
       Vec::store(reinterpret_cast<float*>(y + r * ldy) + Vec::kLanes, Vec::add(acc[r][1], b1));
       continue;
     }
+#if defined(TANDEM_BF16_DOT)
+    if (!std::is_same_v<Y, float> && cols == kPanel) {  // one instruction rounds both vectors to nearest even
+      const __m512bh out = _mm512_cvtne2ps_pbh(Vec::add(acc[r][1], b1), Vec::add(acc[r][0], b0));
+      _mm512_storeu_si512(y + r * ldy, (__m512i)out);
+      continue;
+    }
+#endif
     alignas(64) float tail[kPanel];
     Vec::store(tail, Vec::add(acc[r][0], b0));
     Vec::store(tail + Vec::kLanes, Vec::add(acc[r][1], b1));
