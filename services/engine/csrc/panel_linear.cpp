@@ -47,8 +47,10 @@
 #define TANDEM_PANELS 1
 #include <immintrin.h>
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#define TANDEM_BF16_DOT 1  // bf16 panels hold k pairs, multiplied by vdpbf16ps (bf16 x, no widening)
+// bf16 panels hold k pairs, multiplied by vdpbf16ps (bf16 x, no widening). Not where the CPU has AMX: there
+// oneDNN runs bf16 matmuls on its tiles, far past what vdpbf16ps can, and bf16 weights stay with oneDNN.
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && !defined(__AMX_BF16__)
+#define TANDEM_BF16_DOT 1
 #endif
 
 #include <algorithm>

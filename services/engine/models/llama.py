@@ -63,11 +63,12 @@ class Linear:
     (prepack()) run through its packed matmul where oneDNN runs bf16, and fp32 weights, where the CPU has
     AVX-512 or AVX2, are packed into panels for csrc/panel_linear.cpp instead of for oneDNN (a 64-sequence
     fp32 decode step 11% faster on a Zen 4, prefill steps level; 10% and 7-8% on a Zen 3; the numbers are
-    in that file). bf16 weights go to bf16 panels where the kernel has AVX512-BF16's dot instruction,
-    which beat oneDNN's packed bf16 matmul at 1 to 512 rows (423 against 352 GF/s at 64 rows, 396
-    against 293 at 32, level at 2,048; SmolLM2-135M's shapes, 2 cores of a Zen 4, `python -m
-    benchmarks.linear_kernels`), and where oneDNN has no bf16 matmul (AVX2 without AVX-NE-CONVERT):
-    F.linear's bf16 fallback there ran SmolLM2-135M's matmuls 8x slower at 64 rows.
+    in that file). bf16 weights go to bf16 panels where the kernel has AVX512-BF16's dot instruction
+    and the CPU no AMX (whose tiles oneDNN uses): they beat oneDNN's packed bf16 matmul at 1 to 512
+    rows (423 against 352 GF/s at 64 rows, 396 against 293 at 32, level at 2,048; SmolLM2-135M's
+    shapes, 2 cores of a Zen 4, `python -m benchmarks.linear_kernels`); and where oneDNN has no bf16
+    matmul (AVX2 without AVX-NE-CONVERT): F.linear's bf16 fallback there ran SmolLM2-135M's matmuls 8x
+    slower at 64 rows.
 
     Prepacking: F.linear hands oneDNN the plain [N, K] weight on every call, and oneDNN reorders it
     into its blocked layout each time. Packed once, bf16 matmuls measured 1.5-2.4x faster at 5 to
