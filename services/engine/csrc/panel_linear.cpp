@@ -183,7 +183,7 @@ at::Tensor pack_panels(const at::Tensor& w) {
 
 #if defined(TANDEM_PANELS)
 // A tile's MR x kPanel float32 sums plus the panel's zero-padded float32 bias, `cols` (<= kPanel) of them
-// stored as Y (float32 or bf16): the last panel's and every bf16 row through a small buffer.
+// stored as Y (float32 or bf16): the last panel's, and bf16 rows without AVX512-BF16, through a small buffer.
 template <int MR, typename Y>
 inline void store_tile(const typename Vec::T (&acc)[MR][2], Y* __restrict y, int64_t ldy, int64_t cols,
                        const float* __restrict bias) {
