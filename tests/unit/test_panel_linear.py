@@ -56,6 +56,22 @@ def test_matches_f_linear(module, m, n, k, bias, dtype):
         torch.testing.assert_close(got, want.bfloat16(), atol=1e-3 * k**0.5, rtol=8e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [2048, 2047], ids=["whole-lines", "ragged-rows"])
+def test_outputs_past_the_streaming_size_match(module, dtype, n):
+    """Outputs of 16 MB or more whose rows are whole 64-byte lines are written with non-temporal stores
+    (and a fence); rows that are not whole lines keep plain stores. Both must give F.linear's values."""
+    m = (16 << 20) // (2048 * torch.tensor([], dtype=dtype).element_size())  # 2,048 fp32 or 4,096 bf16 rows
+    gen = torch.Generator().manual_seed(11)
+    x, w = torch.randn(m, 64, generator=gen).to(dtype), torch.randn(n, 64, generator=gen).to(dtype)
+    got = module.panel_linear(x, module.pack_panels(w), n)
+    want = F.linear(x.float(), w.float())
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-5)
+    else:
+        torch.testing.assert_close(got, want.bfloat16(), atol=1e-2, rtol=8e-3)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_thread_counts_agree(module, threads):
     gen = torch.Generator().manual_seed(3)
