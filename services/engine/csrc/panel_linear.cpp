@@ -149,6 +149,11 @@ constexpr int64_t panel_k(int64_t K) {
   return k_pairs<W>() ? K + (K & 1) : K;
 }
 
+// the same for a weight of `dtype` (float32 or bf16)
+inline int64_t panel_k(at::ScalarType dtype, int64_t K) {
+  return dtype == at::kFloat ? panel_k<float>(K) : panel_k<uint16_t>(K);
+}
+
 // where W[n = panel's first + j, k] sits in its panel
 template <typename W>
 constexpr int64_t panel_offset(int64_t k, int64_t j) {
@@ -176,7 +181,7 @@ at::Tensor pack_panels(const at::Tensor& w) {
         "w must be a 2-d float32 or bfloat16 CPU tensor");
   const auto wc = w.contiguous();
   const int64_t N = wc.size(0), K = wc.size(1), NB = (N + kPanel - 1) / kPanel;
-  const int64_t KP = wc.scalar_type() == at::kFloat ? panel_k<float>(K) : panel_k<uint16_t>(K);
+  const int64_t KP = panel_k(wc.scalar_type(), K);
   auto storage = at::empty({NB, KP, kPanel}, wc.options());
   // [NB, K, kPanel] whatever the padding: a padded k-row shows only in the panels' stride, so that K is
   // still checked against x's columns exactly
@@ -362,7 +367,7 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t N
         "panels must come from pack_panels, of x's dtype");
   const int64_t M = x.size(0), K = x.size(1), NB = panels.size(0);
   check(panels.size(1) == K, "x's columns must match the weight's");
-  const int64_t KP = dtype == at::kFloat ? panel_k<float>(K) : panel_k<uint16_t>(K);
+  const int64_t KP = panel_k(dtype, K);
   check(panels.stride(2) == 1 && panels.stride(1) == kPanel && (NB == 1 || panels.stride(0) == KP * kPanel),
         "panels must come from pack_panels (its layout, unsliced)");
   check(N > (NB - 1) * kPanel && N <= NB * kPanel, "N must be the packed weight's row count");
@@ -388,16 +393,16 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t N
   } else {
     const auto* wb = reinterpret_cast<const uint16_t*>(panels.data_ptr<at::BFloat16>());
     auto* yb = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+    const auto* xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
 #if defined(TANDEM_BF16_DOT)
-    run(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K, wb, NB, N, bp, yb);
-    return y;
-#endif
+    run(xb, M, K, wb, NB, N, bp, yb);
+#else
     // x widened once: M x K conversions against M x N x K multiply-adds
     std::vector<float> xf(M * K);
-    const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
 #pragma omp simd
-    for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_float(src[i]);
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_float(xb[i]);
     run(xf.data(), M, K, wb, NB, N, bp, yb);
+#endif
   }
   return y;
 #else
