@@ -53,7 +53,7 @@ def kv_peer(args) -> None:
 
     torch.set_num_threads(1)
     layers, kv_heads, block, head_dim = 30, 3, 16, 64  # SmolLM2-135M, fp32: 720 KiB a block
-    cache = torch.randn(layers, 2, kv_heads, args.blocks, block, head_dim, generator=torch.Generator().manual_seed(1))
+    cache = torch.randn(args.blocks, layers, 2, kv_heads, block, head_dim, generator=torch.Generator().manual_seed(1))  # block-major, as the engine's
     link = socket.socket(fileno=args.fd)
     stream = link.makefile("rw")
 

@@ -5,8 +5,10 @@ and the transfer's share of TTFT in a disaggregated cluster.
 
 Part 1, in one run: a server process holds a KV cache of the default model's layout (fp32, 30
 layers × 2 × 3 KV heads × 16 tokens × 64 = 720 KiB per block) filled with random values; this
-process holds another. For 1k, 4k and 16k tokens (64, 256, 1024 blocks, scattered ids), each
-path moves the blocks from the server's cache into this one, end to end (request → bytes in place):
+process holds another, both block-major as the engine's. For 1k, 4k and 16k tokens (64, 256, 1024
+blocks, scattered ids, as in a pool that has cycled) and 4k tokens in consecutive ids on both
+sides (as a fresh pool hands out a prompt's blocks), each path moves the blocks from the server's
+cache into this one, end to end (request → bytes in place):
   - ucx:    KVTransportClient.pull from KVTransportServer (what decode and prefill workers run);
   - tcp:    the server gathers the blocks and writes them on an asyncio TCP stream (uvloop), this
             process reads with a BufferedProtocol into a buffer and scatters;
@@ -43,26 +45,34 @@ import uvloop
 
 LAYERS, KV_HEADS, BLOCK, HEAD_DIM = 30, 3, 16, 64  # SmolLM2-135M
 NUM_BLOCKS = 1100
-SIZES = {"1k": 64, "4k": 256, "16k": 1024}
+SIZES = {"1k": (64, False), "4k": (256, False), "16k": (1024, False), "4k-runs": (256, True)}  # (blocks, consecutive ids)
 GRPC_CHUNK = 4 << 20
 GRPC_METHOD = "/tandem.bench.KV/Pull"
 
 
 def make_cache(seed: int) -> torch.Tensor:
+    """Random values in a cache allocated as the engine's KVCache is: huge pages requested before the
+    first touch (UCX's process_vm_readv pins the pages it reads: 4 KiB pages halve its rate)."""
+    from services.engine.malloc_tuning import advise_huge_pages
+
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(LAYERS, 2, KV_HEADS, NUM_BLOCKS, BLOCK, HEAD_DIM, generator=g)
+    cache = torch.empty(NUM_BLOCKS, LAYERS, 2, KV_HEADS, BLOCK, HEAD_DIM)
+    advise_huge_pages(cache)
+    return cache.copy_(torch.randn(cache.shape, generator=g))
 
 
-def block_ids(n: int, offset: int) -> list[int]:
-    return [(offset + 7 * i) % NUM_BLOCKS for i in range(n)]  # scattered, as in a real cache
+def block_ids(n: int, offset: int, consecutive: bool = False) -> list[int]:
+    if consecutive:
+        return [(offset + i) % NUM_BLOCKS for i in range(n)]
+    return [(offset + 7 * i) % NUM_BLOCKS for i in range(n)]  # scattered, as in a cycled pool
 
 
 def gather(cache: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    return cache[:, :, :, torch.tensor(ids)].contiguous()
+    return cache[torch.tensor(ids)].contiguous()
 
 
 def scatter(cache: torch.Tensor, ids: list[int], data: torch.Tensor) -> None:
-    cache[:, :, :, torch.tensor(ids)] = data
+    cache[torch.tensor(ids)] = data
 
 
 # ---- the server process ---------------------------------------------------------------------------
@@ -158,8 +168,8 @@ async def bench_paths(args, conn, address: bytes, tcp_port: int, grpc_port: int)
     loop = asyncio.get_running_loop()
     results = {}
     token_no = 0
-    for label, n in SIZES.items():
-        src, dst = block_ids(n, 3), block_ids(n, 500)
+    for label, (n, consecutive) in SIZES.items():
+        src, dst = block_ids(n, 3, consecutive), block_ids(n, 500, consecutive)
         nbytes = n * LAYERS * 2 * KV_HEADS * BLOCK * HEAD_DIM * 4
         times: dict[str, list[float]] = {"ucx": [], "tcp": [], "grpc": [], "memcpy_2proc": [], "memcpy_gather_scatter": [], "memcpy_contiguous": []}
         # memcpy between two processes: the server's bytes in shared memory, copied into a private,
@@ -176,18 +186,18 @@ async def bench_paths(args, conn, address: bytes, tcp_port: int, grpc_port: int)
             await client.pull(address, token, src, dst, timeout=60)
             times["ucx"].append(time.perf_counter() - t)
             if rep == 0:
-                assert torch.equal(cache[:, :, :, torch.tensor(dst)], src_check[:, :, :, torch.tensor(src)]), "ucx pull corrupted the blocks"
+                assert torch.equal(cache[torch.tensor(dst)], src_check[torch.tensor(src)]), "ucx pull corrupted the blocks"
 
             t = time.perf_counter()
             done = receiver.expect(nbytes)
             transport.write(" ".join(map(str, src)).encode() + b"\n")
             await done
-            scatter(cache, dst, torch.frombuffer(receiver.buf, dtype=torch.float32).view(LAYERS, 2, KV_HEADS, n, BLOCK, HEAD_DIM))
+            scatter(cache, dst, torch.frombuffer(receiver.buf, dtype=torch.float32).view(n, LAYERS, 2, KV_HEADS, BLOCK, HEAD_DIM))
             times["tcp"].append(time.perf_counter() - t)
 
             t = time.perf_counter()
             parts = [chunk async for chunk in grpc_pull(" ".join(map(str, src)).encode(), timeout=120)]
-            scatter(cache, dst, torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.float32).view(LAYERS, 2, KV_HEADS, n, BLOCK, HEAD_DIM))
+            scatter(cache, dst, torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.float32).view(n, LAYERS, 2, KV_HEADS, BLOCK, HEAD_DIM))
             times["grpc"].append(time.perf_counter() - t)
 
             t = time.perf_counter()

@@ -1,9 +1,11 @@
 """KVTransportClient: the decode side of the UCX KV transport (see ucx_transport.py).
 
 A pull runs on the UCX loop over its own error-handling endpoint to the server's worker: it posts
-receives for the response, the first chunks and the server's abort notice, sends the request,
-then scatters each chunk into the cache while the next one arrives. Any failure cancels the
-endpoint's requests and waits for a running scatter before it is reported.
+receives for the response, the server's final word and the first segments, each segment straight
+into its destination blocks of the cache, sends the request, and posts further segments as earlier
+ones land. It succeeds only on the server's final OK. On any failure it aborts the endpoint and
+waits until UCX has completed (or cancelled) every receive it posted before it reports: UCX writes
+into the cache itself, and the caller frees the destination blocks as soon as the pull raises.
 """
 
 from __future__ import annotations
@@ -11,16 +13,32 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import secrets
 
 import numpy as np
 import torch
 
-from .ucx_protocol import ABORT_INDEX, MAX_CHUNKS, MAX_RESPONSE_BYTES, KVTransferError, PullRequest, PullResponse, ServerAddress, Status, reply_tag, request_tag
-from .ucx_runtime import CopyTask, UcxRuntime, abort_soon, ucx_address
-from .ucx_staging import StagingPool, as_ucx_buffer, layout_of, run_view, scatter
+from .ucx_protocol import (
+    FINAL_INDEX,
+    MAX_RESPONSE_BYTES,
+    MAX_SEGMENTS,
+    KVTransferError,
+    PullRequest,
+    PullResponse,
+    ServerAddress,
+    Status,
+    reply_tag,
+    request_tag,
+)
+from .ucx_runtime import UcxRuntime, abort_soon, ucx_address
+from .ucx_segments import block_bytes_view, layout_of, segment_buffer, segments
+
+log = logging.getLogger(__name__)
 
 _CALLER_GRACE = 5.0  # extra time the caller's loop waits for the UCX loop beyond the pull timeout
+RECEIVES_IN_FLIGHT = 32  # receives posted ahead of the segment being read (see ucx_server.SENDS_IN_FLIGHT)
+_RECEIVES_SETTLE = 10.0  # bound on waiting for UCX to finish the receives of an aborted endpoint
 
 
 class KVTransportClient:
@@ -28,10 +46,9 @@ class KVTransportClient:
 
     def __init__(self, kv_storage: torch.Tensor):
         self._layout = layout_of(kv_storage)
-        self._storage = kv_storage  # keeps the memory behind _runs alive
-        self._runs = run_view(kv_storage)
-        self._num_blocks = kv_storage.shape[3]
-        self._pools: dict[int, StagingPool] = {}
+        self._storage = kv_storage  # keeps the memory behind _blocks alive
+        self._blocks = block_bytes_view(kv_storage)
+        self._num_blocks = kv_storage.shape[0]
         self._rt: UcxRuntime | None = None
         self._inflight: set[concurrent.futures.Future] = set()
         self._closed = False
@@ -50,7 +67,7 @@ class KVTransportClient:
     async def pull(self, server_address: bytes, transfer_token: bytes, src_block_ids: list[int], dst_block_ids: list[int], timeout: float) -> None:
         """Copy the server's blocks src_block_ids into this cache's dst_block_ids; KVTransferError on failure.
 
-        When it raises, no copy into this cache is running any more (the destination blocks may be
+        When it raises, no write into this cache is running any more (the destination blocks may be
         freed at once); the client stays usable."""
         if self._rt is None or self._closed:
             raise KVTransferError("KVTransportClient is not started or is closed")
@@ -60,25 +77,35 @@ class KVTransportClient:
         bad = [b for b in dst if not 0 <= b < self._num_blocks] + [b for b in src if b < 0]
         if bad:
             raise KVTransferError(f"block ids out of range: {bad[:8]}")
+        if len(set(dst)) != len(dst):
+            raise KVTransferError("destination block ids repeat: two segments would write the same block")
         if not src:
             return
         addr = ServerAddress.unpack(server_address)
         if addr.layout != self._layout:
             raise KVTransferError(f"KV layout differs: server {addr.layout}, client {self._layout}")
-        if addr.chunk_blocks < 1 or -(-len(src) // addr.chunk_blocks) > MAX_CHUNKS:
-            raise KVTransferError(f"too many blocks for one pull: {len(src)}")
-        req = PullRequest(secrets.randbits(44), float(timeout), bytes(transfer_token), self._rt.address(), self._layout, np.asarray(src, dtype=np.int64))
-        if len(src) > PullRequest.max_blocks(len(req.token), len(req.client_address)):
-            raise KVTransferError(f"too many blocks for one pull: {len(src)}")
+        if addr.segment_blocks < 1:
+            raise KVTransferError("the server's address allows no blocks per segment")
+        segs = segments(src, dst, addr.segment_blocks)
+        req = PullRequest(
+            secrets.randbits(44),
+            float(timeout),
+            bytes(transfer_token),
+            self._rt.address(),
+            self._layout,
+            np.asarray([(s, n) for s, _, n in segs], dtype=np.int64),
+        )
+        if len(segs) > min(MAX_SEGMENTS, PullRequest.max_segments(len(req.token), len(req.client_address))):
+            raise KVTransferError(f"too many blocks for one pull: {len(src)} in {len(segs)} segments")
 
-        inner = self._rt.spawn(self._pull(addr, req, dst, float(timeout)))
+        inner = self._rt.spawn(self._pull(addr, req, [(d, n) for _, d, n in segs], float(timeout)))
         self._inflight.add(inner)
         try:
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(inner)), timeout + _CALLER_GRACE)
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(inner)), timeout + _CALLER_GRACE + _RECEIVES_SETTLE)
         except (TimeoutError, asyncio.CancelledError) as e:
-            inner.cancel()  # the UCX side stops, and finishes any copy into our cache, before it ends
+            inner.cancel()  # the UCX side stops, and waits out every receive into our cache, before it ends
             with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.wrap_future(inner), _CALLER_GRACE)
+                await asyncio.wait_for(asyncio.wrap_future(inner), _CALLER_GRACE + _RECEIVES_SETTLE)
             if isinstance(e, asyncio.CancelledError):
                 if asyncio.current_task().cancelling() or not self._closed:
                     raise
@@ -94,47 +121,43 @@ class KVTransportClient:
         for f in list(self._inflight):
             f.cancel()
         if pending:
-            await asyncio.wait(pending, timeout=_CALLER_GRACE)
+            await asyncio.wait(pending, timeout=_CALLER_GRACE + _RECEIVES_SETTLE)
 
     # -- UCX loop ----------------------------------------------------------------------------
 
-    def _pool(self, chunk_blocks: int) -> StagingPool:
-        pool = self._pools.get(chunk_blocks)
-        if pool is None:
-            pool = StagingPool(self._layout, chunk_blocks * self._layout.block_bytes)
-            if len(self._pools) < 8:
-                self._pools[chunk_blocks] = pool
-        return pool
-
-    async def _pull(self, addr: ServerAddress, req: PullRequest, dst: list[int], timeout: float) -> None:
-        rid, cb = req.request_id, addr.chunk_blocks
-        n = -(-len(dst) // cb)
-        pool = self._pool(cb)
-        staging, slots = pool.take(), pool.slots
+    async def _pull(self, addr: ServerAddress, req: PullRequest, dst: list[tuple[int, int]], timeout: float) -> None:
+        rid, n = req.request_id, len(dst)
         ep, ok, stage = None, False, "connecting"
-        copy = CopyTask(self._rt)
-        recvs: dict[object, asyncio.Task] = {}
-        resp_buf, abort_buf = np.zeros(MAX_RESPONSE_BYTES, np.uint8), np.zeros(MAX_RESPONSE_BYTES, np.uint8)
+        recvs: dict[object, asyncio.Future] = {}
+        resp_buf, final_buf = np.zeros(MAX_RESPONSE_BYTES, np.uint8), np.zeros(MAX_RESPONSE_BYTES, np.uint8)
 
         def post(k: int) -> None:
-            view = staging.slots[k % slots][: len(dst[k * cb : (k + 1) * cb])]
-            recvs[k] = asyncio.ensure_future(ep.recv(as_ucx_buffer(view), tag=reply_tag(rid, k + 1), force_tag=True))
+            first, count = dst[k]
+            recvs[k] = asyncio.ensure_future(ep.recv(segment_buffer(self._blocks, first, count), tag=reply_tag(rid, k + 1), force_tag=True))
+
+        def server_gave_up() -> KVTransferError | None:
+            """The server's final word once it has come: None for OK, else why it stopped."""
+            recvs["final"].result()  # an endpoint error raises here
+            final = PullResponse.unpack(final_buf)
+            return None if final.status is Status.OK else KVTransferError(f"server aborted the pull: {final.message}")
 
         async def arrived(key: object) -> None:
-            """Wait for receive `key`, or raise the server's abort notice if that comes first."""
-            done, _ = await asyncio.wait({recvs[key], recvs["abort"]}, return_when=asyncio.FIRST_COMPLETED)
-            if recvs[key] in done:
-                recvs.pop(key).result()
-                return
-            recvs.pop("abort").result()  # an endpoint error raises here
-            raise KVTransferError(f"server aborted the pull: {PullResponse.unpack(abort_buf).message}")
+            """Wait for receive `key`, unless the server's final word comes first and is not OK (an OK
+            one means every send completed, so this receive completes too)."""
+            fut, final = recvs[key], recvs["final"]
+            if not final.done():
+                await asyncio.wait({fut, final}, return_when=asyncio.FIRST_COMPLETED)
+            if not fut.done() and (error := server_gave_up()) is not None:
+                raise error
+            await fut
+            recvs.pop(key)
 
         try:
             async with asyncio.timeout(timeout):
                 ep = await self._rt.ctx.create_endpoint_from_worker_address(ucx_address(addr.ucx_address), endpoint_error_handling=True)
                 recvs["resp"] = asyncio.ensure_future(ep.recv(resp_buf, tag=reply_tag(rid, 0), force_tag=True))
-                recvs["abort"] = asyncio.ensure_future(ep.recv(abort_buf, tag=reply_tag(rid, ABORT_INDEX), force_tag=True))
-                for k in range(min(slots, n)):
+                recvs["final"] = asyncio.ensure_future(ep.recv(final_buf, tag=reply_tag(rid, FINAL_INDEX), force_tag=True))
+                for k in range(min(RECEIVES_IN_FLIGHT, n)):
                     post(k)
                 stage = "sending the request"
                 await ep.send(req.pack(), tag=request_tag(addr.server_id), force_tag=True)
@@ -144,12 +167,14 @@ class KVTransportClient:
                 if resp.status is not Status.OK:
                     raise KVTransferError(f"server refused the pull ({resp.status.name}): {resp.message}")
                 for k in range(n):
-                    stage = f"receiving chunk {k + 1}/{n}"
+                    stage = f"receiving segment {k + 1}/{n}"
                     await arrived(k)
-                    chunk = dst[k * cb : (k + 1) * cb]
-                    await copy.run(scatter, self._runs, chunk, staging.slots[k % slots][: len(chunk)])
-                    if k + slots < n:
-                        post(k + slots)
+                    if k + RECEIVES_IN_FLIGHT < n:
+                        post(k + RECEIVES_IN_FLIGHT)
+                stage = "waiting for the server's final word"
+                await asyncio.wait({recvs["final"]})
+                if (error := server_gave_up()) is not None:
+                    raise error
             ok = True
         except KVTransferError:
             raise
@@ -160,9 +185,22 @@ class KVTransportClient:
         except Exception as e:  # noqa: BLE001 - UCX errors: the server died or the connection broke
             raise KVTransferError(f"pull failed while {stage}: server gone or connection broken ({type(e).__name__}: {e})") from e
         finally:
-            for t in recvs.values():
-                t.cancel()
-            await copy.drain()  # never leave a scatter into our cache running behind the caller
-            abort_soon(ep, staging, resp_buf, abort_buf)
             if ok:
-                pool.give(staging)
+                abort_soon(ep, resp_buf, final_buf)
+            else:
+                await self._settle(ep, [f for f in recvs.values() if not f.done()])
+
+    async def _settle(self, ep, pending: list[asyncio.Future]) -> None:
+        """After a failed pull: abort the endpoint, which cancels its receives, and wait until UCX has
+        finished with every one of them (a segment being read completes first), so nothing writes
+        into the cache once the pull has raised."""
+        if ep is not None:
+            with contextlib.suppress(Exception):
+                ep.abort(period=10**9, max_attempts=1)
+        if not pending:
+            return
+        done, still = await asyncio.wait(pending, timeout=_RECEIVES_SETTLE)
+        for f in done:
+            f.exception()  # retrieved: cancellations are the expected outcome
+        if still:  # not seen with UCX 1.21; would mean UCX kept a receive into the cache alive
+            log.error("KV pull: %d receives into the KV cache still pending %.0f s after aborting their endpoint", len(still), _RECEIVES_SETTLE)

@@ -1,22 +1,29 @@
 """Wire formats of the UCX KV transport: server address, pull request, pull response, tags.
 
-A pull is one request and one response over UCX tagged messages, then the data chunks:
+A pull is one request and one response over UCX tagged messages, then the data segments, then
+the server's final word:
 
     decode (client)                                   prefill (server)
     ep = endpoint(server worker address)
-    post recv(response tag)
-    send REQUEST (tag = server's request tag)  ──►    check token, blocks, layout
-                                               ◄──    RESPONSE (status, chunking) on the client's
-                                                      address, tag derived from the request id
-    post recv(chunk k) into staging slot       ◄──    gather chunk k into a staging slot, send it
-    scatter chunk k into the KV cache                 (rendezvous: the client's UCX reads it with
-                                                      one process_vm_readv on a host, or over TCP)
+    post recv(response), recv(final),
+      recv(segment k) straight into its blocks
+    send REQUEST (tag = server's request tag)  ──►    check token, segments, layout
+                                               ◄──    RESPONSE (status) on the client's address,
+                                                      tag derived from the request id
+    segment k lands in the KV cache            ◄──    send segment k straight from the KV cache
+                                                      (rendezvous: the client's UCX reads it with
+                                                      process_vm_readv on a host, or over TCP)
+                                               ◄──    FINAL: OK once every send completed and the
+                                                      token is still valid, else ABORTED (why)
 
-Nothing is read from the server's KV cache before the token checks pass. The chunking is in the
-server's address, so the client posts its receives for the response, the first chunks and an
-abort notice before it sends the request. Tags: the request tag names the server instance
-(several servers may share a process's UCX worker); the reply tags are `request id | index`, the
-request id being 44 random bits per pull.
+Nothing is read from the server's KV cache before the token checks pass. The client computes the
+segments (runs of blocks consecutive on both sides, no longer than the server's limit, which is in
+its address) and names them in the request, so both sides agree on every message before the
+first one moves. The client reports success only on FINAL OK: a send can fail on the server (its
+token revoked and its blocks freed, a timeout) while the client's read of it still completes, and
+those bytes must not count. Tags: the request tag names the server instance (several servers may
+share a process's UCX worker); the reply tags are `request id | index`, the request id being 44
+random bits per pull.
 """
 
 from __future__ import annotations
@@ -27,14 +34,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MAGIC = b"TKV1"
+MAGIC = b"TKV2"  # 2: segments sent from and into block-major caches
 REQUEST_TAG_BASE = 0x5444_4B56_0000_0000  # "TDKV" in the high half
 MAX_REQUEST_BYTES = 1 << 20  # the server's receive buffer for one request
 MAX_RESPONSE_BYTES = 4096
 MAX_ADDRESS_BYTES = 0xFFFF  # a client address travels with a u16 length
-CHUNK_INDEX_BITS = 20  # response = index 0, chunk k = index k + 1, ABORT_INDEX = the server gave up
-ABORT_INDEX = (1 << CHUNK_INDEX_BITS) - 1
-MAX_CHUNKS = ABORT_INDEX - 1
+INDEX_BITS = 20  # response = index 0, segment k = index k + 1, FINAL_INDEX = the server's final word
+FINAL_INDEX = (1 << INDEX_BITS) - 1
+MAX_SEGMENTS = FINAL_INDEX - 1
 
 
 class KVTransferError(Exception):
@@ -50,7 +57,7 @@ class Status(enum.IntEnum):
     LAYOUT_MISMATCH = 5
     BAD_REQUEST = 6
     SERVER_CLOSED = 7
-    ABORTED = 8  # sent on ABORT_INDEX: revoked during the pull, server closing, server timeout
+    ABORTED = 8  # sent on FINAL_INDEX: revoked during the pull, server closing, server timeout
     WRONG_PEER = 9  # never sent: a token presented by a client it was not bound to is dropped unanswered
 
 
@@ -68,16 +75,8 @@ class Layout:
     _FMT = "<IIIII"
 
     @property
-    def runs(self) -> int:  # contiguous runs per block: one per (layer, k/v, head)
-        return self.num_layers * 2 * self.num_kv_heads
-
-    @property
-    def run_bytes(self) -> int:
-        return self.block_size * self.head_dim * self.elem_size
-
-    @property
-    def block_bytes(self) -> int:
-        return self.runs * self.run_bytes
+    def block_bytes(self) -> int:  # one block: [layers, 2, kv heads, block size, head dim]
+        return self.num_layers * 2 * self.num_kv_heads * self.block_size * self.head_dim * self.elem_size
 
     def pack(self) -> bytes:
         d = self.dtype.encode()
@@ -97,8 +96,8 @@ def request_tag(server_id: int) -> int:
 
 
 def reply_tag(request_id: int, index: int) -> int:
-    """index 0: the response; index k + 1: data chunk k; ABORT_INDEX: why the server stopped."""
-    return (request_id << CHUNK_INDEX_BITS) | index
+    """index 0: the response; index k + 1: data segment k; FINAL_INDEX: the server's final word."""
+    return (request_id << INDEX_BITS) | index
 
 
 # -- server address ------------------------------------------------------------------------------
@@ -106,31 +105,31 @@ def reply_tag(request_id: int, index: int) -> int:
 
 @dataclass(frozen=True)
 class ServerAddress:
-    """What a client needs: the request tag, the layout, the chunking, the UCX worker address."""
+    """What a client needs: the request tag, the layout, the largest segment, the UCX worker address."""
 
     server_id: int
-    chunk_blocks: int  # blocks per data chunk, so the client can post its receives before asking
+    segment_blocks: int  # the most blocks one data message may carry
     layout: Layout
     ucx_address: bytes
 
     def pack(self) -> bytes:
-        return MAGIC + struct.pack("<II", self.server_id, self.chunk_blocks) + self.layout.pack() + self.ucx_address
+        return MAGIC + struct.pack("<II", self.server_id, self.segment_blocks) + self.layout.pack() + self.ucx_address
 
     @classmethod
     def unpack(cls, buf: bytes) -> ServerAddress:
         try:
             if bytes(buf[:4]) != MAGIC:
                 raise ValueError("bad magic")
-            server_id, chunk_blocks = struct.unpack_from("<II", buf, 4)
+            server_id, segment_blocks = struct.unpack_from("<II", buf, 4)
             layout, off = Layout.unpack(buf, 12)
         except (ValueError, struct.error, UnicodeDecodeError) as e:
-            raise KVTransferError(f"not a Tandem UCX KV transport address ({e})") from None
-        return cls(server_id, chunk_blocks, layout, bytes(buf[off:]))
+            raise KVTransferError(f"not a Tandem UCX KV transport address (or one of another version: {e})") from None
+        return cls(server_id, segment_blocks, layout, bytes(buf[off:]))
 
 
 # -- request -------------------------------------------------------------------------------------
 
-_REQ_HEAD = "<4sQdHHI"  # magic, request id, client timeout (s), token len, address len, n blocks
+_REQ_HEAD = "<4sQdHHI"  # magic, request id, client timeout (s), token len, address len, n segments
 
 
 @dataclass(frozen=True)
@@ -140,12 +139,16 @@ class PullRequest:
     token: bytes
     client_address: bytes
     layout: Layout
-    src_block_ids: np.ndarray  # int64
+    segments: np.ndarray  # int64 [n, 2]: (first source block, count), in the order they are sent
+
+    @property
+    def src_block_ids(self) -> list[int]:
+        return [b for first, count in self.segments.tolist() for b in range(first, first + count)]
 
     def pack(self) -> bytes:
-        head = struct.pack(_REQ_HEAD, MAGIC, self.request_id, self.timeout, len(self.token), len(self.client_address), len(self.src_block_ids))
-        ids = np.ascontiguousarray(self.src_block_ids, dtype="<u4").tobytes()
-        return head + self.token + self.client_address + self.layout.pack() + ids
+        head = struct.pack(_REQ_HEAD, MAGIC, self.request_id, self.timeout, len(self.token), len(self.client_address), len(self.segments))
+        segs = np.ascontiguousarray(self.segments, dtype="<u4").tobytes()
+        return head + self.token + self.client_address + self.layout.pack() + segs
 
     @classmethod
     def unpack(cls, buf: memoryview | bytes) -> PullRequest:
@@ -158,14 +161,14 @@ class PullRequest:
         addr = bytes(buf[off : off + alen])
         off += alen
         layout, off = Layout.unpack(buf, off)
-        ids = np.frombuffer(bytes(buf[off : off + 4 * n]), dtype="<u4").astype(np.int64)
-        if len(ids) != n:
+        segs = np.frombuffer(bytes(buf[off : off + 8 * n]), dtype="<u4").astype(np.int64)
+        if len(segs) != 2 * n:
             raise ValueError("truncated request")
-        return cls(rid, timeout, token, addr, layout, ids)
+        return cls(rid, timeout, token, addr, layout, segs.reshape(n, 2))
 
     @staticmethod
-    def max_blocks(token_len: int, address_len: int) -> int:
-        return (MAX_REQUEST_BYTES - struct.calcsize(_REQ_HEAD) - token_len - address_len - 64) // 4
+    def max_segments(token_len: int, address_len: int) -> int:
+        return (MAX_REQUEST_BYTES - struct.calcsize(_REQ_HEAD) - token_len - address_len - 64) // 8
 
 
 # -- response ------------------------------------------------------------------------------------
@@ -175,7 +178,8 @@ _RESP_HEAD = "<4sHH"  # magic, status, message length
 
 @dataclass(frozen=True)
 class PullResponse:
-    """The server's answer to a request (index 0), or why it stopped sending chunks (ABORT_INDEX)."""
+    """The server's answer to a request (index 0), or its final word (FINAL_INDEX): OK once every
+    segment was sent, else why it stopped."""
 
     status: Status
     message: str = ""

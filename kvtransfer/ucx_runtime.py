@@ -21,8 +21,11 @@ put in the environment. Measured with UCX 1.21 (libucx-cu12 wheel), two processe
                              copy-in copy-out" through the shm FIFO: a copy in each process and
                              0.2-18 GB/s depending on how promptly both sides progress. UCX calls
                              this capability "not really supported yet": a failed request's buffer
-                             may still be read by the peer, so a staging buffer of a failed pull
-                             is never reused, and UCX never touches the KV cache itself.
+                             may still be read by the peer. Segments are sent straight from the
+                             KV cache, so a client counts a pull only on the server's final OK,
+                             sent after every send completed with the blocks still held
+                             (ucx_protocol.py); a client whose pull failed waits until UCX has
+                             finished every receive into its cache before it reports.
     RNDV_FRAG_MEM_TYPE=host  `import ucxx` sets it to cuda for GPU pipelines
   defaults (an UCX_<NAME> environment variable overrides them):
     TLS=posix,cma,tcp,self   shm + CMA on one host, TCP across hosts (this UCX wheel has no verbs)
@@ -129,7 +132,6 @@ class UcxRuntime:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-copy")
         self.ctx: Any = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -185,36 +187,6 @@ class UcxRuntime:
     def spawn(self, coro: Awaitable[Any]) -> concurrent.futures.Future:
         """Start a coroutine on the UCX loop without waiting for it."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    async def copy(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking copy (gather/scatter) off the UCX loop; call from the UCX loop."""
-        return await self.loop.run_in_executor(self.executor, fn, *args)
-
-
-class CopyTask:
-    """One gather or scatter on the runtime's copy threads, started from the UCX loop.
-
-    drain() waits for it even when the pull was cancelled: a pull must not end while a copy into
-    (or out of) a KV cache is still running."""
-
-    def __init__(self, rt: UcxRuntime):
-        self._rt = rt
-        self._fut: asyncio.Future | None = None
-
-    def start(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._fut = self._rt.loop.run_in_executor(self._rt.executor, fn, *args)
-
-    async def wait(self) -> None:
-        await asyncio.shield(self._fut)
-
-    async def run(self, fn: Callable[..., Any], *args: Any) -> None:
-        self.start(fn, *args)
-        await self.wait()
-
-    async def drain(self) -> None:
-        while self._fut is not None and not self._fut.done():
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(self._fut)
 
 
 def ucx_address(buf: bytes) -> Any:

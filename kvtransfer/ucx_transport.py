@@ -7,24 +7,28 @@
     handle = (server.address, token, block_ids)                      # → decode, via the gateway
     await client.pull(server.address, token, src_ids, dst_ids, timeout=10)
 
-Data path (ucx_protocol.py has the message flow): the server checks the token, gathers the blocks
-into pooled staging chunks and sends each chunk as one UCX tagged message; the client's UCX reads
-it (same host: one process_vm_readv into its own staging chunk; other hosts: TCP) and the client
-scatters it into its cache, copies and transfers overlapping. Endpoints are created with error
+Data path (ucx_protocol.py has the message flow): the caches are block-major, so each run of
+blocks consecutive on both sides is one contiguous range in each cache and travels as one UCX
+tagged message, sent straight from the server's cache and received straight into the client's
+(same host: the client's UCX copies it with process_vm_readv; other hosts: TCP). No staging copy
+on either side. Endpoints are created with error
 handling, one pair per pull, so a peer's death fails that pull only: the survivor's requests
 fail (a dead sender at once, a dead receiver within UCX's 1 s keepalive) and everything else on
 the worker keeps going.
 
-    ucx_server.py    KVTransportServer: token checks, gather, send
-    ucx_client.py    KVTransportClient: request, receive, scatter, failure handling
+    ucx_server.py    KVTransportServer: token checks, segment sends, the final word
+    ucx_client.py    KVTransportClient: request, receives into the cache, failure handling
     ucx_protocol.py  wire formats and tags, KVTransferError
-    ucx_staging.py   block gather/scatter and the staging buffer pool
+    ucx_segments.py  the cache as block byte ranges, and the segments a pull is sent in
     ucx_runtime.py   the UCX context on its own loop thread; the UCX settings and why
 
 Guarantees: no byte of the requested blocks is read before the server accepted the token; a
 token allows one pull, by the client it was exposed for (another client's request is dropped
-unanswered: the server never dials an address that did not earn it); a failed pull raises KVTransferError only after no copy into the client's
-cache is still running, so the caller may free the destination blocks at once.
+unanswered: the server never dials an address that did not earn it); a pull succeeds only on the
+server's final OK, sent after every segment's send completed while the token was still valid (so
+bytes read from blocks the server freed meanwhile never count); a failed pull raises
+KVTransferError only after no UCX receive into the client's cache is still running, so the caller
+may free the destination blocks at once.
 """
 
 from __future__ import annotations

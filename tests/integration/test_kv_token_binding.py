@@ -57,7 +57,7 @@ def thief_pull(c, reply: worker_pb2.PrefillResponse, timeout: float) -> str:
     """Present the handle's token from this process's own UCX worker, as a peer that learned it
     would; returns why the pull failed."""
     layout = registration(c, "prefill-0").kv_layout
-    cache = torch.zeros((layout.num_layers, 2, layout.num_kv_heads, len(reply.kv_handle.block_ids), layout.block_size, layout.head_dim),
+    cache = torch.zeros((len(reply.kv_handle.block_ids), layout.num_layers, 2, layout.num_kv_heads, layout.block_size, layout.head_dim),
                         dtype=getattr(torch, layout.dtype))  # fmt: skip
 
     async def pull() -> str:

@@ -25,14 +25,14 @@ async def host(tiny_llama):
 async def test_registration_describes_the_loaded_engine(host, tiny_llama):
     reg = common_pb2.WorkerRegistration()
     host.fill_registration(reg)
-    storage = host.kv_storage  # [layers, 2, kv heads, blocks, block size, head dim]
-    layers, _, kv_heads, blocks, block_size, head_dim = storage.shape
+    storage = host.kv_storage  # [blocks, layers, 2, kv heads, block size, head dim]
+    blocks, layers, _, kv_heads, block_size, head_dim = storage.shape
     assert (reg.block_size, reg.num_kv_blocks, reg.max_model_len, reg.max_num_seqs) == (8, 40, 96, 5)
     assert (blocks, block_size) == (reg.num_kv_blocks, reg.block_size)
     layout = reg.kv_layout
     assert (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype) == (layers, kv_heads, head_dim, 8, "float32")
     assert layout.fingerprint == layout_fingerprint(layout.model_id, "float32", layers, kv_heads, head_dim, 8)
-    assert host.bytes_per_block == storage[:, :, :, 0].nbytes
+    assert host.bytes_per_block == storage[0].nbytes
     assert host.max_model_len == 96
     assert host.vocab_size == json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
 

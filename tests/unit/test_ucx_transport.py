@@ -1,8 +1,8 @@
 """The UCX KV transport between real processes on loopback (kvtransfer/ucx_transport.py).
 
 Peers run in spawned processes driven over a Pipe; every wait is bounded and every child is
-killed in a finally. Caches are small (2 MiB) and chunks tiny (2 blocks) so pulls cross many
-chunks; the kill tests slow the peer's copies down so the kill lands mid-pull.
+killed in a finally. Caches are small (2 MiB) and segments tiny (2 blocks) so pulls cross many
+segments; the kill tests slow the peer's segment posts down so the kill lands mid-pull.
 """
 
 from __future__ import annotations
@@ -22,26 +22,28 @@ from kvtransfer.ucx_transport import KVTransferError, KVTransportClient, KVTrans
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="ucxx-cu12 is not installed")
 
-SHAPE = dict(L=4, H=2, NB=64, BS=16, D=32)  # fp32: 2 KiB runs, 32 KiB blocks
-CHUNK_BYTES = 2 * 4 * 2 * 2 * 16 * 32 * 4  # two fp32 blocks
+SHAPE = dict(L=4, H=2, NB=64, BS=16, D=32)  # fp32: 32 KiB blocks
+SEGMENT_BYTES = 2 * 4 * 2 * 2 * 16 * 32 * 4  # two fp32 blocks
 SPAWN = mp.get_context("spawn")
 WAIT = 30.0  # bound on any wait for a child
 
 
 def make_cache(dtype: torch.dtype, seed: int | None) -> torch.Tensor:
     s = SHAPE
-    shape = (s["L"], 2, s["H"], s["NB"], s["BS"], s["D"])
+    shape = (s["NB"], s["L"], 2, s["H"], s["BS"], s["D"])  # block-major, as the engine's
     if seed is None:
         return torch.zeros(shape, dtype=dtype)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 def _slow(fn, delay: float, conn=None):
+    """fn, each call announced on conn and delayed (it runs on the UCX loop: the next segment waits)."""
+
     def slowed(*args):
         if conn is not None:
             conn.send("copying")
         time.sleep(delay)
-        fn(*args)
+        return fn(*args)
 
     return slowed
 
@@ -49,16 +51,16 @@ def _slow(fn, delay: float, conn=None):
 # -- child processes (module level: spawn imports them by name) ---------------------------------
 
 
-def server_child(conn, dtype_name: str, seed: int, slow_gather: float) -> None:
+def server_child(conn, dtype_name: str, seed: int, slow_send: float) -> None:
     import uvloop
 
     import kvtransfer.ucx_server as S
 
-    if slow_gather:
-        S.gather = _slow(S.gather, slow_gather, conn)
+    if slow_send:  # before each segment's send
+        S.segment_buffer = _slow(S.segment_buffer, slow_send, conn)
 
     async def main():
-        server = KVTransportServer(make_cache(getattr(torch, dtype_name), seed), chunk_bytes=CHUNK_BYTES)
+        server = KVTransportServer(make_cache(getattr(torch, dtype_name), seed), segment_bytes=SEGMENT_BYTES)
         await server.start()
         conn.send(server.address)
         loop = asyncio.get_running_loop()
@@ -77,14 +79,9 @@ def server_child(conn, dtype_name: str, seed: int, slow_gather: float) -> None:
     uvloop.run(main())
 
 
-def client_child(conn, server_address: bytes, token: bytes, src: list[int], dst: list[int], slow_scatter: float, timeout: float = 20.0) -> None:
+def client_child(conn, server_address: bytes, token: bytes, src: list[int], dst: list[int], timeout: float = 20.0) -> None:
     """Sends its UCX address (a server binds the token to it), waits for "go", pulls, reports."""
     import uvloop
-
-    import kvtransfer.ucx_client as C
-
-    if slow_scatter:
-        C.scatter = _slow(C.scatter, slow_scatter, conn)
 
     async def main():
         cache = make_cache(torch.float32, None)
@@ -97,8 +94,8 @@ def client_child(conn, server_address: bytes, token: bytes, src: list[int], dst:
         except KVTransferError as e:
             conn.send(("error", str(e)))
             return
-        expected = make_cache(torch.float32, 1)[:, :, :, src]
-        conn.send(("ok", bool(torch.equal(cache[:, :, :, dst], expected))))
+        expected = make_cache(torch.float32, 1)[src]
+        conn.send(("ok", bool(torch.equal(cache[dst], expected))))
 
     uvloop.run(main())
 
@@ -129,8 +126,8 @@ class Child:
 class ClientChild(Child):
     """A pulling peer in its own process (its own UCX worker, so its own address)."""
 
-    def __init__(self, server_address: bytes, token: bytes, src: list[int], dst: list[int], slow_scatter: float = 0.0, timeout: float = 20.0):
-        super().__init__(client_child, server_address, token, src, dst, slow_scatter, timeout)
+    def __init__(self, server_address: bytes, token: bytes, src: list[int], dst: list[int], timeout: float = 20.0):
+        super().__init__(client_child, server_address, token, src, dst, timeout)
         try:
             self.address = recv(self.conn)
         except BaseException:
@@ -142,8 +139,8 @@ class ClientChild(Child):
 
 
 class ServerChild(Child):
-    def __init__(self, dtype: str = "float32", seed: int = 1, slow_gather: float = 0.0):
-        super().__init__(server_child, dtype, seed, slow_gather)
+    def __init__(self, dtype: str = "float32", seed: int = 1, slow_send: float = 0.0):
+        super().__init__(server_child, dtype, seed, slow_send)
         try:
             self.address = recv(self.conn)
         except BaseException:
@@ -196,10 +193,10 @@ def random_blocks(n: int, seed: int) -> tuple[list[int], list[int]]:
 
 async def test_round_trip_fp32(fp32_server, client):
     client, cache = client
-    src, dst = random_blocks(23, seed=5)  # 12 chunks of 2 blocks, the last one partial
+    src, dst = random_blocks(23, seed=5)  # scattered ids: 23 segments of one block
     fp32_server.expose(b"tok-fp32", src)
     await client.pull(fp32_server.address, b"tok-fp32", src, dst, timeout=20)
-    assert torch.equal(cache[:, :, :, dst], make_cache(torch.float32, 1)[:, :, :, src])
+    assert torch.equal(cache[dst], make_cache(torch.float32, 1)[src])
 
 
 async def test_round_trip_bf16_with_consecutive_runs(children):
@@ -208,13 +205,13 @@ async def test_round_trip_bf16_with_consecutive_runs(children):
     cache = make_cache(torch.bfloat16, None)
     c = KVTransportClient(cache)
     await c.start()
-    src = [3, 4, 5, 6, 40, 41, 9, 63, 0]  # consecutive runs on both sides and single blocks
+    src = [3, 4, 5, 6, 40, 41, 9, 63, 0]  # runs consecutive on both sides (cut at 2 blocks) and single blocks
     dst = [10, 11, 12, 13, 14, 2, 3, 60, 61]
     server.expose(b"tok-bf16", src)
     await c.pull(server.address, b"tok-bf16", src, dst, timeout=20)
-    assert torch.equal(cache[:, :, :, dst], make_cache(torch.bfloat16, 2)[:, :, :, src])
+    assert torch.equal(cache[dst], make_cache(torch.bfloat16, 2)[src])
     untouched = [b for b in range(SHAPE["NB"]) if b not in dst]
-    assert not cache[:, :, :, untouched].any()
+    assert not cache[untouched].any()
     await c.close()
 
 
@@ -227,7 +224,7 @@ async def test_wrong_token_rejected(fp32_server, client):
     # an unknown token gets no answer at all: the server never dials a sender without a token
     with pytest.raises(KVTransferError, match="timed out after 1.0 s while waiting for the server's answer"):
         await client.pull(fp32_server.address, b"wrong", [1, 2], [1, 2], timeout=1.0)
-    assert not cache[:, :, :, [1, 2]].any()
+    assert not cache[[1, 2]].any()
     await client.pull(fp32_server.address, b"right", [1, 2], [1, 2], timeout=10)  # not burnt by the miss
 
 
@@ -244,7 +241,7 @@ async def test_block_not_exposed_rejected(fp32_server, client):
     fp32_server.expose(b"some", [1, 2, 3])
     with pytest.raises(KVTransferError, match=r"blocks \[4\] were not exposed"):
         await client.pull(fp32_server.address, b"some", [1, 4], [1, 4], timeout=10)
-    assert not cache[:, :, :, [1, 4]].any()  # nothing moved
+    assert not cache[[1, 4]].any()  # nothing moved
 
 
 async def test_expired_token_rejected(fp32_server, client):
@@ -273,7 +270,7 @@ async def test_timeout_then_client_still_works(fp32_server, client):
     assert time.monotonic() - t0 < 3.0
     fp32_server.expose(b"after-timeout", [2, 3])
     await client.pull(fp32_server.address, b"after-timeout", [2, 3], [4, 5], timeout=10)
-    assert torch.equal(cache[:, :, :, [4, 5]], make_cache(torch.float32, 1)[:, :, :, [2, 3]])
+    assert torch.equal(cache[[4, 5]], make_cache(torch.float32, 1)[[2, 3]])
 
 
 # -- peer death ----------------------------------------------------------------------------------
@@ -281,7 +278,7 @@ async def test_timeout_then_client_still_works(fp32_server, client):
 
 async def test_server_killed_mid_pull_then_new_server(children, client):
     client, cache = client
-    server = ServerChild(slow_gather=0.2)  # 23 blocks = 12 chunks: ~2.4 s of gathering
+    server = ServerChild(slow_send=0.2)  # 23 segments: ~4.6 s of sending
     children.append(server)
     src, dst = random_blocks(23, seed=7)
     server.expose(b"doomed", src)
@@ -298,20 +295,34 @@ async def test_server_killed_mid_pull_then_new_server(children, client):
     children.append(fresh)
     fresh.expose(b"fresh", src)
     await client.pull(fresh.address, b"fresh", src, dst, timeout=15)
-    assert torch.equal(cache[:, :, :, dst], make_cache(torch.float32, 1)[:, :, :, src])
+    assert torch.equal(cache[dst], make_cache(torch.float32, 1)[src])
 
 
-async def test_client_killed_mid_pull_server_serves_next(children):
+async def test_client_killed_mid_pull_server_serves_next(children, monkeypatch):
+    import threading
+
+    import kvtransfer.ucx_server as S
+
     done: list[tuple[bytes, bool]] = []
-    server = KVTransportServer(make_cache(torch.float32, 1), chunk_bytes=CHUNK_BYTES, on_pull_done=lambda t, ok: done.append((t, ok)))
+    sending, slow = threading.Event(), [True]
+
+    def slowed(*args):  # on this process's UCX loop: the victim's segments go out 0.2 s apart
+        sending.set()
+        if slow[0]:
+            time.sleep(0.2)
+        return S.segment_buffer.__wrapped__(*args)
+
+    slowed.__wrapped__ = S.segment_buffer
+    monkeypatch.setattr(S, "segment_buffer", slowed)
+    server = KVTransportServer(make_cache(torch.float32, 1), segment_bytes=SEGMENT_BYTES, on_pull_done=lambda t, ok: done.append((t, ok)))
     await server.start()
     try:
         src, dst = random_blocks(23, seed=9)
-        victim = ClientChild(server.address, b"victim", src, dst, slow_scatter=0.2)
+        victim = ClientChild(server.address, b"victim", src, dst)
         children.append(victim)
         server.expose(b"victim", src, time.time() + 60, peer_address=victim.address)
         victim.go()
-        assert await arecv(victim.conn) == "copying"  # the client is inside the pull
+        assert await asyncio.to_thread(sending.wait, WAIT)  # the server is inside the pull
         await asyncio.sleep(0.3)
         victim.kill()
         for _ in range(100):  # the server notices (endpoint error or keepalive) and fails that pull
@@ -319,6 +330,7 @@ async def test_client_killed_mid_pull_server_serves_next(children):
                 break
             await asyncio.sleep(0.1)
         assert done == [(b"victim", False)]
+        slow[0] = False
 
         nxt = ClientChild(server.address, b"next", src, dst)
         children.append(nxt)
@@ -336,7 +348,7 @@ async def test_client_killed_mid_pull_server_serves_next(children):
 
 async def test_revoke_during_pull_aborts_it(children, client):
     client, cache = client
-    server = ServerChild(slow_gather=0.2)
+    server = ServerChild(slow_send=0.2)
     children.append(server)
     src, dst = random_blocks(23, seed=11)
     server.expose(b"revoked", src)
@@ -347,3 +359,76 @@ async def test_revoke_during_pull_aborts_it(children, client):
     with pytest.raises(KVTransferError, match="server aborted the pull: the transfer token was revoked"):
         await asyncio.wait_for(pull, 15)
     assert time.monotonic() - t0 < 5.0
+
+
+async def test_failed_pull_leaves_no_receive_into_the_cache(children, client):
+    """The pull times out while the server still has segments to send (and the client's receives
+    for them are posted straight into its cache): once pull() raises, nothing may land there."""
+    client, cache = client
+    server = ServerChild(slow_send=0.4)
+    children.append(server)
+    src, dst = random_blocks(12, seed=13)
+    server.expose(b"late", src)
+    with pytest.raises(KVTransferError, match="timed out after 1.0 s while receiving segment"):
+        await client.pull(server.address, b"late", src, dst, timeout=1.0)
+    cache[dst] = 7.0  # the caller reuses the destination blocks at once
+    await asyncio.sleep(3.0)  # the server goes on sending the rest
+    assert bool((cache[dst] == 7.0).all())
+
+
+async def test_segment_longer_than_the_server_allows_is_refused(fp32_server, client):
+    from kvtransfer.ucx_protocol import ServerAddress
+
+    client, cache = client
+    addr = ServerAddress.unpack(fp32_server.address)
+    lying = ServerAddress(addr.server_id, 8, addr.layout, addr.ucx_address).pack()  # claims 8 blocks a segment
+    fp32_server.expose(b"long", [20, 21, 22])
+    with pytest.raises(KVTransferError, match=r"BAD_REQUEST.*segment lengths must be 1..2 blocks, got 3..3"):
+        await client.pull(lying, b"long", [20, 21, 22], [30, 31, 32], timeout=10)
+    assert not cache[[30, 31, 32]].any()
+
+
+async def test_old_transport_address_is_named(client):
+    client, _ = client
+    with pytest.raises(KVTransferError, match="not a Tandem UCX KV transport address"):
+        await client.pull(b"TKV1" + bytes(40), b"x", [1], [1], timeout=5)
+
+
+async def test_repeated_destination_blocks_are_refused(fp32_server, client):
+    client, _ = client
+    with pytest.raises(KVTransferError, match="destination block ids repeat"):
+        await client.pull(fp32_server.address, b"x", [1, 2], [5, 5], timeout=5)
+
+
+async def test_revoked_after_the_last_send_is_not_ok(client, monkeypatch):
+    """Every segment went out, but the token was revoked (its blocks freed) while they were being
+    read: the bytes may be torn, so the server's final word is ABORTED and the pull fails."""
+    import kvtransfer.ucx_server as S
+
+    client, cache = client
+    done: list[tuple[bytes, bool]] = []
+    server = KVTransportServer(make_cache(torch.float32, 1), segment_bytes=SEGMENT_BYTES, on_pull_done=lambda t, ok: done.append((t, ok)))
+    await server.start()
+    src, dst = [1, 2, 3, 4, 5], [10, 11, 12, 13, 14]  # three segments
+    calls = []
+
+    def revoking(*args):
+        calls.append(args)
+        if len(calls) == 3:  # the last segment: posted after the validity check, revoked before it is read
+            server.revoke(b"torn")
+        return S.segment_buffer.__wrapped__(*args)
+
+    revoking.__wrapped__ = S.segment_buffer
+    monkeypatch.setattr(S, "segment_buffer", revoking)
+    try:
+        server.expose(b"torn", src, time.time() + 60, peer_address=client.address)
+        with pytest.raises(KVTransferError, match="server aborted the pull: the transfer token was revoked"):
+            await client.pull(server.address, b"torn", src, dst, timeout=10)
+        assert len(calls) == 3  # every segment was sent
+        for _ in range(50):
+            if done:
+                break
+            await asyncio.sleep(0.05)
+        assert done == [(b"torn", False)]
+    finally:
+        await server.close()
