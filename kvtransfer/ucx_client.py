@@ -149,7 +149,7 @@ class KVTransportClient:
                 await asyncio.wait({fut, final}, return_when=asyncio.FIRST_COMPLETED)
             if not fut.done() and (error := server_gave_up()) is not None:
                 raise error
-            await fut
+            await asyncio.shield(fut)  # a cancelled pull must not cancel the receive: _settle waits it out
             recvs.pop(key)
 
         try:
@@ -201,6 +201,7 @@ class KVTransportClient:
             return
         done, still = await asyncio.wait(pending, timeout=_RECEIVES_SETTLE)
         for f in done:
-            f.exception()  # retrieved: cancellations are the expected outcome
+            if not f.cancelled():
+                f.exception()  # retrieved: UCX's cancellations are the expected outcome
         if still:  # not seen with UCX 1.21; would mean UCX kept a receive into the cache alive
             log.error("KV pull: %d receives into the KV cache still pending %.0f s after aborting their endpoint", len(still), _RECEIVES_SETTLE)

@@ -432,3 +432,22 @@ async def test_revoked_after_the_last_send_is_not_ok(client, monkeypatch):
         assert done == [(b"torn", False)]
     finally:
         await server.close()
+
+
+async def test_cancelled_pull_leaves_no_receive_into_the_cache(children, client):
+    """The caller cancels the pull mid-way (its request was aborted): once the cancellation has
+    landed, no receive posted into the cache may still write there."""
+    client, cache = client
+    server = ServerChild(slow_send=0.4)
+    children.append(server)
+    src, dst = random_blocks(12, seed=17)
+    server.expose(b"cancelled", src)
+    pull = asyncio.ensure_future(client.pull(server.address, b"cancelled", src, dst, timeout=20))
+    assert await arecv(server.conn) == "copying"  # the server is sending
+    await asyncio.sleep(0.5)
+    pull.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(pull, 20)
+    cache[dst] = 7.0
+    await asyncio.sleep(3.0)  # the server goes on sending the rest
+    assert bool((cache[dst] == 7.0).all())
