@@ -346,14 +346,21 @@ async def test_client_killed_mid_pull_server_serves_next(children, monkeypatch):
         await server.close()
 
 
+async def start_slow_pull(children, client, token: bytes, n: int, seed: int, slow_send: float, timeout: float):
+    """A pull from a fresh server child that sends a segment every `slow_send` s, once it is sending:
+    (server, destination ids, the pull's future)."""
+    server = ServerChild(slow_send=slow_send)
+    children.append(server)
+    src, dst = random_blocks(n, seed=seed)
+    server.expose(token, src)
+    pull = asyncio.ensure_future(client.pull(server.address, token, src, dst, timeout=timeout))
+    assert await arecv(server.conn) == "copying"  # the server is inside the pull
+    return server, dst, pull
+
+
 async def test_revoke_during_pull_aborts_it(children, client):
     client, cache = client
-    server = ServerChild(slow_send=0.2)
-    children.append(server)
-    src, dst = random_blocks(23, seed=11)
-    server.expose(b"revoked", src)
-    pull = asyncio.ensure_future(client.pull(server.address, b"revoked", src, dst, timeout=15))
-    assert await arecv(server.conn) == "copying"
+    server, _, pull = await start_slow_pull(children, client, b"revoked", 23, seed=11, slow_send=0.2, timeout=15)
     server.conn.send(("revoke", b"revoked"))  # the lease ended: the running pull is told at once
     t0 = time.monotonic()
     with pytest.raises(KVTransferError, match="server aborted the pull: the transfer token was revoked"):
@@ -438,12 +445,7 @@ async def test_cancelled_pull_leaves_no_receive_into_the_cache(children, client)
     """The caller cancels the pull mid-way (its request was aborted): once the cancellation has
     landed, no receive posted into the cache may still write there."""
     client, cache = client
-    server = ServerChild(slow_send=0.4)
-    children.append(server)
-    src, dst = random_blocks(12, seed=17)
-    server.expose(b"cancelled", src)
-    pull = asyncio.ensure_future(client.pull(server.address, b"cancelled", src, dst, timeout=20))
-    assert await arecv(server.conn) == "copying"  # the server is sending
+    _, dst, pull = await start_slow_pull(children, client, b"cancelled", 12, seed=17, slow_send=0.4, timeout=20)
     await asyncio.sleep(0.5)
     pull.cancel()
     with pytest.raises(asyncio.CancelledError):
