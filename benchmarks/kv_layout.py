@@ -38,16 +38,15 @@ from services.engine.cpu_kernels import load_paged_decode_attention  # noqa: E40
 from services.engine.malloc_tuning import advise_huge_pages  # noqa: E402
 
 
-def fresh_tables(lens: list[int], prompt_blocks: int, block_size: int) -> list[list[int]]:
-    """Block ids as a new pool hands them out: all prompts first (consecutive per sequence), then
-    one block per sequence each time the batch crosses a block boundary."""
-    tables = [list(range(i * prompt_blocks, (i + 1) * prompt_blocks)) for i in range(len(lens))]
-    nxt = len(lens) * prompt_blocks
+def batch_tables(pool: BlockPool, lens: list[int], prompt_blocks: int, block_size: int) -> list[list[int]]:
+    """The tables a batch gets from `pool` as the engine allocates them: all prompts first, then one
+    block per sequence each time the batch crosses a block boundary. From a new pool (which hands out
+    ids in order) each prompt's blocks are consecutive and decode blocks interleave across sequences."""
+    tables = [pool.allocate(prompt_blocks) for _ in lens]
     for j in range(prompt_blocks, max(-(-n // block_size) for n in lens)):
         for t, n in zip(tables, lens):
             if j < -(-n // block_size):
-                t.append(nxt)
-                nxt += 1
+                t += pool.allocate(1)
     return tables
 
 
@@ -81,16 +80,10 @@ def age_pool(pool: BlockPool, batch: int, prompt_blocks: int, block_size: int, c
 
 
 def aged_tables(lens: list[int], num_blocks: int, prompt_blocks: int, block_size: int, cycles: int, seed: int) -> list[list[int]]:
-    """The tables a batch gets from a real BlockPool aged by age_pool(): prompts first, then one
-    block per sequence at each block boundary, as the engine allocates them."""
+    """The tables a batch gets from a real BlockPool aged by age_pool()."""
     pool = BlockPool(num_blocks)
     age_pool(pool, len(lens), prompt_blocks, block_size, cycles, seed)
-    tables = [pool.allocate(prompt_blocks) for _ in lens]
-    for j in range(prompt_blocks, max(-(-n // block_size) for n in lens)):
-        for t, n in zip(tables, lens):
-            if j < -(-n // block_size):
-                t += pool.allocate(1)
-    return tables
+    return batch_tables(pool, lens, prompt_blocks, block_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
 
     tables = {
-        "fresh": as_tensor(fresh_tables(lens.tolist(), prompt_blocks, BS)),
+        "fresh": as_tensor(batch_tables(BlockPool(num_blocks), lens.tolist(), prompt_blocks, BS)),
         "aged": as_tensor(aged_tables(lens.tolist(), num_blocks, prompt_blocks, BS, args.cycles, seed=1)),
         "random": torch.randperm(num_blocks, generator=gen)[: args.batch * width].view(args.batch, width),
     }

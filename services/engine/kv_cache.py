@@ -12,8 +12,9 @@ block is num_layers × 2 × kv_heads separate runs, which a transfer has to gath
 Decode attention measured faster layer-major only while a sequence's blocks sit next to each
 other in memory, as in a fresh pool; once a worker's pool has cycled (the LRU free list hands out
 blocks in the order old requests freed them) its tables are scattered, and block-major read
-them 20-25% faster, its kv heads' rows of one block being neighbours (docs/benchmarks.md,
-"Block-major KV, adopted").
+them 8-23% faster, its kv heads' rows of one block being neighbours; the engine's decode step was
+9-12% faster on an aged pool and ~3% slower on a new one (docs/benchmarks.md, "Block-major KV,
+adopted").
 """
 
 from __future__ import annotations
