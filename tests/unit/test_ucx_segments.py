@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import struct
+
 import pytest
 import torch
 
@@ -34,3 +37,37 @@ def test_layout_of_refuses_a_layer_major_cache():
         layout_of(torch.zeros(2, 2, 3, 9, 4, 8))  # [layers, 2, kv heads, blocks, ...]
     lay = layout_of(torch.zeros(9, 2, 2, 3, 4, 8, dtype=torch.bfloat16))
     assert (lay.num_layers, lay.num_kv_heads, lay.block_size, lay.head_dim, lay.block_bytes) == (2, 3, 4, 8, 2 * 2 * 3 * 4 * 8 * 2)
+
+
+@pytest.mark.parametrize(
+    ("segs", "why"),
+    [
+        ([], "bad number of segments: 0"),
+        ([(0, 0)], r"segment lengths must be 1..2 blocks, got 0..0"),
+        ([(0, 1), (4, 3)], r"segment lengths must be 1..2 blocks, got 1..3"),
+        ([(8, 2)], "segments reach past the cache's 9 blocks"),
+        ([(2**32 - 1, 1)], "segments reach past the cache's 9 blocks"),
+    ],
+)
+def test_the_server_names_what_is_wrong_with_a_request_s_segments(segs, why):
+    import numpy as np
+
+    from kvtransfer.ucx_server import KVTransportServer
+
+    storage = torch.zeros(9, 2, 2, 3, 4, 8)  # 1,536-byte blocks
+    server = KVTransportServer(storage, segment_bytes=2 * 1536)
+    assert re.fullmatch(why, server._bad_segments(np.asarray(segs, dtype=np.int64).reshape(-1, 2)))
+    assert server._bad_segments(np.asarray([(0, 2), (8, 1)], dtype=np.int64)) == ""
+
+
+@pytest.mark.parametrize("cut", [0, 3, 20, -1])
+def test_a_truncated_pull_request_is_refused_by_the_parser(cut):
+    import numpy as np
+
+    from kvtransfer.ucx_protocol import Layout, PullRequest
+
+    req = PullRequest(7, 1.0, b"tok", b"addr", Layout(2, 3, 4, 8, 4, "float32"), np.asarray([(1, 2), (5, 1)], dtype=np.int64))
+    raw = req.pack()
+    assert PullRequest.unpack(raw).segments.tolist() == [[1, 2], [5, 1]] and PullRequest.unpack(raw).src_block_ids == [1, 2, 5]
+    with pytest.raises((ValueError, struct.error)):
+        PullRequest.unpack(raw[:cut])
