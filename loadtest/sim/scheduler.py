@@ -7,7 +7,9 @@ Each step:
      preempted by recompute (blocks freed, back to the front of the queue, num_computed 0).
   2. if nothing was preempted, waiting requests are admitted in arrival order while budget,
      max_num_seqs and blocks allow, each from its longest cached prefix (or, imported, with its
-     KV already in place); a prompt longer than the remaining budget is cut into chunks.
+     KV already in place); a prompt longer than the remaining budget is cut into chunks, unless
+     its rest overruns the budget by at most an eighth: then it runs whole (the engine's
+     tail allowance).
 A waiting request that does not fit waits for blocks (pins and imports end, requests finish);
 validation excludes one that could never fit, where the real engine would raise.
 Event-loop only.
@@ -30,6 +32,7 @@ class SimScheduler:
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
         self.num_preemptions = 0
+        self.tail_allowance = timing.max_num_batched_tokens // 8
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -52,7 +55,7 @@ class SimScheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
             while not self.cache.allocate_slots(req, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -72,7 +75,7 @@ class SimScheduler:
                     hits, num_hit_tokens = [], req.num_computed_tokens
                 else:
                     hits, num_hit_tokens = self.cache.get_computed_blocks(req)
-                num_new = min(req.num_tokens - num_hit_tokens, budget)
+                num_new = self._chunk(req.num_tokens - num_hit_tokens, budget)
                 if not self.cache.allocate_slots(req, num_new, hits):
                     break
                 self.waiting.popleft()
@@ -85,6 +88,10 @@ class SimScheduler:
                 budget -= num_new
         self.num_preemptions += preempted
         return scheduled, preempted
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """The engine's Scheduler._chunk: all of `remaining` if it fits the budget plus the tail allowance."""
+        return remaining if remaining <= budget + self.tail_allowance else min(remaining, budget)
 
     def _preempt(self, req: SimRequest) -> None:
         self.cache.free(req)

@@ -8,6 +8,13 @@ Each step:
      sequence limit and KV blocks allow; each starts from its longest cached prefix and a prompt
      longer than the remaining budget is cut into chunks over several steps.
 Decodes and prefill chunks share one step, so a long prompt never stalls the streams already running.
+
+The budget is soft by at most an eighth (`tail_allowance`): a prompt whose rest would overrun the
+remaining budget by no more than that runs whole in this step instead of leaving a small tail for
+the next. The step costs up to 1/8 more; the alternative costs that request a whole extra step
+before its first token (a full step of ~2,048 tokens for the tail of a few). In a burst of 256-token
+prompts under the server's 2,048-token budget, the running decodes otherwise shift every step's
+last prompt by a few tokens into the next step (docs/benchmarks.md, "12-06, later").
 """
 
 from __future__ import annotations
@@ -36,13 +43,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int, max_prefill_chunk: int | None = None):
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int):
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
-        self.max_prefill_chunk = max_prefill_chunk or max_num_batched_tokens
+        self.tail_allowance = max_num_batched_tokens // 8
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -61,7 +68,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget, self.max_prefill_chunk)
+            num_new = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -82,7 +89,7 @@ class Scheduler:
                     hits, num_hit_tokens = [], req.num_computed_tokens
                 else:
                     hits, num_hit_tokens = self.kv.get_computed_blocks(req)
-                num_new = min(req.num_tokens - num_hit_tokens, budget, self.max_prefill_chunk)
+                num_new = self._chunk(req.num_tokens - num_hit_tokens, budget)
                 if not self.kv.allocate_slots(req, num_new, hits):
                     if not self.running and not scheduled:
                         # even an empty pool cannot hold this request's first chunk: it never will
@@ -101,6 +108,13 @@ class Scheduler:
 
         self.num_preemptions += preempted
         return SchedulerOutput(scheduled, preempted)
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """How many of a request's `remaining` tokens to compute in this step, `budget` tokens left.
+
+        All of them if they fit, or if they overrun the budget by at most `tail_allowance` (finishing
+        the prompt now beats a whole extra step for its tail); else a chunk of the budget."""
+        return remaining if remaining <= budget + self.tail_allowance else min(remaining, budget)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
