@@ -62,7 +62,7 @@ def test_a_burst_of_256_token_prompts_finishes_eight_prompts_a_step_with_decodes
 ])  # fmt: skip
 def test_a_prompt_runs_whole_when_its_overrun_is_at_most_an_eighth(running, prompt_len, expect):
     sched = make_scheduler(2048)
-    for i in range(running):  # decodes: prompts of one token, already prefilled
+    for i in range(running):  # one-token prompts: prefilled by the step below, then one decode token a step
         add(sched, f"d{i}", 1, i)
     step(sched)
     add(sched, "p", prompt_len, 999)
