@@ -425,6 +425,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("bf16_dot") = false;
 #endif
+// With AMX, oneDNN runs bf16 matmuls on its tiles and bf16 weights stay with it. Without AMX or
+// AVX512-BF16, oneDNN still accepts bf16 on AVX-512 but emulates it: on an Ice Lake Xeon (2 threads,
+// SmolLM2-135M, 64 sequences) its bf16 decode step took 387 ms against 175 on the widening panels here.
+#if defined(__AMX_BF16__)
+  m.attr("amx_bf16") = true;
+#else
+  m.attr("amx_bf16") = false;
+#endif
 #if defined(TANDEM_PANELS)
   m.attr("available") = true;
 #else

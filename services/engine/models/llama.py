@@ -63,12 +63,13 @@ class Linear:
     (prepack()) run through its packed matmul where oneDNN runs bf16, and fp32 weights, where the CPU has
     AVX-512 or AVX2, are packed into panels for csrc/panel_linear.cpp instead of for oneDNN (a 64-sequence
     fp32 decode step 11% faster on a Zen 4, prefill steps level; 10% and 7-8% on a Zen 3; the numbers are
-    in that file). bf16 weights go to bf16 panels where the kernel has AVX512-BF16's dot instruction
-    and the CPU no AMX (whose tiles oneDNN uses): they beat oneDNN's packed bf16 matmul at 1 to 512
-    rows (423 against 352 GF/s at 64 rows, 396 against 293 at 32, level at 2,048; SmolLM2-135M's
-    shapes, 2 cores of a Zen 4, `python -m benchmarks.linear_kernels`); and where oneDNN has no bf16
-    matmul (AVX2 without AVX-NE-CONVERT): F.linear's bf16 fallback there ran SmolLM2-135M's matmuls 8x
-    slower at 64 rows.
+    in that file). bf16 weights go to bf16 panels wherever the CPU has no AMX (whose tiles oneDNN
+    uses). With AVX512-BF16's dot instruction they beat oneDNN's packed bf16 matmul at 1 to 512 rows
+    (423 against 352 GF/s at 64 rows, 396 against 293 at 32, level at 2,048; SmolLM2-135M's shapes, 2
+    cores of a Zen 4, `python -m benchmarks.linear_kernels`). Without it the panels widen bf16 to fp32,
+    and still win: on AVX-512 without BF16 (an Ice Lake Xeon) oneDNN emulates bf16, 157 against 52 GF/s
+    at 64 rows and 187 against 62 at 2,048; on AVX2 without AVX-NE-CONVERT oneDNN has no bf16 matmul,
+    and F.linear's fallback there ran SmolLM2-135M's matmuls 8x slower at 64 rows.
 
     Prepacking: F.linear hands oneDNN the plain [N, K] weight on every call, and oneDNN reorders it
     into its blocked layout each time. Packed once, bf16 matmuls measured 1.5-2.4x faster at 5 to
@@ -91,14 +92,14 @@ class Linear:
         self.panel_min_rows = dict(self.PANEL_MIN_ROWS)
 
     def prepack(self, w: torch.Tensor) -> None:
-        """Pack `w`: fp32 CPU weights into panels where the panel kernel runs, bf16 ones too where the
-        kernel has the bf16 dot instruction or oneDNN has no bf16 matmul, else fp32/bf16 CPU weights for
-        oneDNN's matmul (where torch has oneDNN); a no-op elsewhere."""
+        """Pack `w`: fp32 and bf16 CPU weights into panels where the panel kernel runs, except bf16 ones
+        on a CPU with AMX (oneDNN's tiles win there); else fp32/bf16 CPU weights for oneDNN's matmul
+        (where torch has oneDNN); a no-op elsewhere. Without AMX, oneDNN's bf16 matmul is slower than
+        the panels even where it runs: on AVX512-BF16 the panels' dot instruction beat it, and on
+        AVX-512 without it (an Ice Lake) oneDNN emulates bf16, 2.2x slower than the widening panels."""
         if w.device.type != "cpu":
             return
-        if self.panel_module is not None and (
-            w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and (self.panel_module.bf16_dot or not onednn_packs(w.dtype)))
-        ):
+        if self.panel_module is not None and (w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and not self.panel_module.amx_bf16)):
             self.panels[id(w)] = self.panel_module.pack_panels(w)
         elif w.dtype in self.PACKED_MIN_ROWS and onednn_packs(w.dtype):
             self.packed[id(w)] = torch.ops.mkldnn._reorder_linear_weight(w, 64)
