@@ -198,3 +198,56 @@ def test_calibrate_panels_takes_few_rows_only_where_the_panels_are_faster(module
         assert lin.panel_min_rows[torch.float32] == want, (what, timings)
         assert lin.panel_min_rows[torch.bfloat16] == Linear.PANEL_MIN_ROWS[torch.bfloat16]  # other dtypes untouched
     assert Linear(None).calibrate_panels(weights) == {}  # no panels: nothing timed
+
+
+def test_large_row_matmuls_leave_slower_panels_for_f_linear(module):
+    """calibrate_large_rows() sends fp32 matmuls from the fewest of LARGE_ROWS where F.linear beats the
+    panels to F.linear, and __call__ follows it: panels slower at every large row count give way from
+    512 rows, panels slower only at 2,048 rows from 2,048, faster panels keep every row count. bf16
+    weights are never timed (their F.linear is no fast path)."""
+    gen = torch.Generator().manual_seed(11)
+    weights = [torch.randn(256, 128, generator=gen) for _ in range(4)]
+    calls = []
+    calibrating = True
+
+    def delayed(delay_for_rows):
+        class Timed:
+            available = True
+            amx_bf16 = False
+            pack_panels = staticmethod(module.pack_panels)
+
+            @staticmethod
+            def panel_linear(x, panels, n, b=None):
+                if calibrating:  # timed: the delay alone, so that "faster" is faster than any F.linear
+                    time.sleep(delay_for_rows(x.shape[0]))
+                    return torch.empty(x.shape[0], n)
+                calls.append(x.shape[0])
+                return module.panel_linear(x, panels, n, b)
+
+        return Timed()
+
+    slow = 0.02  # a matmul of these shapes takes F.linear well under 2 ms at 2,048 rows
+    cases = {
+        "slower everywhere": (lambda m: slow, 512),
+        "slower at 2,048 rows only": (lambda m: slow if m >= 2048 else 0.0, 2048),
+        "faster everywhere": (lambda m: 0.0, None),
+    }
+    for what, (delay, want) in cases.items():
+        lin = Linear(None, panel_module=delayed(delay))
+        for w in weights:
+            lin.prepack(w)
+        calibrating = True
+        timings = lin.calibrate_large_rows(weights)
+        assert lin.panel_max_rows.get(torch.float32) == want, (what, timings)
+        calibrating = False
+        calls.clear()
+        for m in (64, 511, 512, 2048):
+            x = torch.randn(m, 128, generator=gen)
+            torch.testing.assert_close(lin(x, weights[0]), F.linear(x, weights[0]), atol=1e-4, rtol=1e-4)
+        assert calls == [m for m in (64, 511, 512, 2048) if want is None or m < want], what
+    bf16 = [w.bfloat16() for w in weights]
+    calibrating = True
+    lin = Linear(None, panel_module=delayed(lambda m: slow))
+    for w in bf16:
+        lin.prepack(w)
+    assert lin.calibrate_large_rows(bf16) == {} and not lin.panel_max_rows

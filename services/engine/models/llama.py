@@ -48,6 +48,9 @@ def _best_of(fn, reps: int) -> float:
     return best
 
 
+_NO_LIMIT = 1 << 62  # rows: no upper bound
+
+
 def onednn_packs(dtype: torch.dtype) -> bool:
     """Whether oneDNN can pack and run weights of `dtype` here: its bf16 matmul needs AVX-512 (BW, VL, DQ)
     or AVX-NE-CONVERT, and `_reorder_linear_weight` raises without them (a Zen 3's AVX2, say), where bf16
@@ -82,6 +85,8 @@ class Linear:
     # until calibrate() has timed the panels against torch's GEMV at 1-2 fp32 rows: the GEMV (MKL's was
     # faster than oneDNN there on a Xeon and a Zen 4), or the small-batch kernel
     PANEL_MIN_ROWS = {torch.float32: 3, torch.bfloat16: 1}
+    # fp32 row counts calibrate_large_rows() tries torch's F.linear at, largest first (see there)
+    LARGE_ROWS = (2048, 512)
 
     def __init__(self, small_batch_kernel, has_bf16_dot: bool = False, panel_module=None):
         self.kernel = small_batch_kernel
@@ -90,6 +95,8 @@ class Linear:
         self.panel_module = panel_module if panel_module is not None and panel_module.available else None
         self.panels: dict[int, torch.Tensor] = {}  # id(plain weight) -> its panels
         self.panel_min_rows = dict(self.PANEL_MIN_ROWS)
+        # matmuls of this many rows or more leave the panels for F.linear (calibrate_large_rows)
+        self.panel_max_rows: dict[torch.dtype, int] = {}
 
     def prepack(self, w: torch.Tensor) -> None:
         """Pack `w`: fp32 and bf16 CPU weights into panels where the panel kernel runs, except bf16 ones
@@ -111,12 +118,14 @@ class Linear:
         at one row took torch 2.4 ms against the kernel's 2.7 on a Xeon (MKL's GEMV), but 37.7 against
         15.3 ms per 30 layers on an AMD EPYC (where MKL does not take its fast path). First, where the
         weights have panels, the panels are timed against torch's GEMV at the row counts below
-        PANEL_MIN_ROWS (calibrate_panels). `weights` should span more than the last-level cache, as a
-        decode step's do. Returns {rows: (kernel s, torch s)}."""
+        PANEL_MIN_ROWS (calibrate_panels), and at large row counts against F.linear
+        (calibrate_large_rows). `weights` should span more than the last-level cache, as a decode
+        step's do. Returns {rows: (kernel s, torch s)}."""
         if not weights:
             return {}
         dtype = weights[0].dtype
         self.calibrate_panels(weights, reps)
+        self.calibrate_large_rows(weights[:4], reps=2)  # one layer: ~0.4 s of a load on 2 cores
         if self.kernel is None:
             return {}
         timings: dict[int, tuple[float, float]] = {}
@@ -152,11 +161,34 @@ class Linear:
             self.panel_min_rows[dtype] = m
         return timings
 
+    def calibrate_large_rows(self, weights: list[torch.Tensor], reps: int = 2) -> dict[int, tuple[float, float]]:
+        """Send fp32 matmuls of many rows (a prefill step's) to F.linear from the fewest of LARGE_ROWS
+        where it beats the panels by 5% on `weights`, trying the largest first. The panels' register
+        tile runs over all of K: on a Zen 4 they matched oneDNN at 2,048 rows, but on an Ice Lake Xeon
+        MKL's K-blocked sgemm ran SmolLM2-135M's shapes at 268 GF/s against the panels' 222 (2 cores),
+        and a 16 x 256-token fp32 prefill took 5.0 s against 6.4 (median of 6, alternating). At a
+        decode step's few dozen rows the panels win on both. Compute-bound, so a layer or two of
+        weights measure it; on an AMD EPYC, where MKL leaves its fast path, it keeps the panels.
+        Two row counts only: a calibration is part of every load.
+        Returns {rows: (panel s, F.linear s)}, empty where the weights are not fp32 panels."""
+        if not weights or weights[0].dtype != torch.float32 or any(id(w) not in self.panels for w in weights):
+            return {}
+        timings: dict[int, tuple[float, float]] = {}
+        for m in self.LARGE_ROWS:
+            xs = {w.shape[1]: torch.randn(m, w.shape[1]) for w in weights}
+            panel_s = _best_of(lambda: [self.panel_module.panel_linear(xs[w.shape[1]], self.panels[id(w)], w.shape[0]) for w in weights], reps)
+            torch_s = _best_of(lambda: [F.linear(xs[w.shape[1]], w) for w in weights], reps)
+            timings[m] = (panel_s, torch_s)
+            if torch_s > 0.95 * panel_s:  # a near tie keeps the panels
+                break
+            self.panel_max_rows[torch.float32] = m
+        return timings
+
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if self.kernel is not None and x.shape[0] <= self.max_rows.get(x.dtype, 0) and x.is_contiguous():
             return self.kernel(x, w, b)
         panels = self.panels.get(id(w))
-        if panels is not None and x.shape[0] >= self.panel_min_rows[x.dtype]:
+        if panels is not None and self.panel_min_rows[x.dtype] <= x.shape[0] < self.panel_max_rows.get(x.dtype, _NO_LIMIT):
             return self.panel_module.panel_linear(x.contiguous(), panels, w.shape[0], b)
         packed = self.packed.get(id(w))
         if packed is not None and x.shape[0] >= self.PACKED_MIN_ROWS[x.dtype]:
@@ -276,10 +308,11 @@ class LlamaForCausalLM:
                     break
             timings = self.linear.calibrate(sample)
             logger.info(
-                "small-batch matmuls: %s rows to the kernel (%s); panels from %s rows",
+                "small-batch matmuls: %s rows to the kernel (%s); panels from %s rows, F.linear from %s",
                 self.linear.max_rows[dtype],
                 ", ".join(f"{m} rows: kernel {k * 1e3:.2f} ms / torch {t * 1e3:.2f} ms" for m, (k, t) in timings.items()),
                 self.linear.panel_min_rows.get(dtype, "-"),
+                self.linear.panel_max_rows.get(dtype, "-"),
             )
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, dtype)
         self.ops = select_layer_ops(self.rope, cfg.rms_norm_eps, dtype, self.embed.device)
