@@ -18,7 +18,8 @@
 // Each block's rows are prefetched into L1 one block ahead of use, and into L2 kFarBlocks ahead.
 //
 // bf16 with head_dim 64 or 128 (the models served): pass 1 is AMX tile multiplies where the CPU has
-// AMX-BF16 (16 rows against all of a group's heads at once), else vdpbf16ps; pass 2 widens V in registers.
+// AMX-BF16 (16 rows against all of a group's heads at once), else vdpbf16ps, else (AVX-512 without BF16,
+// an Ice Lake) fp32's FMAs on K widened in registers; pass 2 widens V in registers.
 // Same run, 64 sequences x 320 tokens, 2 threads, 30 layers' caches in turn: 1.23 ms a layer before
 // either, 0.95 with the pass 2 change, 0.84 with both (python -m benchmarks.attention_kernel).
 // fp32 with head_dim 64 or 128 takes the same two shapes with plain FMAs (any AVX-512 CPU): on a Zen 4,
@@ -150,37 +151,6 @@ inline __m512 sum_lanes_16(const __m512* r) {
                        _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// fp32 scores, 16 rows at a time, the same shape as the bf16 path below: each row's D products in one
-// vector (D / 16 FMAs), then the 16 vectors reduced together. It replaces the generic score_block, which
-// gcc vectorised across a row's lanes but then summed each row through a stack buffer.
-template <int NC>  // head_dim / 16
-NOINLINE void score_block_f32_n(float* __restrict s, const float* q, const float* rows, int64_t stride, int64_t n,
-                                float scale) {
-  __m512 qa[NC];
-  for (int c = 0; c < NC; ++c) qa[c] = _mm512_loadu_ps(q + 16 * c);
-  const __m512 vscale = _mm512_set1_ps(scale);
-  int64_t t0 = 0;
-  for (; t0 + 16 <= n; t0 += 16) {
-    __m512 acc[16];
-    for (int t = 0; t < 16; ++t) {
-      const float* r = rows + (t0 + t) * stride;
-      acc[t] = _mm512_mul_ps(qa[0], _mm512_loadu_ps(r));
-      for (int c = 1; c < NC; ++c) acc[t] = _mm512_fmadd_ps(qa[c], _mm512_loadu_ps(r + 16 * c), acc[t]);
-    }
-    _mm512_storeu_ps(s + t0, _mm512_mul_ps(sum_lanes_16(acc), vscale));
-  }
-  if (t0 < n) {  // the last rows of a sequence's last block: no loads past them (the block may end there)
-    const int m = static_cast<int>(n - t0);
-    __m512 acc[16];
-    for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
-    for (int t = 0; t < m; ++t) {
-      const float* r = rows + (t0 + t) * stride;
-      for (int c = 0; c < NC; ++c) acc[t] = _mm512_fmadd_ps(qa[c], _mm512_loadu_ps(r + 16 * c), acc[t]);
-    }
-    _mm512_mask_storeu_ps(s + t0, static_cast<__mmask16>((1u << m) - 1), _mm512_mul_ps(sum_lanes_16(acc), vscale));
-  }
-}
-
 // 16 elements of a cache row as float32: fp32 loaded as is, bf16 widened in registers (exact: a bf16 is a
 // float's top half)
 inline __m512 load16_ps(const float* r) { return _mm512_loadu_ps(r); }
@@ -192,6 +162,41 @@ inline __m512 load16_ps(const at::BFloat16* r) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 #endif
 }
+
+// Scores in float32, 16 rows at a time, the same shape as the bf16 dot path below: each row's D products
+// in one vector (D / 16 FMAs), then the 16 vectors reduced together. It replaces the generic score_block,
+// which gcc vectorised across a row's lanes but then summed each row through a stack buffer. fp32 rows are
+// loaded as they are; bf16 rows (a CPU without AVX512-BF16, an Ice Lake) are widened in registers, where the
+// generic path widened each block into a scratch buffer first: on an Ice Lake Xeon (2 threads, 64 sequences
+// x 320 tokens, alternating) a bf16 layer's attention took 2.01 -> 1.67 ms median.
+template <int NC, typename T>  // head_dim / 16, the cache's element type
+NOINLINE void score_block_f32_n(float* __restrict s, const float* q, const T* rows, int64_t stride, int64_t n,
+                                float scale) {
+  __m512 qa[NC];
+  for (int c = 0; c < NC; ++c) qa[c] = _mm512_loadu_ps(q + 16 * c);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  int64_t t0 = 0;
+  for (; t0 + 16 <= n; t0 += 16) {
+    __m512 acc[16];
+    for (int t = 0; t < 16; ++t) {
+      const T* r = rows + (t0 + t) * stride;
+      acc[t] = _mm512_mul_ps(qa[0], load16_ps(r));
+      for (int c = 1; c < NC; ++c) acc[t] = _mm512_fmadd_ps(qa[c], load16_ps(r + 16 * c), acc[t]);
+    }
+    _mm512_storeu_ps(s + t0, _mm512_mul_ps(sum_lanes_16(acc), vscale));
+  }
+  if (t0 < n) {  // the last rows of a sequence's last block: no loads past them (the block may end there)
+    const int m = static_cast<int>(n - t0);
+    __m512 acc[16];
+    for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+    for (int t = 0; t < m; ++t) {
+      const T* r = rows + (t0 + t) * stride;
+      for (int c = 0; c < NC; ++c) acc[t] = _mm512_fmadd_ps(qa[c], load16_ps(r + 16 * c), acc[t]);
+    }
+    _mm512_mask_storeu_ps(s + t0, static_cast<__mmask16>((1u << m) - 1), _mm512_mul_ps(sum_lanes_16(acc), vscale));
+  }
+}
+
 #endif
 
 #if defined(__AVX512BF16__)
@@ -703,7 +708,7 @@ void decode_attention(
           }
         }
 #if defined(__AVX512F__)
-        if constexpr (std::is_same_v<T, float> && (DT == 64 || DT == 128)) {
+        if constexpr (DT == 64 || DT == 128) {  // fp32, and bf16 without the dot path
           for (int64_t g = 0; g < G; ++g)
             score_block_f32_n<DT / 16>(scores.data() + g * len + i * BS, qf.data() + g * D, k_head + table[i] * ks.blk,
                                        ks.tok, n, scale);
