@@ -333,7 +333,7 @@ def _self_check_prefill(module) -> None:
 @functools.cache
 def load_paged_prefill_attention_module():
     """The compiled paged prefill attention module (`paged_prefill_attention`; `dtypes`: the torch dtype
-    names it was built for, bfloat16 with AVX512-BF16 and float32 with AVX-512; `available`: any of them;
+    names it was built for, bfloat16 and float32 with AVX-512; `available`: any of them;
     `head_dims`), or None (logged once)."""
     return _load(
         "tandem_paged_prefill_attention",
