@@ -118,6 +118,8 @@ constexpr bool kWidenBf16 = true;
 template <typename T>
 constexpr bool kFloatWords = std::is_same_v<T, float> || kWidenBf16;
 template <typename T>
+constexpr bool kWidened = kFloatWords<T> && !std::is_same_v<T, float>;  // bf16 on float32 words
+template <typename T>
 using Word = std::conditional_t<kFloatWords<T>, float, uint32_t>;
 template <typename T>
 constexpr int kPairs = kFloatWords<T> ? 1 : 2;  // values per word
@@ -151,7 +153,7 @@ void pack_tile(const at::Tensor& k_cache, const at::Tensor& v_cache, const int64
     for (int j = 0; j < kKeyTile; ++j)
       for (int d = 0; d < D; ++d) kdst[d * kKeyTile + j] = krow[j][d];
     for (int j = 0; j < kKeyTile; ++j) std::memcpy(vdst + j * D, vrow[j], D * sizeof(float));
-  } else if constexpr (kFloatWords<T>) {  // bf16 widened: a bf16 is a float's top half
+  } else if constexpr (kWidened<T>) {  // a bf16 is a float's top half
     for (int j = 0; j < kKeyTile; ++j)
       for (int d = 0; d < D; ++d) kdst[d * kKeyTile + j] = bf16_to_float(krow[j][d]);
     for (int j = 0; j < kKeyTile; ++j)
@@ -292,7 +294,7 @@ __attribute__((noinline)) void attend_rows(const Word<T>* const* qw, const int64
     for (int c = 0; c < C; ++c) {
       if constexpr (std::is_same_v<T, float>) {
         _mm512_storeu_ps(out_rows[r] + c * 16, _mm512_mul_ps(acc[r][c], inv));
-      } else if constexpr (kFloat) {
+      } else if constexpr (kWidened<T>) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_rows[r] + c * 16), float_to_bf16_v(_mm512_mul_ps(acc[r][c], inv)));
       } else {
 #if defined(__AVX512BF16__)
@@ -377,14 +379,14 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
       for (int64_t r0 = 0; r0 < rows; r0 += R) {
         const int nr = static_cast<int>(std::min<int64_t>(R, rows - r0));
         const Word<T>* qw[R];
-        alignas(64) float widened[kWidenBf16 && !std::is_same_v<T, float> ? R : 1][D];  // bf16 query rows as float32
+        alignas(64) float widened[kWidened<T> ? R : 1][D];  // bf16 query rows as float32
         int64_t limit[R];
         T* out_rows[R];
         int64_t max_limit = 0;
         for (int r = 0; r < nr; ++r) {
           const int64_t token = it.token0 + (r0 + r) / G, head = it.g * G + (r0 + r) % G;
           const int64_t row = c.query_start + token;
-          if constexpr (kFloatWords<T> && !std::is_same_v<T, float>) {
+          if constexpr (kWidened<T>) {
             const auto* src = reinterpret_cast<const uint16_t*>(qbase + row * qs0 + head * qs1);
             for (int d = 0; d < D; ++d) widened[r][d] = bf16_to_float(src[d]);
             qw[r] = widened[r];

@@ -152,10 +152,7 @@ class Linear:
         dtype = weights[0].dtype
         timings: dict[int, tuple[float, float]] = {}
         for m in range(self.PANEL_MIN_ROWS[dtype] - 1, 0, -1):
-            xs = {w.shape[1]: torch.randn(m, w.shape[1]).to(dtype) for w in weights}
-            panel_s = _best_of(lambda: [self.panel_module.panel_linear(xs[w.shape[1]], self.panels[id(w)], w.shape[0]) for w in weights], reps)
-            torch_s = _best_of(lambda: [F.linear(xs[w.shape[1]], w) for w in weights], reps)
-            timings[m] = (panel_s, torch_s)
+            panel_s, torch_s = timings[m] = self._time_panels_and_f_linear(weights, m, reps)
             if panel_s > 0.95 * torch_s:  # a near tie goes to torch, so that it does not flip between loads
                 break
             self.panel_min_rows[dtype] = m
@@ -175,14 +172,18 @@ class Linear:
             return {}
         timings: dict[int, tuple[float, float]] = {}
         for m in self.LARGE_ROWS:
-            xs = {w.shape[1]: torch.randn(m, w.shape[1]) for w in weights}
-            panel_s = _best_of(lambda: [self.panel_module.panel_linear(xs[w.shape[1]], self.panels[id(w)], w.shape[0]) for w in weights], reps)
-            torch_s = _best_of(lambda: [F.linear(xs[w.shape[1]], w) for w in weights], reps)
-            timings[m] = (panel_s, torch_s)
+            panel_s, torch_s = timings[m] = self._time_panels_and_f_linear(weights, m, reps)
             if torch_s > 0.95 * panel_s:  # a near tie keeps the panels
                 break
             self.panel_max_rows[torch.float32] = m
         return timings
+
+    def _time_panels_and_f_linear(self, weights: list[torch.Tensor], rows: int, reps: int) -> tuple[float, float]:
+        """Best-of-`reps` seconds for `rows` rows of x against every weight in `weights`: (the panels, F.linear)."""
+        xs = {w.shape[1]: torch.randn(rows, w.shape[1]).to(weights[0].dtype) for w in weights}
+        panel_s = _best_of(lambda: [self.panel_module.panel_linear(xs[w.shape[1]], self.panels[id(w)], w.shape[0]) for w in weights], reps)
+        torch_s = _best_of(lambda: [F.linear(xs[w.shape[1]], w) for w in weights], reps)
+        return panel_s, torch_s
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if self.kernel is not None and x.shape[0] <= self.max_rows.get(x.dtype, 0) and x.is_contiguous():
