@@ -28,8 +28,8 @@ def module():
     return m
 
 
-# (rows, weight rows, K): single rows, a register tile (12 rows with AVX-512, 6 with AVX2) and one past
-# it, a decode batch, and with K = 1,536 (~340 rows a block) a prefill that spans three row blocks;
+# (rows, weight rows, K): single rows, a register tile (12 rows on one panel and 6 on two with AVX-512,
+# 6 with AVX2) and one past it, a decode batch, and with K = 1,536 (~340 rows a block) a prefill that spans three row blocks;
 # weight rows that are not whole panels (70: the last panel 6 wide, 16: less than one AVX-512 vector,
 # 20: one AVX2 panel and 4); and a K of 3 under many row tiles, whose shares of the next panel's
 # prefetch are mostly empty
@@ -73,18 +73,28 @@ def test_outputs_past_the_streaming_size_match(module, dtype, n):
         torch.testing.assert_close(got, want.bfloat16(), atol=1e-2, rtol=8e-3)
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_thread_counts_agree(module, threads):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n", [60, 200, 224], ids=["2-panels-ragged", "7-panels-ragged", "7-panels"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_thread_counts_agree(module, threads, n, dtype):
+    """Each thread takes its panels two at a time (AVX-512) and a last odd one alone, so the thread count
+    decides which panels pair up: a pair whose second panel is ragged (60 on one thread), pairs and a
+    ragged single (200), pairs and a whole single (224)."""
     gen = torch.Generator().manual_seed(3)
-    x, w = torch.randn(50, 64, generator=gen), torch.randn(200, 64, generator=gen)
+    x, w = torch.randn(50, 64, generator=gen).to(dtype), torch.randn(n, 64, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype)
     panels = module.pack_panels(w)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        got = module.panel_linear(x, panels, 200)
+        got = module.panel_linear(x, panels, n, b)
     finally:
         torch.set_num_threads(old)
-    torch.testing.assert_close(got, F.linear(x, w), atol=1e-4, rtol=1e-5)
+    want = F.linear(x.float(), w.float(), b.float())
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    else:
+        torch.testing.assert_close(got, want.bfloat16(), atol=1e-2, rtol=8e-3)
 
 
 def test_zero_rows(module):

@@ -32,8 +32,16 @@
 //
 // Each thread takes a range of panels. Rows go in blocks of ~2 MB of x (a core's share of the last-level
 // cache) so that a long prefill does not stream all of x from memory once per panel; in a block, a tile
-// of rows x one panel is kept in registers over all of K, fed by two panel loads and one broadcast of x
-// per row and k: 12 rows (24 accumulators of AVX-512's 32 registers) or 6 (12 of AVX2's 16).
+// of rows x panels is kept in registers over all of K. With AVX-512 a thread takes its panels two at a time
+// in tiles of 6 rows: 24 accumulators fed, per k, by four panel loads and six broadcasts of x; a panel
+// left over goes in tiles of 12 rows x one panel, the same 24 accumulators fed by two panel loads and
+// twelve broadcasts. AVX2 has one-panel tiles of 6 rows (12 of its 16 registers). Ten loads for 24
+// multiply-adds instead of fourteen: on an Ice Lake Xeon (AVX-512, 2 cores) the fp32 matmuls of
+// SmolLM2-135M's shapes went, median GF/s, 191 -> 226 at 64 rows, 227 -> 276 at 128, 231 -> 283 at 512
+// and 244 -> 296 at 2,048, where MKL's sgemm ran 148, 217, 253 and 301 (`python -m
+// benchmarks.linear_kernels`, old and new kernels alternating); bf16 panels widened to fp32 (no
+// AVX512-BF16 there) 191 -> 219 at 2,048 rows and level at 64. One core alone, everything in L1,
+// 12 x 1 against 6 x 2 panels measured 126-134 against 152 GF/s at best.
 //
 // Built by services/engine/cpu_kernels.py (-O3 -march=native -mprefer-vector-width=512 -ffp-contract=fast -fopenmp).
 
@@ -85,7 +93,10 @@ struct Vec {
     hi = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
 };
-constexpr int kRowTile = 12;  // rows of x per register tile: 12 x 2 accumulators of the 32 registers
+constexpr int kRowTile = 12;  // rows of x per register tile on one panel: 12 x 2 accumulators of the 32 registers
+// rows per register tile on two panels at once: 6 x 4 accumulators, four panel loads and six broadcasts of x
+// a k where the one-panel tile has two and twelve (see run)
+constexpr int kPairRowTile = 6;
 #elif defined(TANDEM_PANELS)
 struct Vec {
   using T = __m256;
@@ -104,6 +115,7 @@ struct Vec {
   }
 };
 constexpr int kRowTile = 6;  // 6 x 2 accumulators, two panel loads and a broadcast: 15 of the 16 registers
+constexpr int kPairRowTile = 1;  // none: a two-panel tile of even 3 rows would need 17 of the 16
 #else
 struct Vec {
   static constexpr int kLanes = 16;  // the layout only: panel_linear refuses to run without AVX2/AVX-512
@@ -237,27 +249,33 @@ inline void store_tile(const typename Vec::T (&acc)[MR][2], Y* __restrict y, int
   }
 }
 
-// MR rows of x (float32) against one panel of W (float32 or bf16) over all of K, plus the panel's
-// zero-padded float32 bias; `cols` (<= kPanel) of the results are stored as Y (float32 or bf16), the last
-// panel's and every bf16 row through a small buffer.
-template <int MR, typename W, typename Y>
+// MR rows of x (float32) against NP consecutive panels of W (float32 or bf16) over all of K, plus their
+// zero-padded float32 bias; `cols` (<= NP x kPanel, all but the last panel whole) of the results are stored
+// as Y (float32 or bf16), the last panel's and every bf16 row through a small buffer.
+template <int MR, int NP, typename W, typename Y>
 __attribute__((noinline)) void row_tile(const float* __restrict x, int64_t K, const W* __restrict panel,
                                         Y* __restrict y, int64_t ldy, int64_t cols, const float* __restrict bias,
                                         const char* pf, int64_t pf_lines, bool stream) {
-  typename Vec::T acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = Vec::zero();
+  typename Vec::T acc[NP][MR][2];
+  for (int p = 0; p < NP; ++p)
+    for (int r = 0; r < MR; ++r) acc[p][r][0] = acc[p][r][1] = Vec::zero();
+  const int64_t pstride = panel_k<W>(K) * kPanel;
   const auto step = [&](int64_t k) __attribute__((always_inline)) {
-    typename Vec::T w0, w1;
-    if constexpr (std::is_same_v<W, float>) {
-      w0 = Vec::load(panel + k * kPanel);
-      w1 = Vec::load(panel + k * kPanel + Vec::kLanes);
-    } else {
-      Vec::widen_bf16(panel + k * kPanel, w0, w1);
+    typename Vec::T w[NP][2];
+    for (int p = 0; p < NP; ++p) {
+      if constexpr (std::is_same_v<W, float>) {
+        w[p][0] = Vec::load(panel + p * pstride + k * kPanel);
+        w[p][1] = Vec::load(panel + p * pstride + k * kPanel + Vec::kLanes);
+      } else {
+        Vec::widen_bf16(panel + p * pstride + k * kPanel, w[p][0], w[p][1]);
+      }
     }
     for (int r = 0; r < MR; ++r) {
       const auto xv = Vec::set1(x[r * K + k]);
-      acc[r][0] = Vec::fmadd(xv, w0, acc[r][0]);
-      acc[r][1] = Vec::fmadd(xv, w1, acc[r][1]);
+      for (int p = 0; p < NP; ++p) {
+        acc[p][r][0] = Vec::fmadd(xv, w[p][0], acc[p][r][0]);
+        acc[p][r][1] = Vec::fmadd(xv, w[p][1], acc[p][r][1]);
+      }
     }
   };
   if (pf_lines <= 0) {
@@ -275,7 +293,8 @@ __attribute__((noinline)) void row_tile(const float* __restrict x, int64_t K, co
     }
     for (; pf < pf_end; pf += 64) __builtin_prefetch(pf, 0, 2);  // a share larger than K
   }
-  store_tile<MR>(acc, y, ldy, cols, bias, stream);
+  for (int p = 0; p < NP; ++p)
+    store_tile<MR>(acc[p], y + p * kPanel, ldy, std::min(kPanel, cols - p * kPanel), bias ? bias + p * kPanel : nullptr, stream);
 }
 
 #if defined(TANDEM_BF16_DOT)
@@ -319,7 +338,14 @@ constexpr auto row_tiles(std::integer_sequence<int, MR...>) {
   if constexpr (!std::is_same_v<X, float>) return std::array<RowTileFn, sizeof...(MR) + 1>{nullptr, row_tile_dot<MR + 1>...};
   else
 #endif
-    return std::array<RowTileFn, sizeof...(MR) + 1>{nullptr, row_tile<MR + 1, W, W>...};
+    return std::array<RowTileFn, sizeof...(MR) + 1>{nullptr, row_tile<MR + 1, 1, W, W>...};
+}
+
+// The two-panel row tiles (float32 x against float or lane-pair bf16 panels), indexed by rows 1..kPairRowTile.
+template <typename W, int... MR>
+constexpr auto pair_row_tiles(std::integer_sequence<int, MR...>) {
+  using RowTileFn = void (*)(const float*, int64_t, const W*, W*, int64_t, int64_t, const float*, const char*, int64_t, bool);
+  return std::array<RowTileFn, sizeof...(MR) + 1>{nullptr, row_tile<MR + 1, 2, W, W>...};
 }
 
 // y = x W^T (+ bias) with W and y of one element type (float, or uint16_t for bf16), x as X: float32, or
@@ -329,6 +355,7 @@ void run(const X* xp, int64_t M, int64_t K, const W* wp, int64_t NB, int64_t N, 
   const int64_t KP = panel_k<W>(K);  // k-rows a panel
   const int64_t panel_lines = KP * kPanel * static_cast<int64_t>(sizeof(W)) / 64;  // 64-byte lines a panel
   static constexpr auto tiles = row_tiles<X, W>(std::make_integer_sequence<int, kRowTile>{});
+  static constexpr auto pair_tiles = pair_row_tiles<W>(std::make_integer_sequence<int, kPairRowTile>{});
   const int64_t x_row_bytes = K * static_cast<int64_t>(sizeof(X));
   const int64_t block = std::max<int64_t>(kRowTile, kBlockBytes / x_row_bytes / kRowTile * kRowTile);
   const int64_t row_bytes = N * static_cast<int64_t>(sizeof(W));
@@ -336,21 +363,30 @@ void run(const X* xp, int64_t M, int64_t K, const W* wp, int64_t NB, int64_t N, 
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t mb = 0; mb < M; mb += block) {
       const int64_t m_end = std::min(M, mb + block);
-      const int64_t ntiles = (m_end - mb + kRowTile - 1) / kRowTile;
-      for (int64_t nb = b0; nb < b1; ++nb) {
-        const int64_t cols = std::min(kPanel, N - nb * kPanel);
-        // the next panel this thread reads, prefetched a share per row tile (fp32 only: bf16 panels, half
+      for (int64_t nb = b0; nb < b1;) {
+        // two panels a tile while this thread has two left (not for the bf16 dot tiles)
+        const int64_t np = (kPairRowTile > 1 && std::is_same_v<X, float> && nb + 1 < b1) ? 2 : 1;
+        const int64_t rt = np == 2 ? kPairRowTile : kRowTile;
+        const int64_t nt = (m_end - mb + rt - 1) / rt;
+        const int64_t cols = std::min(np * kPanel, N - nb * kPanel);
+        // the panels this thread reads next, prefetched a share per row tile (fp32 only: bf16 panels, half
         // the bytes for the same multiply-adds, measured 2% slower with it at 64 rows)
-        const bool has_next = std::is_same_v<W, float> && nb + 1 < b1 && ntiles > 1;
-        const int64_t next_lines = has_next ? panel_lines : 0;
-        const char* next = reinterpret_cast<const char*>(wp + (nb + 1) * KP * kPanel);
+        const int64_t np_next = std::min<int64_t>(2, b1 - nb - np);
+        const bool has_next = std::is_same_v<W, float> && np_next > 0 && nt > 1;
+        const int64_t next_lines = has_next ? np_next * panel_lines : 0;
+        const char* next = reinterpret_cast<const char*>(wp + (nb + np) * KP * kPanel);
         int64_t t = 0;
-        for (int64_t m0 = mb; m0 < m_end; m0 += kRowTile, ++t) {
-          const int rows = static_cast<int>(std::min<int64_t>(kRowTile, m_end - m0));
-          const int64_t l0 = t * next_lines / ntiles, l1 = (t + 1) * next_lines / ntiles;
-          tiles[rows](xp + m0 * K, K, wp + nb * KP * kPanel, yp + m0 * N + nb * kPanel, N, cols,
-                      bp ? bp + nb * kPanel : nullptr, next + 64 * l0, l1 - l0, stream);
+        for (int64_t m0 = mb; m0 < m_end; m0 += rt, ++t) {
+          const int rows = static_cast<int>(std::min<int64_t>(rt, m_end - m0));
+          const int64_t l0 = t * next_lines / nt, l1 = (t + 1) * next_lines / nt;
+          auto* const tile = [&] {
+            if constexpr (std::is_same_v<X, float>) return np == 2 ? pair_tiles[rows] : tiles[rows];
+            else return tiles[rows];
+          }();
+          tile(xp + m0 * K, K, wp + nb * KP * kPanel, yp + m0 * N + nb * kPanel, N, cols, bp ? bp + nb * kPanel : nullptr,
+               next + 64 * l0, l1 - l0, stream);
         }
+        nb += np;
       }
     }
     if (stream) _mm_sfence();  // this thread's non-temporal stores visible before the caller reads y
