@@ -160,12 +160,14 @@ class Linear:
 
     def calibrate_large_rows(self, weights: list[torch.Tensor], reps: int = 2) -> dict[int, tuple[float, float]]:
         """Send fp32 matmuls of many rows (a prefill step's) to F.linear from the fewest of LARGE_ROWS
-        where it beats the panels by 5% on `weights`, trying the largest first. The panels' register
-        tile runs over all of K: on a Zen 4 they matched oneDNN at 2,048 rows, but on an Ice Lake Xeon
-        MKL's K-blocked sgemm ran SmolLM2-135M's shapes at 268 GF/s against the panels' 222 (2 cores),
-        and a 16 x 256-token fp32 prefill took 5.0 s against 6.4 (median of 6, alternating). At a
-        decode step's few dozen rows the panels win on both. Compute-bound, so a layer or two of
-        weights measure it; on an AMD EPYC, where MKL leaves its fast path, it keeps the panels.
+        where it beats the panels by 5% on `weights`, trying the largest first. On a Zen 4 the panels
+        matched oneDNN at 2,048 rows; on an Ice Lake Xeon the one-panel tiles ran SmolLM2-135M's shapes
+        at 222 GF/s against MKL's 268 (2 cores), and a 16 x 256-token fp32 prefill took 6.4 s against
+        5.0 (median of 6, alternating). The two-panel tiles since brought the panels level there (296
+        against 301 at 2,048 rows), so the calibration now guards CPUs where MKL is ahead rather than
+        deciding this one. At a decode step's few dozen rows the panels win on both. Compute-bound, so
+        a layer or two of weights measure it; on an AMD EPYC, where MKL leaves its fast path, it keeps
+        the panels.
         Two row counts only: a calibration is part of every load.
         Returns {rows: (panel s, F.linear s)}, empty where the weights are not fp32 panels."""
         if not weights or weights[0].dtype != torch.float32 or any(id(w) not in self.panels for w in weights):
