@@ -33,6 +33,7 @@
 #include <cstdint>
 
 #include "exp_nonpos.h"
+#include "bf16.h"
 #include <type_traits>
 
 #if defined(__AVX512BF16__)
@@ -41,32 +42,20 @@
 
 namespace {
 
-inline float bits_to_float(uint32_t u) { return __builtin_bit_cast(float, u); }
-
 inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const at::BFloat16* p, int64_t i) {
-  return bits_to_float(static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16);
-}
-
-// round to nearest even, as torch's float -> bfloat16 conversion (NaN stays NaN)
-inline uint16_t to_bf16_bits(float f) {
-  uint32_t u = __builtin_bit_cast(uint32_t, f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+inline float load(const at::BFloat16* p, int64_t i) { return bf16_bits_to_float(reinterpret_cast<const uint16_t*>(p)[i]); }
 
 // v rounded to T and back: what torch stores for an intermediate of dtype T
 inline float round_to(float v, float*) { return v; }
-inline float round_to(float v, at::BFloat16*) { return bits_to_float(static_cast<uint32_t>(to_bf16_bits(v)) << 16); }
+inline float round_to(float v, at::BFloat16*) { return bf16_bits_to_float(float_to_bf16_bits_keep_nan(v)); }
 
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
-inline void store(at::BFloat16* p, int64_t i, float v) { reinterpret_cast<uint16_t*>(p)[i] = to_bf16_bits(v); }
+inline void store(at::BFloat16* p, int64_t i, float v) { reinterpret_cast<uint16_t*>(p)[i] = float_to_bf16_bits_keep_nan(v); }
 
 #if defined(__AVX512BF16__)
 // bf16 in 16 lanes. The compiler vectorises the scalar loops below, but not their float -> bf16 rounding
-// (to_bf16_bits: ~7 integer ops a lane); VCVTNEPS2BF16 is that rounding in one instruction: nearest even,
-// NaN quieted with its sign and payload kept, as to_bf16_bits. It differs only for denormal inputs, which it
+// (float_to_bf16_bits_keep_nan: ~7 integer ops a lane); VCVTNEPS2BF16 is that rounding in one instruction:
+// nearest even, NaN quieted with its sign and payload kept, as there. It differs only for denormal inputs, which it
 // flushes to zero (|x| < 1.2e-38: no activation of a bf16 model lands there but an exact zero).
 inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 inline __m512 load16(const at::BFloat16* p) { return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }

@@ -24,12 +24,12 @@
 #include <cmath>
 #include <cstdint>
 
+#include "bf16.h"
+
 namespace {
 
 inline float widen(float x) { return x; }
-inline float widen(at::BFloat16 x) {
-  return __builtin_bit_cast(float, static_cast<uint32_t>(__builtin_bit_cast(uint16_t, x)) << 16);
-}
+inline float widen(at::BFloat16 x) { return bf16_bits_to_float(__builtin_bit_cast(uint16_t, x)); }
 
 // the reference semantics, and the whole row where a NaN is present
 template <typename T>

@@ -52,6 +52,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "bf16.h"
 #include "exp_nonpos.h"
 #include <cstring>
 #include <optional>
@@ -64,15 +65,12 @@ namespace {
 // gcc 12 left some of them scalar (the exp loop) or spilled their accumulators to the stack every row.
 #define NOINLINE __attribute__((noinline))
 
-// bit casts the vectoriser can see through (a memcpy into a local counts as a memory op and can block it)
-inline float bits_to_float(uint32_t u) { return __builtin_bit_cast(float, u); }
-
 // bf16 -> float32 is exact: the bf16 bits are the top half of the float's
 inline const float* as_float_row(const at::BFloat16* src, float* __restrict scratch, int64_t n) {
   const uint16_t* __restrict s = reinterpret_cast<const uint16_t*>(src);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    scratch[i] = bits_to_float(static_cast<uint32_t>(s[i]) << 16);
+    scratch[i] = bf16_bits_to_float(s[i]);
   }
   return scratch;
 }

@@ -63,6 +63,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
 #if defined(__AVX512F__)
@@ -87,8 +89,6 @@ inline __m512 exp_nonpos_v(__m512 x) {
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
-
-inline float bf16_to_float(uint16_t b) { return __builtin_bit_cast(float, static_cast<uint32_t>(b) << 16); }
 
 // 16 floats rounded to bf16 (nearest even, as torch rounds; no NaN can reach here: softmax weights and
 // value rows are finite) without AVX512-BF16
@@ -155,10 +155,10 @@ void pack_tile(const at::Tensor& k_cache, const at::Tensor& v_cache, const int64
     for (int j = 0; j < kKeyTile; ++j) std::memcpy(vdst + j * D, vrow[j], D * sizeof(float));
   } else if constexpr (kWidened<T>) {  // a bf16 is a float's top half
     for (int j = 0; j < kKeyTile; ++j)
-      for (int d = 0; d < D; ++d) kdst[d * kKeyTile + j] = bf16_to_float(krow[j][d]);
+      for (int d = 0; d < D; ++d) kdst[d * kKeyTile + j] = bf16_bits_to_float(krow[j][d]);
     for (int j = 0; j < kKeyTile; ++j)
 #pragma omp simd
-      for (int d = 0; d < D; ++d) vdst[j * D + d] = bf16_to_float(vrow[j][d]);
+      for (int d = 0; d < D; ++d) vdst[j * D + d] = bf16_bits_to_float(vrow[j][d]);
   } else {
     for (int j = 0; j < kKeyTile; ++j) {
       const uint32_t* src = reinterpret_cast<const uint32_t*>(krow[j]);  // dims in pairs
@@ -388,7 +388,7 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
           const int64_t row = c.query_start + token;
           if constexpr (kWidened<T>) {
             const auto* src = reinterpret_cast<const uint16_t*>(qbase + row * qs0 + head * qs1);
-            for (int d = 0; d < D; ++d) widened[r][d] = bf16_to_float(src[d]);
+            for (int d = 0; d < D; ++d) widened[r][d] = bf16_bits_to_float(src[d]);
             qw[r] = widened[r];
           } else {
             qw[r] = reinterpret_cast<const Word<T>*>(qbase + row * qs0 + head * qs1);

@@ -70,6 +70,8 @@
 #include <utility>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
 // The float vector of the widest ISA the build has, and the register tile it allows. `widen_bf16` turns one
@@ -135,12 +137,6 @@ constexpr int64_t kStreamBytes = 16 << 20;
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "panel_linear: ", what); }
 
-inline float bf16_to_float(uint16_t b) { return __builtin_bit_cast(float, static_cast<uint32_t>(b) << 16); }
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u = __builtin_bit_cast(uint32_t, f);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
 
 // bf16 panels with the dot instruction (TANDEM_BF16_DOT): each k-row pair (k, k + 1) of a panel is kPanel
 // 32-bit lanes, column j's two weights in lane j, the operand order of vdpbf16ps; an odd K is padded with a
@@ -244,7 +240,7 @@ inline void store_tile(const typename Vec::T (&acc)[MR][2], Y* __restrict y, int
     } else {
       Y* __restrict out = y + r * ldy;
 #pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) out[j] = float_to_bf16(tail[j]);
+      for (int64_t j = 0; j < cols; ++j) out[j] = float_to_bf16_bits(tail[j]);
     }
   }
 }
@@ -417,7 +413,7 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t N
       std::memcpy(pb, bias->data_ptr<float>(), N * sizeof(float));
     } else {
       const auto* src = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
-      for (int64_t n = 0; n < N; ++n) pb[n] = bf16_to_float(src[n]);
+      for (int64_t n = 0; n < N; ++n) pb[n] = bf16_bits_to_float(src[n]);
     }
   }
   const float* bp = padded_bias.defined() ? padded_bias.data_ptr<float>() : nullptr;
@@ -436,7 +432,7 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t N
     // x widened once: M x K conversions against M x N x K multiply-adds
     std::vector<float> xf(M * K);
 #pragma omp simd
-    for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_float(xb[i]);
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_bits_to_float(xb[i]);
     run(xf.data(), M, K, wb, NB, N, bp, yb);
 #endif
   }

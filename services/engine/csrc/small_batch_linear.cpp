@@ -26,21 +26,16 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
 #define NOINLINE __attribute__((noinline))
 
-inline float bits_to_float(uint32_t u) { return __builtin_bit_cast(float, u); }
-inline uint16_t float_to_bf16_bits(float f) {
-  // round to nearest even, as torch does (NaN is not expected in activations here)
-  uint32_t u = __builtin_bit_cast(uint32_t, f);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
 
 NOINLINE void to_float(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = bits_to_float(static_cast<uint32_t>(src[i]) << 16);
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(src[i]);
 }
 
 NOINLINE float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
@@ -76,7 +71,7 @@ NOINLINE void bf16_dot_rows(const uint16_t* __restrict x, int64_t K, const uint1
       for (int m = 0; m < M; ++m)
         acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_maskz_loadu_epi16(tail_mask, x + m * K + full), wv);
     }
-    const float b = bias ? bits_to_float(static_cast<uint32_t>(bias[n]) << 16) : 0.f;
+    const float b = bias ? bf16_bits_to_float(bias[n]) : 0.f;
     for (int m = 0; m < M; ++m) out[m * N + n] = float_to_bf16_bits(_mm512_reduce_add_ps(acc[m]) + b);
   }
 }
