@@ -6,19 +6,21 @@ import pytest
 import torch
 
 from services.engine.model_config import ModelConfig
-from services.engine.models.llama import MLP_CHUNK_BYTES, LlamaForCausalLM, mlp_chunk_rows
+from services.engine.models.llama import MLP_CHUNK_BYTES, MLP_MIN_CHUNK_ROWS, LlamaForCausalLM, mlp_chunk_rows
 from services.engine.weights import load_weights
 
 
 def test_chunk_rows_keep_the_activation_under_the_budget():
-    # SmolLM2-135M: gate/up is [2 x 1536, 576]
-    assert mlp_chunk_rows(3072, 4) == 2048
-    assert mlp_chunk_rows(3072, 2) == 4096
+    # SmolLM2-135M: gate/up is [2 x 1536, 576]; its 6 MB output stays in cache for the next two ops
+    assert mlp_chunk_rows(3072, 4) == 512
+    assert mlp_chunk_rows(3072, 2) == 1024
     for width, size in ((3072, 4), (28672, 2), (28672, 4), (10, 4)):
         rows = mlp_chunk_rows(width, size)
-        assert rows % 64 == 0 and rows >= 64
-        assert rows == 64 or rows * width * size <= MLP_CHUNK_BYTES
-    assert mlp_chunk_rows(10**9, 4) == 64  # never fewer rows than a matmul runs well on
+        assert rows % 64 == 0 and rows >= MLP_MIN_CHUNK_ROWS
+        assert rows == MLP_MIN_CHUNK_ROWS or rows * width * size <= MLP_CHUNK_BYTES
+    # an 8B model's MLP: the floor, and still under glibc's 32 MiB mmap threshold
+    assert mlp_chunk_rows(28672, 4) == MLP_MIN_CHUNK_ROWS and MLP_MIN_CHUNK_ROWS * 28672 * 4 < 32 << 20
+    assert mlp_chunk_rows(10**9, 4) == MLP_MIN_CHUNK_ROWS  # never fewer rows than a matmul runs well on
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

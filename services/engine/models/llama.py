@@ -209,13 +209,24 @@ class Linear:
 # within noise, 4.98 -> 5.15 and 4.99 -> 5.04 s median, 4.82 -> 4.86 and 4.93 -> 4.90 s best. It also
 # bounds the MLP's peak memory: an 8,192-token step of an 8B model would otherwise hold a ~0.9 GB fp32
 # gate/up output.
-MLP_CHUNK_BYTES = 24 << 20
+# Smaller chunks than that budget first had (24 MB) also keep the gate/up output in cache for the
+# silu-and-mul and the down matmul that read it at once, where a 25 MB one went to memory (the panel
+# kernel writes outputs of 16 MB or more with non-temporal stores) and was read back. A 2,048-token fp32
+# prefill step of SmolLM2-135M on an Ice Lake Xeon (2 cores), two engines alternating step by step, 8
+# steps each, against one 2,048-row chunk: 512-row chunks 0.884 and 0.935 (median pair ratio; 3,465 ->
+# 3,098 and 3,157 -> 2,830 ms median), 1,024 rows 0.953, 256 rows 1.073; bf16 in 1,024-row chunks level
+# (1.013). Not yet measured on an AMD CPU or with a larger model.
+MLP_CHUNK_BYTES = 6 << 20
+# but never fewer rows than this: the floor binds only for wide MLPs (an 8B model's fp32 [256, 28,672]
+# output is 29 MB, under glibc's mmap threshold), and 256 rows measured slower than one 2,048-row
+# chunk above
+MLP_MIN_CHUNK_ROWS = 256
 
 
 def mlp_chunk_rows(intermediate_x2: int, element_size: int) -> int:
     """Rows per MLP chunk: as many as keep [rows, intermediate_x2] under MLP_CHUNK_BYTES, in multiples
-    of 64 and at least 64 (a matmul that small still runs near its peak)."""
-    return max(64, MLP_CHUNK_BYTES // (intermediate_x2 * element_size) // 64 * 64)
+    of 64 and at least MLP_MIN_CHUNK_ROWS."""
+    return max(MLP_MIN_CHUNK_ROWS, MLP_CHUNK_BYTES // (intermediate_x2 * element_size) // 64 * 64)
 
 
 class DecoderLayer:
