@@ -357,17 +357,21 @@ void run(const X* xp, int64_t M, int64_t K, const W* wp, int64_t NB, int64_t N, 
   const int64_t row_bytes = N * static_cast<int64_t>(sizeof(W));
   const bool stream = M * row_bytes >= kStreamBytes && row_bytes % 64 == 0 && reinterpret_cast<uintptr_t>(yp) % 64 == 0;
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    // panels in the tiles that start at panel n: two while this thread has two left (with AVX-512, and not
+    // for the bf16 dot tiles), else one
+    const auto tile_panels = [&](int64_t n) -> int64_t {
+      return (kPairRowTile > 1 && std::is_same_v<X, float> && n + 1 < b1) ? 2 : 1;
+    };
     for (int64_t mb = 0; mb < M; mb += block) {
       const int64_t m_end = std::min(M, mb + block);
       for (int64_t nb = b0; nb < b1;) {
-        // two panels a tile while this thread has two left (not for the bf16 dot tiles)
-        const int64_t np = (kPairRowTile > 1 && std::is_same_v<X, float> && nb + 1 < b1) ? 2 : 1;
+        const int64_t np = tile_panels(nb);
         const int64_t rt = np == 2 ? kPairRowTile : kRowTile;
         const int64_t nt = (m_end - mb + rt - 1) / rt;
         const int64_t cols = std::min(np * kPanel, N - nb * kPanel);
         // the panels this thread reads next, prefetched a share per row tile (fp32 only: bf16 panels, half
         // the bytes for the same multiply-adds, measured 2% slower with it at 64 rows)
-        const int64_t np_next = std::min<int64_t>(2, b1 - nb - np);
+        const int64_t np_next = nb + np < b1 ? tile_panels(nb + np) : 0;
         const bool has_next = std::is_same_v<W, float> && np_next > 0 && nt > 1;
         const int64_t next_lines = has_next ? np_next * panel_lines : 0;
         const char* next = reinterpret_cast<const char*>(wp + (nb + np) * KP * kPanel);
