@@ -71,6 +71,7 @@ class ServiceProcess:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     tls_dir: Path | None = None  # `tandem certs` directory when the cluster runs with TLS
+    started_unix: float = 0.0  # when its current process was spawned (time.time())
 
     @property
     def address(self) -> str:
@@ -79,6 +80,7 @@ class ServiceProcess:
     def start(self) -> None:
         cmd = [sys.executable, "-m", "tandem", "serve", self.role, "--port", str(self.port),
                "--metrics-port", str(self.metrics_port), "--worker-id", self.name, *self.args]  # fmt: skip
+        self.started_unix = time.time()
         self.proc = popen_child(cmd, self.log_path, self.env)
 
     # what the Supervisor calls (supervisor.Child)
