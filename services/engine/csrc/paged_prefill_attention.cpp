@@ -20,28 +20,26 @@
 //    the dot products want — keys as [D/2][16 keys] pairs of dims, so that one vector load feeds 16 keys'
 //    scores; values as [8 key pairs][D] pairs of keys, so that one load feeds 16 output dims for two
 //    keys. Keys past the context are zero (finite: a masked weight of 0 times them stays 0).
-// 2. attend: work items are (chunk, KV head, 16 query tokens); each walks the key tiles its rows may see
-//    with an online softmax (running max and sum per row), a few rows at a time so that their output
-//    accumulators stay in registers. All of a KV head's query heads (GQA) share its packed tiles. Items
-//    are handed out longest first from a shared counter: causal items differ in cost by up to the
-//    context length over 16.
-//
-// Same run, 8 chunks of 256 tokens, 9 query / 3 KV heads of 64, 2 threads: 3.1-3.4 ms a layer against
-// SDPA's 9.8 (one scalar exp per row and tile for the rescale factor, and a per-row branch that put the
-// accumulators on the stack, were 20% of it before). A 1,024-token chunk after 512 cached: 11.6 ms.
-//
-// The weights are rounded to bf16 before the P.V products (as torch's flash kernel does for bf16) and the
-// row sums add the rounded weights, so each output is a true weighted mean of the value rows.
-//
-// bf16 without AVX512-BF16 (an Ice Lake) takes float32's path on tiles and query rows widened to float32
-// (exact), the outputs rounded to bf16 (nearest even); the weights stay float32. There, 8 chunks of 256
-// tokens (python -m benchmarks.prefill_attention): 9.0 against SDPA's 14.7 ms a layer, median.
-//
-// float32 takes the same shape with plain FMAs (any AVX-512 CPU): keys packed as [D][16 keys], values as
-// [16 keys][D], the weights kept in float32. On a Zen 4, 2 threads, alternating with SDPA call by call
-// (python -m benchmarks.prefill_attention --dtype float32): 6.7 against 11.6 ms a layer for 8 x 256
-// tokens, 25.6 against 41.3 for 32 x 256; a whole fp32 prefill step of 8,192 tokens 10.02 -> 9.45 s, of
-// 2,048 tokens 2.50 -> 2.34 s (median, alternating in one engine).
+// 2. attend: work items are (chunk, KV head, 16 query tokens), handed out longest first from a shared
+//    counter (causal items differ in cost by up to the context length over 16). All of a KV head's
+//    query heads (GQA) share its packed tiles.
+//    - bf16 on vdpbf16ps (attend_rows): each item walks the key tiles its rows may see with an online
+//      softmax (running max and sum per row), a few rows at a time so that their output accumulators
+//      stay in registers. Same run, 8 chunks of 256 tokens, 9 query / 3 KV heads of 64, 2 threads:
+//      3.1-3.4 ms a layer against SDPA's 9.8. The weights are rounded to bf16 before the P.V products
+//      (as torch's flash kernel does for bf16) and the row sums add the rounded weights, so each output
+//      is a true weighted mean of the value rows.
+//    - float32 words (attend_item_f32): fp32, and bf16 where the CPU has no AVX512-BF16 (an Ice Lake),
+//      whose packed tiles and query rows are widened to float32 (exact) and whose outputs are rounded to
+//      bf16. An item's rows are scored a block of 64 keys at a time, in register tiles of 6 rows x 64
+//      keys (24 independent FMA chains), the block staying in L1 across the rows; then an exact
+//      softmax per row over a per-thread score buffer; then weights . V a block at a time, 6 rows' (3 at
+//      D = 128) accumulators in registers. The online softmax before it kept 4 rows' outputs in
+//      registers while scoring, so its q.k products ran as 4 FMA chains, one FMA a cycle where the core
+//      issues two. Ice Lake Xeon, 2 threads, alternating call by call (python -m
+//      benchmarks.prefill_attention --dtype float32): 32 chunks of 256 tokens (9 / 3 heads of 64) 31.9
+//      -> 21.5 ms a layer, one chunk of 4,096 211 -> 116 (SDPA 160), 2 chunks of 1,024 with 32 / 8
+//      heads of 128 305 -> 150; bf16 widened, 32 x 256, 36.7 -> 24.2.
 //
 // Built by services/engine/cpu_kernels.py with -O3 -march=native -mprefer-vector-width=512 -ffp-contract=fast -fopenmp.
 
@@ -59,6 +57,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -98,6 +97,19 @@ inline __m256i float_to_bf16_v(__m512 x) {
   const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 }
+
+// 64-byte aligned storage for the float32 path's buffers (aligned vector loads and stores)
+template <typename T>
+struct AlignedAllocator {
+  using value_type = T;
+  AlignedAllocator() = default;
+  template <typename U>
+  AlignedAllocator(const AlignedAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  bool operator==(const AlignedAllocator&) const { return true; }
+  bool operator!=(const AlignedAllocator&) const { return false; }
+};
 
 struct Chunk {
   int64_t query_start, query_len, context_len;
@@ -184,7 +196,7 @@ void pack_tile(const at::Tensor& k_cache, const at::Tensor& v_cache, const int64
 template <typename T, int D, int NR>
 __attribute__((noinline)) void attend_rows(const Word<T>* const* qw, const int64_t* limit, const Word<T>* keys,
                                            const Word<T>* values, int64_t num_tiles, float scale, T* const* out_rows) {
-  constexpr bool kFloat = kFloatWords<T>;  // float32 words and FMAs (fp32, or widened bf16)
+  static_assert(!kFloatWords<T>, "float32 words take attend_item_f32");
   constexpr int C = D / 16;  // output vectors per row
   __m512 acc[NR][C];
   __m512 row_sum[NR];
@@ -204,27 +216,16 @@ __attribute__((noinline)) void attend_rows(const Word<T>* const* qw, const int64
     __m512 s[NR][KT];
     for (int r = 0; r < NR; ++r)
       for (int u = 0; u < KT; ++u) s[r][u] = _mm512_setzero_ps();
-    if constexpr (kFloat) {
-      for (int d = 0; d < D; ++d) {
-        __m512 k[KT];
-        for (int u = 0; u < KT; ++u) k[u] = _mm512_loadu_ps(kt + u * kKeyWords<T, D> + d * kKeyTile);
-        for (int r = 0; r < NR; ++r) {
-          const __m512 qv = _mm512_set1_ps(qw[r][d]);
-          for (int u = 0; u < KT; ++u) s[r][u] = _mm512_fmadd_ps(k[u], qv, s[r][u]);
-        }
-      }
-    } else {
 #if defined(__AVX512BF16__)
-      for (int dp = 0; dp < D / 2; ++dp) {
-        __m512bh k[KT];
-        for (int u = 0; u < KT; ++u) k[u] = (__m512bh)_mm512_loadu_si512(kt + u * kKeyWords<T, D> + dp * kKeyTile);
-        for (int r = 0; r < NR; ++r) {
-          const __m512bh qv = (__m512bh)_mm512_set1_epi32(qw[r][dp]);
-          for (int u = 0; u < KT; ++u) s[r][u] = _mm512_dpbf16_ps(s[r][u], k[u], qv);
-        }
+    for (int dp = 0; dp < D / 2; ++dp) {
+      __m512bh k[KT];
+      for (int u = 0; u < KT; ++u) k[u] = (__m512bh)_mm512_loadu_si512(kt + u * kKeyWords<T, D> + dp * kKeyTile);
+      for (int r = 0; r < NR; ++r) {
+        const __m512bh qv = (__m512bh)_mm512_set1_epi32(qw[r][dp]);
+        for (int u = 0; u < KT; ++u) s[r][u] = _mm512_dpbf16_ps(s[r][u], k[u], qv);
       }
-#endif
     }
+#endif
     // Branch-free over rows (a row that sees none of these keys gets empty masks: weights 0, factor 1),
     // so that gcc keeps every accumulator in a register: with a per-row `continue` here it kept them
     // on the stack, ~2x slower. Masked scores and new maxima first, then all rescale factors in one exp.
@@ -250,59 +251,155 @@ __attribute__((noinline)) void attend_rows(const Word<T>* const* qw, const int64
       for (int u = 0; u < KT; ++u) {
         const __m512 p =
             _mm512_maskz_mov_ps(visible_mask[r][u], exp_nonpos_v(_mm512_sub_ps(s[r][u], _mm512_set1_ps(row_max[r]))));
-        if constexpr (kFloat) {
-          _mm512_store_ps(weights[r] + u * kKeyTile, p);
-          row_sum[r] = _mm512_add_ps(row_sum[r], p);
-        } else {
 #if defined(__AVX512BF16__)
-          const __m256bh pb = _mm512_cvtneps_pbh(p);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(weights[r] + u * kKeyTile / 2), (__m256i)pb);
-          row_sum[r] = _mm512_add_ps(row_sum[r], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16)));
+        const __m256bh pb = _mm512_cvtneps_pbh(p);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(weights[r] + u * kKeyTile / 2), (__m256i)pb);
+        row_sum[r] = _mm512_add_ps(row_sum[r], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16)));
+#else
+        (void)p;
 #endif
-        }
       }
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(acc[r][c], alpha);
     }
-    if constexpr (kFloat) {
-      for (int j = 0; j < KT * kKeyTile; ++j) {
-        __m512 w[NR];
-        for (int r = 0; r < NR; ++r) w[r] = _mm512_set1_ps(weights[r][j]);
-        for (int c = 0; c < C; ++c) {
-          const __m512 v = _mm512_loadu_ps(vt + j * D + c * 16);
-          for (int r = 0; r < NR; ++r) acc[r][c] = _mm512_fmadd_ps(v, w[r], acc[r][c]);
-        }
-      }
-    } else {
 #if defined(__AVX512BF16__)
-      for (int kp = 0; kp < KT * kKeyTile / 2; ++kp) {
-        __m512i w[NR];
-        for (int r = 0; r < NR; ++r) w[r] = _mm512_set1_epi32(weights[r][kp]);
-        for (int c = 0; c < C; ++c) {
-          const __m512bh v = (__m512bh)_mm512_loadu_si512(vt + kp * D + c * 16);
-          for (int r = 0; r < NR; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], v, (__m512bh)w[r]);
-        }
+    for (int kp = 0; kp < KT * kKeyTile / 2; ++kp) {
+      __m512i w[NR];
+      for (int r = 0; r < NR; ++r) w[r] = _mm512_set1_epi32(weights[r][kp]);
+      for (int c = 0; c < C; ++c) {
+        const __m512bh v = (__m512bh)_mm512_loadu_si512(vt + kp * D + c * 16);
+        for (int r = 0; r < NR; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], v, (__m512bh)w[r]);
       }
-#endif
     }
+#else
+    (void)vt;
+#endif
   };
-  constexpr int kPerStep = kFloat ? 1 : 2;  // float32 two at a time measured 5% slower (its registers run out)
+  constexpr int kPerStep = 2;
   int64_t t = 0;
   for (; t + kPerStep <= num_tiles; t += kPerStep) step(t, std::integral_constant<int, kPerStep>{});
   if (t < num_tiles) step(t, std::integral_constant<int, 1>{});
   for (int r = 0; r < NR; ++r) {
     const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(row_sum[r]));
     for (int c = 0; c < C; ++c) {
-      if constexpr (std::is_same_v<T, float>) {
-        _mm512_storeu_ps(out_rows[r] + c * 16, _mm512_mul_ps(acc[r][c], inv));
-      } else if constexpr (kWidened<T>) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_rows[r] + c * 16), float_to_bf16_v(_mm512_mul_ps(acc[r][c], inv)));
-      } else {
 #if defined(__AVX512BF16__)
-        const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], inv));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_rows[r] + c * 16), (__m256i)o);
+      const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], inv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_rows[r] + c * 16), (__m256i)o);
+#else
+      (void)inv;
 #endif
-      }
     }
+  }
+}
+
+// ---- float32 words (fp32, and bf16 widened where the CPU has no AVX512-BF16): scores, softmax, values ----
+template <int D, int RG, int KT>
+inline __attribute__((always_inline)) void score_tiles(const float* qf, const float* kt, float* sc, int64_t sc_stride) {
+  __m512 s[RG][KT];
+  for (int r = 0; r < RG; ++r)
+    for (int u = 0; u < KT; ++u) s[r][u] = _mm512_setzero_ps();
+  for (int d = 0; d < D; ++d) {
+    __m512 k[KT];
+    for (int u = 0; u < KT; ++u) k[u] = _mm512_loadu_ps(kt + u * kKeyTile * D + d * kKeyTile);
+    for (int r = 0; r < RG; ++r) {
+      const __m512 qv = _mm512_set1_ps(qf[r * D + d]);
+      for (int u = 0; u < KT; ++u) s[r][u] = _mm512_fmadd_ps(k[u], qv, s[r][u]);
+    }
+  }
+  for (int r = 0; r < RG; ++r)
+    for (int u = 0; u < KT; ++u) _mm512_store_ps(sc + r * sc_stride + u * kKeyTile, s[r][u]);
+}
+
+template <int D, int KT>
+__attribute__((noinline)) void score_block(int nr, const float* qf, const float* kt, float* sc, int64_t sc_stride) {
+  int r0 = 0;
+  for (; r0 + 6 <= nr; r0 += 6) score_tiles<D, 6, KT>(qf + r0 * D, kt, sc + r0 * sc_stride, sc_stride);
+  switch (nr - r0) {
+    case 5: score_tiles<D, 5, KT>(qf + r0 * D, kt, sc + r0 * sc_stride, sc_stride); break;
+    case 4: score_tiles<D, 4, KT>(qf + r0 * D, kt, sc + r0 * sc_stride, sc_stride); break;
+    case 3: score_tiles<D, 3, KT>(qf + r0 * D, kt, sc + r0 * sc_stride, sc_stride); break;
+    case 2: score_tiles<D, 2, KT>(qf + r0 * D, kt, sc + r0 * sc_stride, sc_stride); break;
+    case 1: score_tiles<D, 1, KT>(qf + r0 * D, kt, sc + r0 * sc_stride, sc_stride); break;
+    default: break;
+  }
+}
+
+// acc[PR][D] += weights[PR][0..n) . values[0..n)[D]
+template <int D, int PR>
+inline __attribute__((always_inline)) void weigh_values(const float* w, int64_t w_stride, const float* values, int64_t n, float* accm) {
+  constexpr int C = D / 16;
+  __m512 acc[PR][C];
+  for (int r = 0; r < PR; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_load_ps(accm + r * D + c * 16);
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 wv[PR];
+    for (int r = 0; r < PR; ++r) wv[r] = _mm512_set1_ps(w[r * w_stride + j]);
+    for (int c = 0; c < C; ++c) {
+      const __m512 v = _mm512_loadu_ps(values + j * D + c * 16);
+      for (int r = 0; r < PR; ++r) acc[r][c] = _mm512_fmadd_ps(v, wv[r], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < PR; ++r)
+    for (int c = 0; c < C; ++c) _mm512_store_ps(accm + r * D + c * 16, acc[r][c]);
+}
+
+template <int D>
+__attribute__((noinline)) void weigh_block(int nr, const float* w, int64_t w_stride, const float* values, int64_t n, float* accm) {
+  constexpr int PR = 24 / (D / 16);  // 6 rows at D = 64, 3 at 128: 24 accumulators
+  int r0 = 0;
+  for (; r0 + PR <= nr; r0 += PR) weigh_values<D, PR>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D);
+  switch (nr - r0) {
+    case 5: if constexpr (PR > 5) weigh_values<D, 5>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
+    case 4: if constexpr (PR > 4) weigh_values<D, 4>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
+    case 3: if constexpr (PR > 3) weigh_values<D, 3>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
+    case 2: weigh_values<D, 2>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
+    case 1: weigh_values<D, 1>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
+    default: break;
+  }
+}
+
+// softmax(scale * s) over the row's first `visible` of n entries, in place, zero past them; returns 1 / sum
+inline float softmax_row(float* row, int64_t n, int64_t visible, float scale) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  const auto mask_at = [&](int64_t j) {
+    return visible - j >= 16 ? __mmask16(0xFFFF) : visible - j <= 0 ? __mmask16(0) : __mmask16((1u << (visible - j)) - 1);
+  };
+  for (int64_t j = 0; j < n; j += 16) m = _mm512_mask_max_ps(m, mask_at(j), m, _mm512_load_ps(row + j));
+  const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  const __m512 vscale = _mm512_set1_ps(scale);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512 p = _mm512_maskz_mov_ps(mask_at(j), exp_nonpos_v(_mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(row + j), vmax), vscale)));
+    _mm512_store_ps(row + j, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
+constexpr int kBlockTiles = 4;  // key tiles a block: 64 keys, 16 KiB of keys or values at D = 64
+
+// One item's rows (float32 queries qf [rows][D]) over key tiles [0, num_tiles): scores of every row a
+// block of keys at a time (the block stays in L1 across the rows), exact softmax per row, then the
+// values a block at a time into accumulators in memory (acc [rows][D]).
+template <int D>
+void attend_item_f32(int64_t rows, const float* qf, const int64_t* limit, const float* keys, const float* values,
+                     int64_t num_tiles, float scale, float* sc, float* acc, float* inv) {
+  const int64_t n = num_tiles * kKeyTile;
+  const int nr = static_cast<int>(rows);
+  for (int64_t t = 0; t < num_tiles; t += kBlockTiles) {
+    const float* kt = keys + t * kKeyTile * D;
+    float* s = sc + t * kKeyTile;
+    switch (std::min<int64_t>(kBlockTiles, num_tiles - t)) {
+      case 4: score_block<D, 4>(nr, qf, kt, s, n); break;
+      case 3: score_block<D, 3>(nr, qf, kt, s, n); break;
+      case 2: score_block<D, 2>(nr, qf, kt, s, n); break;
+      default: score_block<D, 1>(nr, qf, kt, s, n); break;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) inv[r] = softmax_row(sc + r * n, n, limit[r] + 1, scale);
+  std::fill(acc, acc + rows * D, 0.f);
+  for (int64_t t = 0; t < num_tiles; t += kBlockTiles) {
+    const int64_t keys_here = std::min<int64_t>(kBlockTiles, num_tiles - t) * kKeyTile;
+    weigh_block<D>(nr, sc + t * kKeyTile, n, values + t * kKeyTile * D, keys_here, acc);
   }
 }
 
@@ -366,8 +463,16 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   auto* obase = out.data_ptr<T>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), os0 = out.stride(0), os1 = out.stride(1);
   const int64_t n_items = static_cast<int64_t>(items.size());
+  int64_t max_tiles = 0;
+  for (const auto& c : chunks) max_tiles = std::max(max_tiles, c.num_tiles);
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    constexpr int R = kRowsPerPass<D>;
+    // float32 words: an item's query rows, scores then weights, accumulators, 1 / sums and key limits
+    const int64_t item_rows = kFloatWords<T> ? kTokenTile * G : 0;
+    std::vector<float, AlignedAllocator<float>> qf(static_cast<size_t>(item_rows * D));
+    std::vector<float, AlignedAllocator<float>> sc(static_cast<size_t>(item_rows * max_tiles * kKeyTile));
+    std::vector<float, AlignedAllocator<float>> acc(static_cast<size_t>(item_rows * D));
+    std::vector<float> inv(static_cast<size_t>(item_rows));
+    std::vector<int64_t> limit(static_cast<size_t>(item_rows));
     for (int64_t k = next.fetch_add(1); k < n_items; k = next.fetch_add(1)) {
       const Item& it = items[k];
       const Chunk& c = chunks[it.chunk];
@@ -375,29 +480,47 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
       const int64_t tokens = std::min<int64_t>(kTokenTile, c.query_len - it.token0);
       const Word<T>* keys = kbuf.get() + (it.g * tiles + c.first_tile) * kKeyWords<T, D>;
       const Word<T>* values = vbuf.get() + (it.g * tiles + c.first_tile) * kValueWords<T, D>;
-      const int64_t rows = tokens * G;  // token-major: a pass's rows are neighbouring tokens' heads
-      for (int64_t r0 = 0; r0 < rows; r0 += R) {
-        const int nr = static_cast<int>(std::min<int64_t>(R, rows - r0));
-        const Word<T>* qw[R];
-        alignas(64) float widened[kWidened<T> ? R : 1][D];  // bf16 query rows as float32
-        int64_t limit[R];
-        T* out_rows[R];
-        int64_t max_limit = 0;
-        for (int r = 0; r < nr; ++r) {
-          const int64_t token = it.token0 + (r0 + r) / G, head = it.g * G + (r0 + r) % G;
-          const int64_t row = c.query_start + token;
+      const int64_t rows = tokens * G;  // token-major: neighbouring rows are one token's heads
+      const auto q_row = [&](int64_t r) { return qbase + (c.query_start + it.token0 + r / G) * qs0 + (it.g * G + r % G) * qs1; };
+      const auto out_row = [&](int64_t r) { return obase + (c.query_start + it.token0 + r / G) * os0 + (it.g * G + r % G) * os1; };
+      if constexpr (kFloatWords<T>) {
+        for (int64_t r = 0; r < rows; ++r) {
           if constexpr (kWidened<T>) {
-            const auto* src = reinterpret_cast<const uint16_t*>(qbase + row * qs0 + head * qs1);
-            for (int d = 0; d < D; ++d) widened[r][d] = bf16_bits_to_float(src[d]);
-            qw[r] = widened[r];
+            const auto* bits = reinterpret_cast<const uint16_t*>(q_row(r));
+            for (int d = 0; d < D; ++d) qf[r * D + d] = bf16_bits_to_float(bits[d]);
           } else {
-            qw[r] = reinterpret_cast<const Word<T>*>(qbase + row * qs0 + head * qs1);
+            std::memcpy(qf.data() + r * D, q_row(r), D * sizeof(float));
           }
-          out_rows[r] = obase + row * os0 + head * os1;
-          limit[r] = first_pos + token;
-          max_limit = std::max(max_limit, limit[r]);
+          limit[r] = first_pos + it.token0 + r / G;
         }
-        attend_rows_dispatch<T, D>(nr, qw, limit, keys, values, max_limit / kKeyTile + 1, static_cast<float>(scale), out_rows);
+        const int64_t num_tiles = limit[rows - 1] / kKeyTile + 1;
+        attend_item_f32<D>(rows, qf.data(), limit.data(), keys, values, num_tiles, static_cast<float>(scale), sc.data(),
+                           acc.data(), inv.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          const __m512 vinv = _mm512_set1_ps(inv[r]);
+          for (int cc = 0; cc < D / 16; ++cc) {
+            const __m512 o = _mm512_mul_ps(_mm512_load_ps(acc.data() + r * D + cc * 16), vinv);
+            if constexpr (kWidened<T>)
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_row(r) + cc * 16), float_to_bf16_v(o));
+            else
+              _mm512_storeu_ps(reinterpret_cast<float*>(out_row(r)) + cc * 16, o);
+          }
+        }
+      } else {
+        constexpr int R = kRowsPerPass<D>;
+        for (int64_t r0 = 0; r0 < rows; r0 += R) {
+          const int nr = static_cast<int>(std::min<int64_t>(R, rows - r0));
+          const Word<T>* qw[R];
+          int64_t row_limit[R];
+          T* out_rows[R];
+          for (int r = 0; r < nr; ++r) {
+            qw[r] = reinterpret_cast<const Word<T>*>(q_row(r0 + r));
+            out_rows[r] = out_row(r0 + r);
+            row_limit[r] = first_pos + it.token0 + (r0 + r) / G;
+          }
+          attend_rows_dispatch<T, D>(nr, qw, row_limit, keys, values, row_limit[nr - 1] / kKeyTile + 1,
+                                     static_cast<float>(scale), out_rows);
+        }
       }
     }
   });
