@@ -7,6 +7,10 @@ runs on AVX512-BF16's dot products where the CPU has them, else on K, V and q wi
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
+
 import pytest
 import torch
 
@@ -126,6 +130,36 @@ def test_thread_counts_agree(kernel, threads, dtype):
         check(kernel, case, 0.125)
     finally:
         torch.set_num_threads(old)
+
+
+def test_other_python_threads_run_during_a_call(kernel):
+    """The worker's event loop shares the process with the engine thread, so a long prefill call must
+    release the GIL. A thread spins in Python; with the interpreter's switch interval at 0.5 s, the
+    only way it can count between the two reads of its counter here is the kernel letting go of the
+    GIL (holding it, the count stays exactly put)."""
+    q, k_cache, v_cache, starts, lens, ctxs, tables = make_case(chunks=[(1024, 1024)], kv_heads=3, group=3, head_dim=64, seed=5)
+    out = torch.empty_like(q)
+    count, stop = 0, threading.Event()
+
+    def spin() -> None:
+        nonlocal count
+        while not stop.is_set():
+            count += 1
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.5)
+    spinner = threading.Thread(target=spin, daemon=True)
+    try:
+        spinner.start()
+        time.sleep(0.01)
+        before = count
+        kernel(q, k_cache, v_cache, starts, lens, ctxs, tables, 0.125, out)
+        counted = count - before
+    finally:
+        stop.set()
+        sys.setswitchinterval(old_interval)
+        spinner.join(timeout=5)
+    assert counted > 1000, f"the spinning thread counted {counted} times during the call: the kernel held the GIL"
 
 
 @DTYPES

@@ -591,7 +591,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_prefill_attention", &paged_prefill_attention, "causal attention of prefill chunks over their paged context",
         pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("query_starts"),
         pybind11::arg("query_lens"), pybind11::arg("context_lens"), pybind11::arg("block_tables"), pybind11::arg("scale"),
-        pybind11::arg("out"));
+        pybind11::arg("out"),
+        // the worker's event loop shares the process with the engine thread: a long prefill (a second
+        // a layer for a long prompt) must not stop it from streaming other requests' tokens
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   m.attr("dtypes") = built_dtypes();  // torch dtype names this build runs
   m.attr("available") = !built_dtypes().empty();
   m.attr("head_dims") = std::vector<int64_t>{64, 128};
