@@ -292,6 +292,8 @@ __attribute__((noinline)) void attend_rows(const Word<T>* const* qw, const int64
 }
 
 // ---- float32 words (fp32, and bf16 widened where the CPU has no AVX512-BF16): scores, softmax, values ----
+// Raw scores q . k of RG rows (qf [RG][D]) against KT packed key tiles ([D][16 keys] each): RG x KT
+// accumulators, each dimension one load per tile and one broadcast per row (24 chains at 6 x 4)
 template <int D, int RG, int KT>
 inline __attribute__((always_inline)) void score_tiles(const float* qf, const float* kt, float* sc, int64_t sc_stride) {
   __m512 s[RG][KT];
@@ -309,6 +311,7 @@ inline __attribute__((always_inline)) void score_tiles(const float* qf, const fl
     for (int u = 0; u < KT; ++u) _mm512_store_ps(sc + r * sc_stride + u * kKeyTile, s[r][u]);
 }
 
+// the scores of all nr rows against one block of KT tiles, 6 rows a register tile
 template <int D, int KT>
 __attribute__((noinline)) void score_block(int nr, const float* qf, const float* kt, float* sc, int64_t sc_stride) {
   int r0 = 0;
@@ -342,6 +345,7 @@ inline __attribute__((always_inline)) void weigh_values(const float* w, int64_t 
     for (int c = 0; c < C; ++c) _mm512_store_ps(accm + r * D + c * 16, acc[r][c]);
 }
 
+// weigh_values over all nr rows, as many a pass as keep their accumulators in registers
 template <int D>
 __attribute__((noinline)) void weigh_block(int nr, const float* w, int64_t w_stride, const float* values, int64_t n, float* accm) {
   constexpr int PR = 24 / (D / 16);  // 6 rows at D = 64, 3 at 128: 24 accumulators
