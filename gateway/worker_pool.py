@@ -39,7 +39,11 @@ WATCH_RETRY_S = (0.1, 0.25, 0.5, 1.0)
 # worker missing from that listing whose Watch stream is still live keeps serving this long.
 RESYNC_GRACE_S = 15.0
 # large messages both ways (long prompts and generations); keepalive (keepalive.py) is added per pool
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
+# Each worker channel keeps its own subchannel pool. grpc otherwise shares one subchannel between the
+# channels of a target and options, so a restarted worker's new handle waited out the reconnect backoff
+# that its dead predecessor's channel (still open, retiring) had grown: 0.1-3.0 s after it registered in
+# the chaos test, and with the backoff's 120 s cap, up to minutes after a long outage.
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20), ("grpc.use_local_subchannel_pool", 1)]
 
 
 class InFlight:

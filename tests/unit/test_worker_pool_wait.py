@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
+from gateway import worker_pool
 from gateway.worker_pool import WorkerHandle, WorkerPool
 from protos.tandem.v1 import common_pb2, worker_pb2_grpc
 from services.common.watch_hub import WatchHub
@@ -130,3 +131,29 @@ async def test_a_spent_timeout_answers_with_what_is_ready_now(timeout):
     async with unstarted_pool() as pool:
         await pool._put(KEY, registration(free_port()))
         assert await pool.wait_until_ready("decode", timeout) is False
+
+
+async def test_a_restarted_worker_is_reached_at_once_while_its_old_handle_still_retries(monkeypatch):
+    """A worker restarted at the same address gets a new handle while the old one may still be open
+    (retiring, its requests draining). The new handle's channel must not wait out the old channel's
+    reconnect backoff: grpc shares one subchannel between channels of the same target and options
+    unless each channel keeps its own pool, and a backoff that grew while the worker was down then
+    held the restarted worker out of routing for seconds (0.1-3.0 s in the chaos test). The backoff
+    is stretched to 20 s here, so that a shared subchannel cannot go unnoticed."""
+    stretched = [("grpc.initial_reconnect_backoff_ms", 20_000), ("grpc.min_reconnect_backoff_ms", 20_000)]
+    monkeypatch.setattr(worker_pool, "CHANNEL_OPTIONS", [*worker_pool.CHANNEL_OPTIONS, *stretched])
+    port = free_port()
+    old = WorkerHandle(KEY, registration(port))  # the dead process's handle: its Watch keeps failing
+    new = server = None
+    try:
+        await asyncio.sleep(0.5)  # its first connection was refused: its subchannel waits out the backoff
+        assert not old.connected
+        server, _ = await serve_worker(port)  # the restarted process
+        new = WorkerHandle(KEY, registration(port))
+        await eventually(lambda: new.connected, "the new handle's Watch stream to answer", timeout=5)
+    finally:
+        for handle in (old, new):
+            if handle is not None:
+                await handle.retire()
+        if server is not None:
+            await server.stop(None)
