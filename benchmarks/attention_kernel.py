@@ -22,13 +22,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
 from services.engine.cpu_kernels import load_paged_decode_attention  # noqa: E402
-from services.engine.malloc_tuning import advise_huge_pages  # noqa: E402
+from services.engine.kv_cache import KVCache  # noqa: E402
 
 
 def make_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, block_size: int, dtype, layers: int = 1, seed: int = 0):
@@ -38,11 +39,11 @@ def make_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim: i
     lens = torch.randint(max(1, context * 3 // 4), context * 5 // 4 + 1, (batch,), generator=gen)
     max_blocks = int(-(-lens.max() // block_size))
     num_blocks = 2 * batch * max_blocks
-    # huge pages requested before the first touch, as KVCache does
-    storage = torch.empty(num_blocks, layers, 2, kv_heads, block_size, head_dim, dtype=dtype)
-    advise_huge_pages(storage)
-    storage.copy_(torch.randn(storage.shape, generator=gen))
-    caches = [(storage[:, i, 0].transpose(0, 1), storage[:, i, 1].transpose(0, 1)) for i in range(layers)]
+    # the engine's own KV cache (block-major storage on huge pages, per-layer views); it reads only
+    # these three fields of a model's config
+    kv = KVCache(SimpleNamespace(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim), num_blocks, block_size, dtype)
+    kv.storage.copy_(torch.randn(kv.storage.shape, generator=gen))
+    caches = kv.layers
     table = torch.randperm(num_blocks, generator=gen)[: batch * max_blocks].view(batch, max_blocks).contiguous()
     q = torch.randn(batch, heads, head_dim, generator=gen).to(dtype)
     return q, caches, table, lens
