@@ -7,7 +7,7 @@ own two parts, the wait before the restart (its backoff) and the lag from the ne
 registration to the gateway routing to it, and each is held to its own bound here. The third part,
 the new process's start-up, is mostly importing torch (about 2 s of a free core, 4-5 s in all
 with the engine and UCX); here six processes under a load that saturates both cores share the
-machine and the same start-up took 7-13 s, so it is held only to a bound that catches start-up
+machine and the same start-up took 5-11 s, so it is held only to a bound that catches start-up
 doing work it should not (a kernel build at restart takes a minute).
 
 One cluster of a tiny random Llama (fast restarts): a prefill worker and two decode workers, every
@@ -41,7 +41,7 @@ RESTART_DELAY_S = POLICY.initial_backoff + 1.5  # the backoff, the supervisor's 
 # (0.1-3.0 s before the gateway's worker channels kept their own subchannel pools, worker_pool.py);
 # discovery that waited for a resync or for the old lease to expire would take 10 s or more
 ROUTING_LAG_S = 6.0
-STARTUP_LIMIT_S = 30.0  # spawn → registered (see the module's docstring): 5.5-11.0 s
+STARTUP_LIMIT_S = 30.0  # spawn → registered (see the module's docstring): 5.0-11.0 s
 
 
 @pytest.fixture(scope="module")
