@@ -70,6 +70,24 @@ def test_rope_in_place_on_a_strided_view(kernels, dtype, rows):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_rope_over_the_leading_q_and_k_heads_of_a_qkv_row_in_one_pass(kernels, dtype, rows):
+    """The layer rotates q's and k's heads together where they lead each fused qkv row: the same
+    values as rotating q and k apart, and V's heads behind them untouched."""
+    ref, fused = ops_pair(kernels, dtype)
+    assert fused.rotates_in_place and not ref.rotates_in_place
+    gen = torch.Generator().manual_seed(rows)
+    qkv = torch.randn(rows, 9 + 3 + 3, 64, generator=gen).to(dtype)
+    positions = torch.randint(0, 4096, (rows,), generator=gen)
+    q, k, v = qkv.clone().split_with_sizes([9, 3, 3], 1)
+    want_q, want_k = ref.rope(q, k, ref.prepare(positions))
+    fused.rope_leading_heads_(qkv, 9 + 3, fused.prepare(positions))
+    got_q, got_k, got_v = qkv.split_with_sizes([9, 3, 3], 1)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert torch.equal(got_v, v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_silu_and_mul(kernels, dtype, rows):
     ref, fused = ops_pair(kernels, dtype)

@@ -293,6 +293,16 @@ def test_backend_decode_uses_kernel_and_matches_mask_path(kernel):
         outs.append(backend.forward(q, k, v, cache[1, 0], cache[1, 1], meta, d**-0.5))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
+    # A step's metadata remembers which kernels its layers use, decided at the first layer; another
+    # backend running the same metadata decides for itself (here: without kernels, the mask path).
+    meta = fused.build_metadata(slices, len(lens), bs)
+    assert meta.route is None
+    fused.forward(q, k, v, storage.clone()[1, 0], storage.clone()[1, 1], meta, d**-0.5)
+    assert meta.route.decode_kernel and meta.route.decodes_only
+    cache = storage.clone()
+    torch.testing.assert_close(plain.forward(q, k, v, cache[1, 0], cache[1, 1], meta, d**-0.5), outs[1], atol=1e-5, rtol=1e-5)
+    assert not meta.route.decode_kernel
+
 
 def test_disabled_by_env(monkeypatch):
     monkeypatch.setenv("TANDEM_DISABLE_CPU_KERNELS", "1")

@@ -43,6 +43,15 @@ class PrefillBatch:
     block_tables: torch.Tensor  # [P, max_blocks] long (padded with block 0)
 
 
+@dataclass(frozen=True)
+class _StepRoute:
+    backend: object  # the backend that decided it (metadata built by one backend may be run by another)
+    write_kernel: bool  # new keys/values into their slots through the kernel (not an index_put)
+    decode_kernel: bool
+    prefill_kernel: bool
+    decodes_only: bool  # every token is a decode: the decode rows are the whole batch, no slicing
+
+
 @dataclass
 class TorchAttentionMetadata:
     slot_blocks: torch.Tensor  # [T] block id of each new token's KV slot
@@ -52,6 +61,9 @@ class TorchAttentionMetadata:
     prefills: list[PrefillChunk]
     decode_context_lens: torch.Tensor | None = None  # [num_decodes] long: the kernel's lengths, the fallback's mask
     prefill_batch: PrefillBatch | None = None
+    # which kernels this step's layers use, decided at the first layer (every layer has the same dtypes
+    # and devices): the checks cost ~10 us a layer, a few percent of a batch-1 decode step
+    route: _StepRoute | None = None
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -123,19 +135,25 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: TorchAttentionMetadata, scale: float):
         m = metadata
+        route = m.route
+        if route is None or route.backend is not self:
+            route = m.route = self._route(q, k, k_cache, m)
         # write this step's keys/values into their slots: cache[:, block, offset] = k[t]
-        if self.kv_writer is not None and k_cache.device.type == "cpu" and k.dtype == k_cache.dtype:
+        if route.write_kernel:
             self.kv_writer(k_cache, v_cache, k, v, m.slot_blocks, m.slot_offsets)
         else:
             k_cache[:, m.slot_blocks, m.slot_offsets] = k.transpose(0, 1)
             v_cache[:, m.slot_blocks, m.slot_offsets] = v.transpose(0, 1)
 
         num_tokens, num_heads, head_dim = q.shape
+        if route.decode_kernel and route.decodes_only:  # a decode step: no row slicing (batch 1 is ~30 layer calls a step)
+            out = self.decode_kernel(q, k_cache, v_cache, m.decode_block_table, m.decode_context_lens, scale)
+            return out.view(num_tokens, num_heads * head_dim)
         num_kv_heads = k_cache.shape[0]
         group = num_heads // num_kv_heads
         out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype)
 
-        if m.num_decodes and self._use_decode_kernel(q, k_cache, m):
+        if route.decode_kernel:
             b = m.num_decodes
             self.decode_kernel(q[:b], k_cache, v_cache, m.decode_block_table, m.decode_context_lens, scale, out=out[:b].view(b, num_heads, head_dim))
         elif m.num_decodes:
@@ -151,7 +169,7 @@ class TorchAttentionBackend(AttentionBackend):
             attn = torch.matmul(probs, values)  # [kvh, B, g, d]
             out[:b] = attn.transpose(0, 1).reshape(b, num_heads * head_dim)
 
-        if m.prefill_batch is not None and self._use_prefill_kernel(q, k_cache):
+        if route.prefill_kernel:
             b = m.prefill_batch
             self.prefill_kernel(
                 q, k_cache, v_cache, b.query_starts, b.query_lens, b.context_lens, b.block_tables, scale, out.view(num_tokens, num_heads, head_dim)
@@ -173,6 +191,16 @@ class TorchAttentionBackend(AttentionBackend):
             )
             out[sl] = attn[0].transpose(0, 1).reshape(p.query_len, num_heads * head_dim)
         return out
+
+    def _route(self, q: torch.Tensor, k: torch.Tensor, k_cache: torch.Tensor, m: TorchAttentionMetadata) -> _StepRoute:
+        decode_kernel = bool(m.num_decodes) and self._use_decode_kernel(q, k_cache, m)
+        return _StepRoute(
+            backend=self,
+            write_kernel=self.kv_writer is not None and k_cache.device.type == "cpu" and k.dtype == k_cache.dtype,
+            decode_kernel=decode_kernel,
+            prefill_kernel=m.prefill_batch is not None and self._use_prefill_kernel(q, k_cache),
+            decodes_only=m.num_decodes == q.shape[0],
+        )
 
     def _use_prefill_kernel(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
         return (

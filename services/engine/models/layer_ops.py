@@ -3,6 +3,8 @@
     rms_norm(x, w)                  first layer's input norm
     add_rms_norm(x, residual, w)    residual + x, then its norm: (normed, new residual)
     rope(q, k, positions)           rotary embedding of q and k (positions from prepare())
+    rope_leading_heads_(qkv, n, p)  the same in place over a fused qkv row's leading q and k heads
+                                    (fused ops only: rotates_in_place)
     silu_and_mul(gate_up)           SwiGLU's silu(gate) * up
 
 The layer carries the residual stream separately (as vLLM does) so each residual add happens inside
@@ -27,6 +29,7 @@ def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 class TorchLayerOps:
     name = "torch"
+    rotates_in_place = False  # whether rope_leading_heads_ exists: rope() returns new tensors here
 
     def __init__(self, rope: RotaryEmbedding, eps: float):
         self.rope_tables = rope
@@ -55,6 +58,7 @@ class FusedLayerOps(TorchLayerOps):
     """The same steps through the compiled kernels (2-D rows with stride 1 in the last dim)."""
 
     name = "fused"
+    rotates_in_place = True
 
     def __init__(self, rope: RotaryEmbedding, eps: float, kernels):
         super().__init__(rope, eps)
@@ -73,6 +77,11 @@ class FusedLayerOps(TorchLayerOps):
         self.k.rope_(q, q.shape[1], positions, self.rope_tables.cos, self.rope_tables.sin)
         self.k.rope_(k, k.shape[1], positions, self.rope_tables.cos, self.rope_tables.sin)
         return q, k
+
+    def rope_leading_heads_(self, x, num_heads, positions):
+        """Rotate x[:, :num_heads] of a [T, heads, head_dim] tensor in place: q's and k's heads together
+        where they lead each fused qkv row (one call a layer instead of two)."""
+        self.k.rope_(x, num_heads, positions, self.rope_tables.cos, self.rope_tables.sin)
 
     def silu_and_mul(self, gate_up):
         return self.k.silu_and_mul(gate_up)

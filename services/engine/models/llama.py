@@ -242,8 +242,7 @@ class DecoderLayer:
         self.k_norm = weights.get("k_norm.weight")
         self.gate_up = weights["gate_up_proj.weight"]
         self.down = weights["down_proj.weight"]
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_heads = [cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads]  # q, k, v heads of a qkv row
         self.scale = cfg.head_dim**-0.5
         self.mlp_rows = mlp_chunk_rows(self.gate_up.shape[0], self.gate_up.element_size())
 
@@ -258,15 +257,19 @@ class DecoderLayer:
             h = ops.rms_norm(hidden, self.input_norm)
         else:
             h, residual = ops.add_rms_norm(hidden, residual, self.input_norm)
-        qkv = self.linear(h, self.qkv, self.qkv_bias)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        if self.q_norm is not None:  # per-head norms (Qwen3): rows of head_dim
-            q = ops.rms_norm(q.reshape(-1, cfg.head_dim), self.q_norm).view(num_tokens, cfg.num_heads, cfg.head_dim)
-            k = ops.rms_norm(k.reshape(-1, cfg.head_dim), self.k_norm).view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        q, k = ops.rope(q, k, rope_input)
+        # [T, q + k + v heads, head_dim]; q, k and v are views of it (split_with_sizes: one C call, where
+        # Tensor.split's Python wrapper and three reshapes cost ~10 us a layer)
+        qkv = self.linear(h, self.qkv, self.qkv_bias).view(num_tokens, -1, cfg.head_dim)
+        if self.q_norm is None and ops.rotates_in_place:
+            # q's and k's heads lead each row, side by side: one rotary pass over both
+            ops.rope_leading_heads_(qkv, cfg.num_heads + cfg.num_kv_heads, rope_input)
+            q, k, v = qkv.split_with_sizes(self.qkv_heads, 1)
+        else:
+            q, k, v = qkv.split_with_sizes(self.qkv_heads, 1)
+            if self.q_norm is not None:  # per-head norms (Qwen3): rows of head_dim
+                q = ops.rms_norm(q.reshape(-1, cfg.head_dim), self.q_norm).view(num_tokens, cfg.num_heads, cfg.head_dim)
+                k = ops.rms_norm(k.reshape(-1, cfg.head_dim), self.k_norm).view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            q, k = ops.rope(q, k, rope_input)
         attn = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
         hidden = self.linear(attn, self.o_proj)
 
