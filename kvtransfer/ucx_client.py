@@ -19,6 +19,7 @@ import secrets
 import numpy as np
 import torch
 
+from .ucx_endpoint import Pipeline, TaggedEndpoint, completed
 from .ucx_protocol import (
     FINAL_INDEX,
     MAX_RESPONSE_BYTES,
@@ -31,7 +32,7 @@ from .ucx_protocol import (
     reply_tag,
     request_tag,
 )
-from .ucx_runtime import UcxRuntime, abort_soon, ucx_address
+from .ucx_runtime import UcxRuntime
 from .ucx_segments import block_bytes_view, layout_of, segment_buffer, segments
 
 log = logging.getLogger(__name__)
@@ -128,80 +129,82 @@ class KVTransportClient:
     async def _pull(self, addr: ServerAddress, req: PullRequest, dst: list[tuple[int, int]], timeout: float) -> None:
         rid, n = req.request_id, len(dst)
         ep, ok, stage = None, False, "connecting"
-        recvs: dict[object, asyncio.Future] = {}
+        resp = final = None
         resp_buf, final_buf = np.zeros(MAX_RESPONSE_BYTES, np.uint8), np.zeros(MAX_RESPONSE_BYTES, np.uint8)
+        segments: Pipeline | None = None
 
-        def post(k: int) -> None:
+        def receive_segment(k: int) -> asyncio.Future:  # straight into its destination blocks
             first, count = dst[k]
-            recvs[k] = asyncio.ensure_future(ep.recv(segment_buffer(self._blocks, first, count), tag=reply_tag(rid, k + 1), force_tag=True))
+            return ep.recv(segment_buffer(self._blocks, first, count), reply_tag(rid, k + 1))
 
         def server_gave_up() -> KVTransferError | None:
             """The server's final word once it has come: None for OK, else why it stopped."""
-            recvs["final"].result()  # an endpoint error raises here
-            final = PullResponse.unpack(final_buf)
-            return None if final.status is Status.OK else KVTransferError(f"server aborted the pull: {final.message}")
+            final.result()  # an endpoint error raises here
+            reply = PullResponse.unpack(final_buf)
+            return None if reply.status is Status.OK else KVTransferError(f"server aborted the pull: {reply.message}")
 
-        async def arrived(key: object) -> None:
-            """Wait for receive `key`, unless the server's final word comes first and is not OK (an OK
-            one means every send completed, so this receive completes too)."""
-            fut, final = recvs[key], recvs["final"]
-            if not final.done():
-                await asyncio.wait({fut, final}, return_when=asyncio.FIRST_COMPLETED)
+        async def unless_server_gave_up(fut: asyncio.Future) -> None:
+            """Wait for `fut`, unless the server's final word comes first and is not OK (an OK one
+            means every send completed, so every receive completes too)."""
+            if not fut.done() and not final.done():
+                await asyncio.wait((fut, final), return_when=asyncio.FIRST_COMPLETED)
             if not fut.done() and (error := server_gave_up()) is not None:
                 raise error
-            await asyncio.shield(fut)  # a cancelled pull must not cancel the receive: _settle waits it out
-            recvs.pop(key)
+            await completed(fut)
+
+        def where() -> str:
+            return f"receiving segment {segments.completed + 1}/{n}" if stage == "receiving" else stage
 
         try:
             async with asyncio.timeout(timeout):
-                ep = await self._rt.ctx.create_endpoint_from_worker_address(ucx_address(addr.ucx_address), endpoint_error_handling=True)
-                recvs["resp"] = asyncio.ensure_future(ep.recv(resp_buf, tag=reply_tag(rid, 0), force_tag=True))
-                recvs["final"] = asyncio.ensure_future(ep.recv(final_buf, tag=reply_tag(rid, FINAL_INDEX), force_tag=True))
-                for k in range(min(RECEIVES_IN_FLIGHT, n)):
-                    post(k)
+                ep = TaggedEndpoint(self._rt, addr.ucx_address)
+                resp = ep.recv(resp_buf, reply_tag(rid, 0))
+                final = ep.recv(final_buf, reply_tag(rid, FINAL_INDEX))
                 stage = "sending the request"
-                await ep.send(req.pack(), tag=request_tag(addr.server_id), force_tag=True)
+                request = ep.send(req.pack(), request_tag(addr.server_id))
+                # the segments' receives are posted while the request travels and the server checks
+                # it: a segment that came first would wait in UCX's unexpected queue (for a
+                # rendezvous message, only its small header)
+                segments = Pipeline(n, RECEIVES_IN_FLIGHT, receive_segment)
+                await completed(request)
                 stage = "waiting for the server's answer"
-                await arrived("resp")
-                resp = PullResponse.unpack(resp_buf)
-                if resp.status is not Status.OK:
-                    raise KVTransferError(f"server refused the pull ({resp.status.name}): {resp.message}")
-                for k in range(n):
-                    stage = f"receiving segment {k + 1}/{n}"
-                    await arrived(k)
-                    if k + RECEIVES_IN_FLIGHT < n:
-                        post(k + RECEIVES_IN_FLIGHT)
+                await unless_server_gave_up(resp)
+                reply = PullResponse.unpack(resp_buf)
+                if reply.status is not Status.OK:
+                    raise KVTransferError(f"server refused the pull ({reply.status.name}): {reply.message}")
+                stage = "receiving"
+                await unless_server_gave_up(segments.finished)
                 stage = "waiting for the server's final word"
-                await asyncio.wait({recvs["final"]})
+                await asyncio.wait((final,))
                 if (error := server_gave_up()) is not None:
                     raise error
             ok = True
         except KVTransferError:
             raise
         except TimeoutError:
-            raise KVTransferError(f"pull timed out after {timeout} s while {stage}") from None
+            raise KVTransferError(f"pull timed out after {timeout} s while {where()}") from None
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - UCX errors: the server died or the connection broke
-            raise KVTransferError(f"pull failed while {stage}: server gone or connection broken ({type(e).__name__}: {e})") from e
+            raise KVTransferError(f"pull failed while {where()}: server gone or connection broken ({type(e).__name__}: {e})") from e
         finally:
+            in_flight = []
+            if segments is not None:
+                segments.stop()
+                in_flight = list(segments.in_flight.values())
             if ok:
-                abort_soon(ep, resp_buf, final_buf)
+                ep.abort_soon(resp_buf, final_buf)
             else:
-                await self._settle(ep, [f for f in recvs.values() if not f.done()])
+                await self._settle(ep, [f for f in (resp, final, *in_flight) if f is not None and not f.done()])
 
-    async def _settle(self, ep, pending: list[asyncio.Future]) -> None:
+    async def _settle(self, ep: TaggedEndpoint | None, pending: list[asyncio.Future]) -> None:
         """After a failed pull: abort the endpoint, which cancels its receives, and wait until UCX has
         finished with every one of them (a segment being read completes first), so nothing writes
         into the cache once the pull has raised."""
         if ep is not None:
-            with contextlib.suppress(Exception):
-                ep.abort(period=10**9, max_attempts=1)
+            ep.abort()
         if not pending:
             return
-        done, still = await asyncio.wait(pending, timeout=_RECEIVES_SETTLE)
-        for f in done:
-            if not f.cancelled():
-                f.exception()  # retrieved: UCX's cancellations are the expected outcome
+        _, still = await asyncio.wait(pending, timeout=_RECEIVES_SETTLE)
         if still:  # not seen with UCX 1.21; would mean UCX kept a receive into the cache alive
             log.error("KV pull: %d receives into the KV cache still pending %.0f s after aborting their endpoint", len(still), _RECEIVES_SETTLE)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import os
 import threading
@@ -194,16 +193,3 @@ def ucx_address(buf: bytes) -> Any:
     import ucxx._lib.libucxx as ucx_api
 
     return ucx_api.UCXAddress.create_from_buffer(buf)
-
-
-def abort_soon(ep: Any, *keep_alive: Any) -> None:
-    """Close `ep` right after the current step on the UCX loop: cancels its requests (whose buffers
-    `keep_alive` holds until then), touches no other endpoint, and keeps the close off the pull's
-    latency. Endpoints have error handling, so closing one never waits for its peer."""
-
-    def abort() -> None:
-        with contextlib.suppress(Exception):
-            ep.abort(period=10**9, max_attempts=1)
-
-    if ep is not None:
-        asyncio.get_running_loop().call_soon(abort)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .ucx_endpoint import Pipeline, TaggedEndpoint, completed
 from .ucx_protocol import (
     FINAL_INDEX,
     MAX_ADDRESS_BYTES,
@@ -45,7 +46,7 @@ from .ucx_protocol import (
     reply_tag,
     request_tag,
 )
-from .ucx_runtime import UcxRuntime, abort_soon, ucx_address
+from .ucx_runtime import UcxRuntime
 from .ucx_segments import DEFAULT_SEGMENT_BYTES, block_bytes_view, layout_of, segment_buffer
 
 log = logging.getLogger(__name__)
@@ -171,13 +172,14 @@ class KVTransportServer:
         if self._accept is not None and not self._accept.done():
             ep = None
             try:
-                ep = await self._rt.ctx.create_endpoint_from_worker_address(ucx_address(self._rt.address()), endpoint_error_handling=True)
-                await asyncio.wait_for(ep.send(np.zeros(8, np.uint8), tag=request_tag(self._server_id), force_tag=True), _SHORT_SEND_TIMEOUT)
+                ep = TaggedEndpoint(self._rt, self._rt.address())
+                await completed(ep.send(np.zeros(8, np.uint8), request_tag(self._server_id)), _SHORT_SEND_TIMEOUT)
                 await asyncio.wait_for(asyncio.wrap_future(self._accept), _SHORT_SEND_TIMEOUT)
             except Exception as e:  # noqa: BLE001
                 log.warning("KV server %08x: accept loop did not stop: %s", self._server_id, e)
             finally:
-                abort_soon(ep)
+                if ep is not None:
+                    ep.abort_soon()
         if self._serving:
             await asyncio.wait(list(self._serving), timeout=10)
 
@@ -273,43 +275,44 @@ class KVTransportServer:
             self._slots.release()
 
     async def _transfer(self, req: PullRequest, status: Status, message: str, grant: _Grant | None) -> None:
-        rid, ep, ok = req.request_id, None, False
-        sends: dict[int, asyncio.Future] = {}
+        rid, ep, ok, sends = req.request_id, None, False, None
+        segs = req.segments.tolist()
+
+        def send_segment(k: int) -> asyncio.Future:
+            self._check_still_valid(grant)  # a revoked token: no further segment, the pull fails
+            first, count = segs[k]
+            return ep.send(segment_buffer(self._blocks, first, count), reply_tag(rid, k + 1))
+
         try:
             # _check passed the token's peer check: req.client_address is the address the token is bound to
-            ep = await self._rt.ctx.create_endpoint_from_worker_address(ucx_address(req.client_address), endpoint_error_handling=True)
+            ep = TaggedEndpoint(self._rt, req.client_address)
             if status is not Status.OK:
-                await asyncio.wait_for(ep.send(PullResponse(status, message).pack(), tag=reply_tag(rid, 0), force_tag=True), _SHORT_SEND_TIMEOUT)
+                await completed(ep.send(PullResponse(status, message).pack(), reply_tag(rid, 0)), _SHORT_SEND_TIMEOUT)
                 return
             async with asyncio.timeout(_bounded(req.timeout, grant) + 1.0):
-                await ep.send(PullResponse(Status.OK).pack(), tag=reply_tag(rid, 0), force_tag=True)
-                for k, (first, count) in enumerate(req.segments.tolist()):
-                    if k - SENDS_IN_FLIGHT in sends:
-                        await sends.pop(k - SENDS_IN_FLIGHT)
-                    self._check_still_valid(grant)
-                    sends[k] = asyncio.ensure_future(ep.send(segment_buffer(self._blocks, first, count), tag=reply_tag(rid, k + 1), force_tag=True))
-                for k in sorted(sends):
-                    await sends.pop(k)
+                response = ep.send(PullResponse(Status.OK).pack(), reply_tag(rid, 0))  # the segments follow at once
+                sends = Pipeline(len(segs), SENDS_IN_FLIGHT, send_segment)
+                await completed(sends.finished)
+                await completed(response)
                 # every read of the cache has completed; valid now means the blocks were held throughout
                 self._check_still_valid(grant)
-                await ep.send(PullResponse(Status.OK).pack(), tag=reply_tag(rid, FINAL_INDEX), force_tag=True)
+                await completed(ep.send(PullResponse(Status.OK).pack(), reply_tag(rid, FINAL_INDEX)))
             ok = True
         except BaseException as e:  # noqa: BLE001 - a failed pull must never take the server down
             log.info("KV server %08x: pull %x failed: %s: %s", self._server_id, rid, type(e).__name__, e)
             if isinstance(e, (_Aborted, TimeoutError)) and ep is not None:
                 with contextlib.suppress(BaseException):  # tell the client now rather than at its timeout
                     why = str(e) if isinstance(e, _Aborted) else "the server's deadline for this pull passed"
-                    await asyncio.wait_for(
-                        ep.send(PullResponse(Status.ABORTED, why).pack(), tag=reply_tag(rid, FINAL_INDEX), force_tag=True), _SHORT_SEND_TIMEOUT
-                    )
+                    await completed(ep.send(PullResponse(Status.ABORTED, why).pack(), reply_tag(rid, FINAL_INDEX)), _SHORT_SEND_TIMEOUT)
             if isinstance(e, asyncio.CancelledError) and not self._closed:
                 raise
         finally:
-            for t in sends.values():
-                t.cancel()
+            if sends is not None:
+                sends.stop()
             if grant is not None:
                 self._notify(req.token, ok)
-            abort_soon(ep)
+            if ep is not None:
+                ep.abort_soon()  # cancels the sends still posted (a failed pull's): their futures end with the abort
 
     def _check_still_valid(self, grant: _Grant) -> None:
         if grant.revoked or self._closed:

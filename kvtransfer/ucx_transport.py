@@ -20,6 +20,8 @@ the worker keeps going.
     ucx_client.py    KVTransportClient: request, receives into the cache, failure handling
     ucx_protocol.py  wire formats and tags, KVTransferError
     ucx_segments.py  the cache as block byte ranges, and the segments a pull is sent in
+    ucx_endpoint.py  endpoints whose sends and receives are bare UCX requests, and the windowed
+                     pipeline that keeps a pull's segments in flight with done-callbacks
     ucx_runtime.py   the UCX context on its own loop thread; the UCX settings and why
 
 Guarantees: no byte of the requested blocks is read before the server accepted the token; a

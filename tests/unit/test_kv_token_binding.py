@@ -34,8 +34,8 @@ def thieves():
 async def pair(monkeypatch):
     """(server, the real client, its cache, addresses the server dialed, pulls done, drops counted)."""
     dialed: list[bytes] = []
-    real_ucx_address = ucx_server.ucx_address
-    monkeypatch.setattr(ucx_server, "ucx_address", lambda buf: (dialed.append(bytes(buf)), real_ucx_address(buf))[1])
+    real_endpoint = ucx_server.TaggedEndpoint  # every endpoint the server opens is made here
+    monkeypatch.setattr(ucx_server, "TaggedEndpoint", lambda rt, address: (dialed.append(bytes(address)), real_endpoint(rt, address))[1])
     done: list[tuple[bytes, bool]] = []
     drops: list[int] = []
     server = KVTransportServer(make_cache(torch.float32, 1), on_pull_done=lambda t, ok: done.append((t, ok)), on_drop=lambda: drops.append(1))
