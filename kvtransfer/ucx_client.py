@@ -193,7 +193,7 @@ class KVTransportClient:
                 segments.stop()
                 in_flight = list(segments.in_flight.values())
             if ok:
-                ep.abort_soon(resp_buf, final_buf)
+                ep.abort_soon()
             else:
                 await self._settle(ep, [f for f in (resp, final, *in_flight) if f is not None and not f.done()])
 

@@ -12,6 +12,12 @@ the UCX error as its exception); callers chain work on it with done-callbacks or
 
 Every call runs on the UCX loop (UcxRuntime), as the futures belong to it. The endpoint keeps each
 request object alive until its future is done: ucxx cancels a request whose object is freed.
+
+Each request takes its future from the worker's pool of 100, which ucxx's notifier thread tops up
+only when it wakes. A few pulls at once (each with 32 receives in flight) emptied it, and ucxx then
+printed "UCXX WARN No Futures available during getFuture()" on stdout for every request that found
+it empty, dozens of lines a second; so every post first tops the pool up itself (only a size check
+while it is at least half full).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ class TaggedEndpoint:
     def __init__(self, rt: UcxRuntime, worker_address: bytes):
         import ucxx._lib.libucxx as ucx_api
 
-        self._ep: Any = ucx_api.UCXEndpoint.create_from_worker_address(rt.ctx.worker, ucx_address(worker_address), True)
+        self._worker: Any = rt.ctx.worker
+        self._ep: Any = ucx_api.UCXEndpoint.create_from_worker_address(self._worker, ucx_address(worker_address), True)
         self._live: dict[asyncio.Future, tuple[Any, Any]] = {}  # future -> (its request, its buffer) until done
 
     def send(self, buffer: np.ndarray | bytes, tag: int) -> asyncio.Future:
@@ -61,10 +68,10 @@ class TaggedEndpoint:
                 ep.close_blocking(period=10**9, max_attempts=1)
                 ep.remove_close_callback()
 
-    def abort_soon(self, *keep_alive: Any) -> None:
+    def abort_soon(self) -> None:
         """Abort right after the current step on the UCX loop: keeps the close off the latency of
-        whoever ends with this endpoint; `keep_alive` (buffers of requests the abort cancels) is
-        held until then."""
+        whoever ends with this endpoint. The buffers of requests the abort cancels stay alive with
+        their requests (in _live) until their futures are done."""
         asyncio.get_running_loop().call_soon(self.abort)
 
     @property
@@ -75,6 +82,7 @@ class TaggedEndpoint:
         if self._ep is None:
             raise ConnectionError("the UCX endpoint is closed")
         self._ep.raise_on_error()  # a peer that failed: raise now rather than post a request that never runs
+        self._worker.populate_python_futures_pool()  # the request takes one (see the module's doc)
         return self._ep
 
     def _track(self, request: Any, buffer: Any) -> asyncio.Future:

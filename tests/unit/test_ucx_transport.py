@@ -215,6 +215,36 @@ async def test_round_trip_bf16_with_consecutive_runs(children):
     await c.close()
 
 
+async def test_concurrent_pulls_land_and_never_run_ucxx_out_of_futures(fp32_server, capfd):
+    """Six pulls at once from one server, each of scattered blocks (one segment a block), post
+    ~200 receives here in one burst: more than ucxx's pool of request futures, which its notifier
+    thread refills only when it wakes. Every pull must land, and without ucxx's "No Futures
+    available" warning (printed for each request that finds the pool empty)."""
+    nb = 4 * SHAPE["NB"]
+    shape = (nb, SHAPE["L"], 2, SHAPE["H"], SHAPE["BS"], SHAPE["D"])
+    cache = torch.zeros(shape)
+    client = KVTransportClient(cache)
+    await client.start()
+    try:
+        g = torch.Generator().manual_seed(11)
+        pulls = []
+        for i in range(6):
+            src = torch.randperm(SHAPE["NB"], generator=g)[:40].tolist()
+            dst = [b + i * 40 for b in torch.randperm(40, generator=g).tolist()]  # disjoint between pulls
+            token = f"burst-{i}".encode()
+            fp32_server.expose(token, src)
+            pulls.append((token, src, dst))
+        capfd.readouterr()
+        await asyncio.gather(*(client.pull(fp32_server.address, t, s, d, timeout=20) for t, s, d in pulls))
+        printed = "".join(capfd.readouterr())  # ucxx logs on stdout
+        source = make_cache(torch.float32, 1)
+        for _, src, dst in pulls:
+            assert torch.equal(cache[dst], source[src])
+        assert "No Futures available" not in printed
+    finally:
+        await client.close()
+
+
 # -- token checks --------------------------------------------------------------------------------
 
 
