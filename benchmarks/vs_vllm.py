@@ -8,8 +8,9 @@
 2. served: `vllm serve` and `tandem up` in several topologies (served_targets.py), each driven by
    the same client, `tandem bench --backend openai`, on the same workloads:
      burst          the offline workload sent at once (request rate inf);
-     sweep          Poisson arrivals at rising rates, past saturation (1-6 req/s, 100 requests each,
-                    so that a rate's p99 TTFT is a percentile and not its slowest request);
+     sweep          Poisson arrivals at rising rates, past saturation (1-6 req/s by default, --rates,
+                    100 requests each, so that a rate's p99 TTFT is a percentile and not its slowest
+                    request);
      shared-prefix  groups of prompts sharing a 512-token system prompt (prefix caching, routing);
    and, where vLLM is installed, `vllm bench serve` on the burst workload too.
 One JSON (summary.json) and one PNG (summary.png) under --out, and a Markdown table on stdout for
@@ -30,17 +31,20 @@ from .machine_load import busy_cores
 from .served_targets import MODEL_NAME, TANDEM_TOPOLOGIES, ServedTarget, tandem_target, vllm_target
 from .vllm_env import ensure_vllm
 
+# Poisson rates up to past vLLM's and Tandem's saturation on the Zen 4 VM these were chosen on (~5
+# req/s of this workload); --rates sets them for a slower machine (an Ice Lake Xeon saturates at ~1.5)
+SWEEP_RATES = "1,2,3,4,6"
 WORKLOADS = {
     "burst": ["random", "--input-len", "256", "--output-len", "128", "--num-prompts", "64", "--request-rate", "inf"],
-    # Poisson rates up to past vLLM's and Tandem's saturation here (~5 req/s of this workload)
     # 100 requests a rate: with the 20 s a rate this had before, 1 req/s gave 20 requests and the
     # "p99" was the slowest of them (numpy's linear percentile of 20 values sits 81% of the way to the max)
-    "sweep": ["random", "--input-len", "256", "--output-len", "128", "--num-prompts", "100", "--request-rate", "1,2,3,4,6"],
+    "sweep": ["random", "--input-len", "256", "--output-len", "128", "--num-prompts", "100", "--request-rate", SWEEP_RATES],
     "shared-prefix": ["shared-prefix", "--num-groups", "4", "--prompts-per-group", "16", "--system-prompt-len", "512",
                       "--question-len", "64", "--output-len", "64", "--request-rate", "4"],
 }  # fmt: skip
 # --smoke: the same runs, a few requests each, to check the harness end to end in a couple of minutes
-SMOKE = {"64": "6", "128": "16", "100": "4", "1,2,3,4,6": "1,2", "4": "2", "16": "2"}
+# (and a sweep's first two rates)
+SMOKE = {"64": "6", "128": "16", "100": "4", "4": "2", "16": "2"}
 HEADLINE = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "median_itl_ms")
 
 
@@ -63,13 +67,16 @@ def offline(args, install, model_dir: str) -> dict:
     return results
 
 
-def workload_args(workload: str, smoke: bool) -> list[str]:
-    return [SMOKE.get(a, a) for a in WORKLOADS[workload]] if smoke else WORKLOADS[workload]
+def workload_args(workload: str, smoke: bool, rates: str = SWEEP_RATES) -> list[str]:
+    args = list(WORKLOADS[workload])
+    if workload == "sweep":
+        args[args.index("--request-rate") + 1] = ",".join(rates.split(",")[:2]) if smoke else rates
+    return [SMOKE.get(a, a) for a in args] if smoke else args
 
 
-def bench(target: ServedTarget, workload: str, out: Path, smoke: bool) -> dict:
+def bench(target: ServedTarget, workload: str, out: Path, smoke: bool, rates: str = SWEEP_RATES) -> dict:
     run_dir = out / target.label / workload
-    cmd = [sys.executable, "-m", "tandem", "bench", *workload_args(workload, smoke), "--backend", "openai", "--base-url", target.base_url,
+    cmd = [sys.executable, "-m", "tandem", "bench", *workload_args(workload, smoke, rates), "--backend", "openai", "--base-url", target.base_url,
            "--model", MODEL_NAME, "--warmup", "4", "--seed", "0", "--out", str(run_dir), "--label", target.label, "--no-progress",
            "--vocab-size", "49152"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -114,7 +121,7 @@ def served(args, install, model_dir: str, out: Path) -> dict:
                 if workload == "offline":
                     continue
                 print(f"[{time.strftime('%H:%M:%S')}]   {label}: {workload}", flush=True)
-                results.setdefault(label, {})[workload] = headline(bench(target, workload, out, args.smoke))
+                results.setdefault(label, {})[workload] = headline(bench(target, workload, out, args.smoke, args.rates))
             if install is not None and "burst" in args.parts and args.vllm_client:
                 results[label]["burst-vllm-client"] = headline(vllm_bench_serve(install, target, out, model_dir))
         finally:
@@ -152,9 +159,13 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["offline", "burst", "sweep", "shared-prefix"], choices=["offline", *WORKLOADS])
     ap.add_argument("--servers", nargs="+", default=["vllm", *TANDEM_TOPOLOGIES], choices=["vllm", *TANDEM_TOPOLOGIES])
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--rates", default=SWEEP_RATES, help="the sweep's request rates, req/s, comma-separated (past saturation)")
     ap.add_argument("--threads", type=int, default=2, help="cores each engine may use (offline, and vLLM's OpenMP binding)")
     ap.add_argument("--http-port", type=int, default=18000)
-    ap.add_argument("--base-port", type=int, default=51050)
+    # below Linux's ephemeral port range (32768-60999): the client's connections to the server before
+    # leave their local ports in TIME-WAIT, and a Tandem started next on 51050 and up failed to bind
+    # its tokenizer's metrics port to one of them
+    ap.add_argument("--base-port", type=int, default=21050, help="Tandem's first service port (below the ephemeral range)")
     ap.add_argument("--no-install-vllm", action="store_true", help="use an existing vLLM virtualenv only; never create one")
     ap.add_argument("--smoke", action="store_true", help="a few requests per run: checks the harness, measures nothing")
     ap.add_argument("--vllm-client", action="store_true", help="also run `vllm bench serve` on the burst workload against every server")
