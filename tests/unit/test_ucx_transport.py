@@ -28,9 +28,9 @@ SPAWN = mp.get_context("spawn")
 WAIT = 30.0  # bound on any wait for a child
 
 
-def make_cache(dtype: torch.dtype, seed: int | None) -> torch.Tensor:
+def make_cache(dtype: torch.dtype, seed: int | None, num_blocks: int = SHAPE["NB"]) -> torch.Tensor:
     s = SHAPE
-    shape = (s["NB"], s["L"], 2, s["H"], s["BS"], s["D"])  # block-major, as the engine's
+    shape = (num_blocks, s["L"], 2, s["H"], s["BS"], s["D"])  # block-major, as the engine's
     if seed is None:
         return torch.zeros(shape, dtype=dtype)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
@@ -220,9 +220,7 @@ async def test_concurrent_pulls_land_and_never_run_ucxx_out_of_futures(fp32_serv
     ~200 receives here in one burst: more than ucxx's pool of request futures, which its notifier
     thread refills only when it wakes. Every pull must land, and without ucxx's "No Futures
     available" warning (printed for each request that finds the pool empty)."""
-    nb = 4 * SHAPE["NB"]
-    shape = (nb, SHAPE["L"], 2, SHAPE["H"], SHAPE["BS"], SHAPE["D"])
-    cache = torch.zeros(shape)
+    cache = make_cache(torch.float32, None, num_blocks=4 * SHAPE["NB"])  # room for six disjoint pulls
     client = KVTransportClient(cache)
     await client.start()
     try:
