@@ -29,11 +29,13 @@ def module():
 
 
 # (rows, weight rows, K): single rows, a register tile (12 rows on one panel and 6 on two with AVX-512,
-# 6 with AVX2) and one past it, a decode batch, and with K = 1,536 (~340 rows a block) a prefill that spans three row blocks;
-# weight rows that are not whole panels (70: the last panel 6 wide, 16: less than one AVX-512 vector,
-# 20: one AVX2 panel and 4); and a K of 3 under many row tiles, whose shares of the next panel's
-# prefetch are mostly empty
-SHAPES = [(1, 70, 40), (6, 20, 40), (7, 20, 40), (12, 96, 40), (13, 16, 40), (64, 576, 576), (700, 70, 1536), (5, 960, 1536), (50, 70, 3)]
+# 6 with AVX2) and one past it, both sides of the row count from which AVX-512 pairs panels (19 and 20
+# rows), a decode batch, and with K = 1,536 (336 rows a block) prefills that span three row blocks, the
+# last of 28 rows (panels paired) or of 10 (one-panel tiles after paired blocks); weight rows that are not
+# whole panels (70: the last panel 6 wide, 16: less than one AVX-512 vector, 20: one AVX2 panel and 4);
+# and a K of 3 under many row tiles, whose shares of the next panel's prefetch are mostly empty
+SHAPES = [(1, 70, 40), (6, 20, 40), (7, 20, 40), (12, 96, 40), (13, 16, 40), (19, 96, 40), (20, 96, 40), (64, 576, 576),
+          (700, 70, 1536), (682, 96, 1536), (5, 960, 1536), (50, 70, 3)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("m", "n", "k"), SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in SHAPES])

@@ -33,9 +33,9 @@
 // Each thread takes a range of panels. Rows go in blocks of ~2 MB of x (a core's share of the last-level
 // cache) so that a long prefill does not stream all of x from memory once per panel; in a block, a tile
 // of rows x panels is kept in registers over all of K. With AVX-512 a thread takes its panels two at a time
-// in tiles of 6 rows: 24 accumulators fed, per k, by four panel loads and six broadcasts of x; a panel
-// left over goes in tiles of 12 rows x one panel, the same 24 accumulators fed by two panel loads and
-// twelve broadcasts. AVX2 has one-panel tiles of 6 rows (12 of its 16 registers). Ten loads for 24
+// in tiles of 6 rows (in blocks of kPairMinRows rows or more): 24 accumulators fed, per k, by four panel
+// loads and six broadcasts of x; a panel left over, or a block of fewer rows, goes in tiles of 12 rows x
+// one panel, the same 24 accumulators fed by two panel loads and twelve broadcasts. AVX2 has one-panel tiles of 6 rows (12 of its 16 registers). Ten loads for 24
 // multiply-adds instead of fourteen: on an Ice Lake Xeon (AVX-512, 2 cores) the fp32 matmuls of
 // SmolLM2-135M's shapes went, median GF/s, 191 -> 226 at 64 rows, 227 -> 276 at 128, 231 -> 283 at 512
 // and 244 -> 296 at 2,048, where MKL's sgemm ran 148, 217, 253 and 301 (`python -m
@@ -99,6 +99,12 @@ constexpr int kRowTile = 12;  // rows of x per register tile on one panel: 12 x 
 // rows per register tile on two panels at once: 6 x 4 accumulators, four panel loads and six broadcasts of x
 // a k where the one-panel tile has two and twelve (see run)
 constexpr int kPairRowTile = 6;
+// Below this many rows in a block, one-panel tiles: 12 rows take one pass over each panel where 6-row
+// tiles take two, and with few rows the panels' reads, not the multiply-adds, set the pace. On a Zen 4
+// (2 cores, SmolLM2-135M's shapes, one- and two-panel builds alternating) two-panel tiles took 1.25x
+// the time at 8 rows, 1.22x at 12, 1.12x at 16 and 1.08x at 18, were level at 1-6 and 14, and won from
+// 20 rows (0.945) up: 0.93-0.96 at 24-256, 0.98 at 2,048.
+constexpr int64_t kPairMinRows = 20;
 #elif defined(TANDEM_PANELS)
 struct Vec {
   using T = __m256;
@@ -118,6 +124,7 @@ struct Vec {
 };
 constexpr int kRowTile = 6;  // 6 x 2 accumulators, two panel loads and a broadcast: 15 of the 16 registers
 constexpr int kPairRowTile = 1;  // none: a two-panel tile of even 3 rows would need 17 of the 16
+constexpr int64_t kPairMinRows = 0;
 #else
 struct Vec {
   static constexpr int kLanes = 16;  // the layout only: panel_linear refuses to run without AVX2/AVX-512
@@ -357,13 +364,12 @@ void run(const X* xp, int64_t M, int64_t K, const W* wp, int64_t NB, int64_t N, 
   const int64_t row_bytes = N * static_cast<int64_t>(sizeof(W));
   const bool stream = M * row_bytes >= kStreamBytes && row_bytes % 64 == 0 && reinterpret_cast<uintptr_t>(yp) % 64 == 0;
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-    // panels in the tiles that start at panel n: two while this thread has two left (with AVX-512, and not
-    // for the bf16 dot tiles), else one
-    const auto tile_panels = [&](int64_t n) -> int64_t {
-      return (kPairRowTile > 1 && std::is_same_v<X, float> && n + 1 < b1) ? 2 : 1;
-    };
     for (int64_t mb = 0; mb < M; mb += block) {
       const int64_t m_end = std::min(M, mb + block);
+      // panels in the tiles that start at panel n: two while this thread has two left (with AVX-512, not
+      // for the bf16 dot tiles, and for blocks of kPairMinRows rows or more), else one
+      const bool pairs = kPairRowTile > 1 && std::is_same_v<X, float> && m_end - mb >= kPairMinRows;
+      const auto tile_panels = [&](int64_t n) -> int64_t { return (pairs && n + 1 < b1) ? 2 : 1; };
       for (int64_t nb = b0; nb < b1;) {
         const int64_t np = tile_panels(nb);
         const int64_t rt = np == 2 ? kPairRowTile : kRowTile;
