@@ -23,23 +23,25 @@
 // 2. attend: work items are (chunk, KV head, 16 query tokens), handed out longest first from a shared
 //    counter (causal items differ in cost by up to the context length over 16). All of a KV head's
 //    query heads (GQA) share its packed tiles.
-//    - bf16 on vdpbf16ps (attend_rows): each item walks the key tiles its rows may see with an online
-//      softmax (running max and sum per row), a few rows at a time so that their output accumulators
-//      stay in registers. Same run, 8 chunks of 256 tokens, 9 query / 3 KV heads of 64, 2 threads:
-//      3.1-3.4 ms a layer against SDPA's 9.8. The weights are rounded to bf16 before the P.V products
-//      (as torch's flash kernel does for bf16) and the row sums add the rounded weights, so each output
-//      is a true weighted mean of the value rows.
+//    Each item's rows (16 tokens x the KV head's query heads) are scored a block of 64 keys at a time in
+//    register tiles of 6 rows x 64 keys (24 independent accumulator chains), the block staying in L1
+//    across the rows; then an exact softmax per row over a per-thread score buffer; then weights . V a
+//    block at a time, 6 rows' accumulators (3 at D = 128) in registers.
 //    - float32 words (attend_item_f32): fp32, and bf16 where the CPU has no AVX512-BF16 (an Ice Lake),
 //      whose packed tiles and query rows are widened to float32 (exact) and whose outputs are rounded to
-//      bf16. An item's rows are scored a block of 64 keys at a time, in register tiles of 6 rows x 64
-//      keys (24 independent FMA chains), the block staying in L1 across the rows; then an exact
-//      softmax per row over a per-thread score buffer; then weights . V a block at a time, 6 rows' (3 at
-//      D = 128) accumulators in registers. The online softmax before it kept 4 rows' outputs in
-//      registers while scoring, so its q.k products ran as 4 FMA chains, one FMA a cycle where the core
-//      issues two. Ice Lake Xeon, 2 threads, alternating call by call (python -m
-//      benchmarks.prefill_attention --dtype float32): 32 chunks of 256 tokens (9 / 3 heads of 64) 31.9
-//      -> 21.5 ms a layer, one chunk of 4,096 211 -> 116 (SDPA 160), 2 chunks of 1,024 with 32 / 8
-//      heads of 128 305 -> 150; bf16 widened, 32 x 256, 36.7 -> 24.2.
+//      bf16. Before, an online softmax kept 4 rows' outputs in registers while scoring, so its q.k
+//      products ran as 4 FMA chains, one FMA a cycle where the core issues two. Ice Lake Xeon, 2 threads,
+//      alternating call by call (python -m benchmarks.prefill_attention --dtype float32): 32 chunks of
+//      256 tokens (9 / 3 heads of 64) 31.9 -> 21.5 ms a layer, one chunk of 4,096 211 -> 116 (SDPA 160),
+//      2 chunks of 1,024 with 32 / 8 heads of 128 305 -> 150; bf16 widened, 32 x 256, 36.7 -> 24.2.
+//    - bf16 words on vdpbf16ps (attend_item_bf16): the same phases, each instruction two products a lane
+//      (dim pairs in the scores, key pairs in P.V). The weights are rounded to bf16 before the P.V
+//      products (as torch's flash kernel does for bf16) and the row sums add the rounded weights, so
+//      each output is a true weighted mean of the value rows. Against the online softmax this replaced
+//      (Zen 4, 2 threads, old and new alternating call by call): 8 chunks of 256 tokens 3.47 -> 3.19 ms
+//      a layer, 32 x 256 14.0 -> 12.0, 2 x 1,024 9.3 -> 8.8, one chunk of 4,096 67.0 -> 64.3, and with
+//      32 / 8 heads of 128, 2 x 1,024 75.0 -> 54.6. On that Zen 4 the widened float32 path ran bf16 at
+//      1.3-1.6x this one's time.
 //
 // Built by services/engine/cpu_kernels.py with -O3 -march=native -mprefer-vector-width=512 -ffp-contract=fast -fopenmp.
 
@@ -186,111 +188,6 @@ void pack_tile(const at::Tensor& k_cache, const at::Tensor& v_cache, const int64
   }
 }
 
-// NR query rows (NR * D / 16 float accumulators) over key tiles [0, num_tiles) of one packed context.
-// qw[r]: the row's query as words (bf16: D/2 dim pairs; float32: D floats); limit[r]: the last key
-// position the row may see. bf16 tiles go two at a time (a lone last one by itself): twice the
-// independent score sums in the q.k loop, whose single-tile chains of NR dot products waited on each
-// other, and one max, rescale and exp of the factors per 32 keys instead of per 16. Alternating with one
-// tile at a time (Zen 4, 2 threads, 9 / 3 heads of 64): 32 chunks of 256 tokens 15.2 -> 12.6 ms a layer
-// median, 2 chunks of 1,024 11.5 -> 9.0.
-template <typename T, int D, int NR>
-__attribute__((noinline)) void attend_rows(const Word<T>* const* qw, const int64_t* limit, const Word<T>* keys,
-                                           const Word<T>* values, int64_t num_tiles, float scale, T* const* out_rows) {
-  static_assert(!kFloatWords<T>, "float32 words take attend_item_f32");
-  constexpr int C = D / 16;  // output vectors per row
-  __m512 acc[NR][C];
-  __m512 row_sum[NR];
-  float row_max[NR];
-  for (int r = 0; r < NR; ++r) {
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-    row_sum[r] = _mm512_setzero_ps();
-    row_max[r] = -INFINITY;
-  }
-  const __m512 vscale = _mm512_set1_ps(scale);
-  alignas(64) Word<T> weights[NR][2 * kKeyTile / kPairs<T>];
-  // KT (1 or 2) tiles from tile t: consecutive tiles are consecutive in both packed buffers
-  const auto step = [&](int64_t t, auto kt_tag) __attribute__((always_inline)) {
-    constexpr int KT = decltype(kt_tag)::value;
-    const Word<T>* kt = keys + t * kKeyWords<T, D>;
-    const Word<T>* vt = values + t * kValueWords<T, D>;
-    __m512 s[NR][KT];
-    for (int r = 0; r < NR; ++r)
-      for (int u = 0; u < KT; ++u) s[r][u] = _mm512_setzero_ps();
-#if defined(__AVX512BF16__)
-    for (int dp = 0; dp < D / 2; ++dp) {
-      __m512bh k[KT];
-      for (int u = 0; u < KT; ++u) k[u] = (__m512bh)_mm512_loadu_si512(kt + u * kKeyWords<T, D> + dp * kKeyTile);
-      for (int r = 0; r < NR; ++r) {
-        const __m512bh qv = (__m512bh)_mm512_set1_epi32(qw[r][dp]);
-        for (int u = 0; u < KT; ++u) s[r][u] = _mm512_dpbf16_ps(s[r][u], k[u], qv);
-      }
-    }
-#endif
-    // Branch-free over rows (a row that sees none of these keys gets empty masks: weights 0, factor 1),
-    // so that gcc keeps every accumulator in a register: with a per-row `continue` here it kept them
-    // on the stack, ~2x slower. Masked scores and new maxima first, then all rescale factors in one exp.
-    __mmask16 visible_mask[NR][KT];
-    alignas(64) float shift[16] = {};
-    for (int r = 0; r < NR; ++r) {
-      __m512 m = _mm512_set1_ps(-INFINITY);
-      for (int u = 0; u < KT; ++u) {
-        const int64_t visible = limit[r] - (t + u) * kKeyTile + 1;  // keys of this tile the row may see
-        visible_mask[r][u] = visible <= 0 ? __mmask16(0) : visible >= kKeyTile ? __mmask16(0xFFFF) : __mmask16((1u << visible) - 1);
-        s[r][u] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), visible_mask[r][u], s[r][u], vscale);
-        m = _mm512_max_ps(m, s[r][u]);
-      }
-      const float new_max = std::max(row_max[r], _mm512_reduce_max_ps(m));
-      shift[r] = row_max[r] - new_max;  // <= 0; -inf on the first tile (exp gives ~0, acc is still 0)
-      row_max[r] = new_max;
-    }
-    alignas(64) float alphas[16];
-    _mm512_store_ps(alphas, exp_nonpos_v(_mm512_load_ps(shift)));
-    for (int r = 0; r < NR; ++r) {
-      const __m512 alpha = _mm512_set1_ps(alphas[r]);
-      row_sum[r] = _mm512_mul_ps(row_sum[r], alpha);
-      for (int u = 0; u < KT; ++u) {
-        const __m512 p =
-            _mm512_maskz_mov_ps(visible_mask[r][u], exp_nonpos_v(_mm512_sub_ps(s[r][u], _mm512_set1_ps(row_max[r]))));
-#if defined(__AVX512BF16__)
-        const __m256bh pb = _mm512_cvtneps_pbh(p);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(weights[r] + u * kKeyTile / 2), (__m256i)pb);
-        row_sum[r] = _mm512_add_ps(row_sum[r], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16)));
-#else
-        (void)p;
-#endif
-      }
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(acc[r][c], alpha);
-    }
-#if defined(__AVX512BF16__)
-    for (int kp = 0; kp < KT * kKeyTile / 2; ++kp) {
-      __m512i w[NR];
-      for (int r = 0; r < NR; ++r) w[r] = _mm512_set1_epi32(weights[r][kp]);
-      for (int c = 0; c < C; ++c) {
-        const __m512bh v = (__m512bh)_mm512_loadu_si512(vt + kp * D + c * 16);
-        for (int r = 0; r < NR; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], v, (__m512bh)w[r]);
-      }
-    }
-#else
-    (void)vt;
-#endif
-  };
-  constexpr int kPerStep = 2;
-  int64_t t = 0;
-  for (; t + kPerStep <= num_tiles; t += kPerStep) step(t, std::integral_constant<int, kPerStep>{});
-  if (t < num_tiles) step(t, std::integral_constant<int, 1>{});
-  for (int r = 0; r < NR; ++r) {
-    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(row_sum[r]));
-    for (int c = 0; c < C; ++c) {
-#if defined(__AVX512BF16__)
-      const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], inv));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_rows[r] + c * 16), (__m256i)o);
-#else
-      (void)inv;
-#endif
-    }
-  }
-}
-
 // ---- float32 words (fp32, and bf16 widened where the CPU has no AVX512-BF16): scores, softmax, values ----
 // Raw scores q . k of RG rows (qf [RG][D]) against KT packed key tiles ([D][16 keys] each): RG x KT
 // accumulators, each dimension one load per tile and one broadcast per row (24 chains at 6 x 4)
@@ -407,21 +304,124 @@ void attend_item_f32(int64_t rows, const float* qf, const int64_t* limit, const 
   }
 }
 
-template <int D>
-constexpr int kRowsPerPass = D <= 64 ? 4 : 2;  // 16 float output accumulators a pass: 4 rows at D=64, 2 at 128
+#if defined(__AVX512BF16__)
+// ---- bf16 words on vdpbf16ps: the same three phases as attend_item_f32, each product two bf16 pairs ----
+// Raw scores q . k of RG rows (qw [RG][D/2] dim pairs) against KT packed key tiles ([D/2][16 keys] pairs)
+template <int D, int RG, int KT>
+inline __attribute__((always_inline)) void score_tiles_bf16(const uint32_t* qw, const uint32_t* kt, float* sc, int64_t sc_stride) {
+  __m512 s[RG][KT];
+  for (int r = 0; r < RG; ++r)
+    for (int u = 0; u < KT; ++u) s[r][u] = _mm512_setzero_ps();
+  for (int dp = 0; dp < D / 2; ++dp) {
+    __m512bh k[KT];
+    for (int u = 0; u < KT; ++u) k[u] = (__m512bh)_mm512_loadu_si512(kt + u * kKeyTile * (D / 2) + dp * kKeyTile);
+    for (int r = 0; r < RG; ++r) {
+      const __m512bh qv = (__m512bh)_mm512_set1_epi32(static_cast<int>(qw[r * (D / 2) + dp]));
+      for (int u = 0; u < KT; ++u) s[r][u] = _mm512_dpbf16_ps(s[r][u], k[u], qv);
+    }
+  }
+  for (int r = 0; r < RG; ++r)
+    for (int u = 0; u < KT; ++u) _mm512_store_ps(sc + r * sc_stride + u * kKeyTile, s[r][u]);
+}
 
-template <typename T, int D>
-void attend_rows_dispatch(int nr, const Word<T>* const* qw, const int64_t* limit, const Word<T>* keys,
-                          const Word<T>* values, int64_t num_tiles, float scale, T* const* out_rows) {
-  static_assert(kRowsPerPass<D> <= 4, "add cases below");
-  switch (nr) {
-    case 4: if constexpr (kRowsPerPass<D> >= 4) { attend_rows<T, D, 4>(qw, limit, keys, values, num_tiles, scale, out_rows); return; } break;
-    case 3: if constexpr (kRowsPerPass<D> >= 3) { attend_rows<T, D, 3>(qw, limit, keys, values, num_tiles, scale, out_rows); return; } break;
-    case 2: if constexpr (kRowsPerPass<D> >= 2) { attend_rows<T, D, 2>(qw, limit, keys, values, num_tiles, scale, out_rows); return; } break;
+template <int D, int KT>
+__attribute__((noinline)) void score_block_bf16(int nr, const uint32_t* qw, const uint32_t* kt, float* sc, int64_t sc_stride) {
+  constexpr int64_t QW = D / 2;
+  int r0 = 0;
+  for (; r0 + 6 <= nr; r0 += 6) score_tiles_bf16<D, 6, KT>(qw + r0 * QW, kt, sc + r0 * sc_stride, sc_stride);
+  switch (nr - r0) {
+    case 5: score_tiles_bf16<D, 5, KT>(qw + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
+    case 4: score_tiles_bf16<D, 4, KT>(qw + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
+    case 3: score_tiles_bf16<D, 3, KT>(qw + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
+    case 2: score_tiles_bf16<D, 2, KT>(qw + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
+    case 1: score_tiles_bf16<D, 1, KT>(qw + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
     default: break;
   }
-  attend_rows<T, D, 1>(qw, limit, keys, values, num_tiles, scale, out_rows);
 }
+
+// softmax(scale * s) over the row's first `visible` of n scores, written as bf16 weight pairs (key 2j,
+// key 2j + 1) to w [n/2], zero past them; returns 1 / the sum of the rounded weights, so that each
+// output is a true weighted mean of the value rows (as torch's flash kernel rounds bf16 weights too)
+inline float softmax_row_bf16(const float* row, int64_t n, int64_t visible, float scale, uint32_t* w) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  const auto mask_at = [&](int64_t j) {
+    return visible - j >= 16 ? __mmask16(0xFFFF) : visible - j <= 0 ? __mmask16(0) : __mmask16((1u << (visible - j)) - 1);
+  };
+  for (int64_t j = 0; j < n; j += 16) m = _mm512_mask_max_ps(m, mask_at(j), m, _mm512_load_ps(row + j));
+  const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  const __m512 vscale = _mm512_set1_ps(scale);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512 p = _mm512_maskz_mov_ps(mask_at(j), exp_nonpos_v(_mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(row + j), vmax), vscale)));
+    const __m256bh pb = _mm512_cvtneps_pbh(p);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w + j / 2), (__m256i)pb);
+    sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16)));
+  }
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
+// acc[PR][D] += weights[PR][0..n) . values[0..n)[D], two keys a product: w holds weight pairs, values
+// the packed [key pair][D] words
+template <int D, int PR>
+inline __attribute__((always_inline)) void weigh_values_bf16(const uint32_t* w, int64_t w_stride, const uint32_t* values,
+                                                             int64_t pairs, float* accm) {
+  constexpr int C = D / 16;
+  __m512 acc[PR][C];
+  for (int r = 0; r < PR; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_load_ps(accm + r * D + c * 16);
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    __m512bh wv[PR];
+    for (int r = 0; r < PR; ++r) wv[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(w[r * w_stride + kp]));
+    for (int c = 0; c < C; ++c) {
+      const __m512bh v = (__m512bh)_mm512_loadu_si512(values + kp * D + c * 16);
+      for (int r = 0; r < PR; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], v, wv[r]);
+    }
+  }
+  for (int r = 0; r < PR; ++r)
+    for (int c = 0; c < C; ++c) _mm512_store_ps(accm + r * D + c * 16, acc[r][c]);
+}
+
+template <int D>
+__attribute__((noinline)) void weigh_block_bf16(int nr, const uint32_t* w, int64_t w_stride, const uint32_t* values, int64_t pairs,
+                                                float* accm) {
+  constexpr int PR = 24 / (D / 16);  // 6 rows at D = 64, 3 at 128: 24 accumulators
+  int r0 = 0;
+  for (; r0 + PR <= nr; r0 += PR) weigh_values_bf16<D, PR>(w + r0 * w_stride, w_stride, values, pairs, accm + r0 * D);
+  switch (nr - r0) {
+    case 5: if constexpr (PR > 5) weigh_values_bf16<D, 5>(w + r0 * w_stride, w_stride, values, pairs, accm + r0 * D); break;
+    case 4: if constexpr (PR > 4) weigh_values_bf16<D, 4>(w + r0 * w_stride, w_stride, values, pairs, accm + r0 * D); break;
+    case 3: if constexpr (PR > 3) weigh_values_bf16<D, 3>(w + r0 * w_stride, w_stride, values, pairs, accm + r0 * D); break;
+    case 2: weigh_values_bf16<D, 2>(w + r0 * w_stride, w_stride, values, pairs, accm + r0 * D); break;
+    case 1: weigh_values_bf16<D, 1>(w + r0 * w_stride, w_stride, values, pairs, accm + r0 * D); break;
+    default: break;
+  }
+}
+
+// One item's rows (bf16 queries as dim-pair words qw [rows][D/2]) over key tiles [0, num_tiles): as
+// attend_item_f32, with the weights rounded to bf16 pairs (wb [rows][n/2]) for the P.V products
+template <int D>
+void attend_item_bf16(int64_t rows, const uint32_t* qw, const int64_t* limit, const uint32_t* keys, const uint32_t* values,
+                      int64_t num_tiles, float scale, float* sc, uint32_t* wb, float* acc, float* inv) {
+  const int64_t n = num_tiles * kKeyTile;
+  const int nr = static_cast<int>(rows);
+  for (int64_t t = 0; t < num_tiles; t += kBlockTiles) {
+    const uint32_t* kt = keys + t * kKeyTile * (D / 2);
+    float* s = sc + t * kKeyTile;
+    switch (std::min<int64_t>(kBlockTiles, num_tiles - t)) {
+      case 4: score_block_bf16<D, 4>(nr, qw, kt, s, n); break;
+      case 3: score_block_bf16<D, 3>(nr, qw, kt, s, n); break;
+      case 2: score_block_bf16<D, 2>(nr, qw, kt, s, n); break;
+      default: score_block_bf16<D, 1>(nr, qw, kt, s, n); break;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) inv[r] = softmax_row_bf16(sc + r * n, n, limit[r] + 1, scale, wb + r * (n / 2));
+  std::fill(acc, acc + rows * D, 0.f);
+  for (int64_t t = 0; t < num_tiles; t += kBlockTiles) {
+    const int64_t pairs_here = std::min<int64_t>(kBlockTiles, num_tiles - t) * kKeyTile / 2;
+    weigh_block_bf16<D>(nr, wb + t * kKeyTile / 2, n / 2, values + t * kKeyTile / 2 * D, pairs_here, acc);
+  }
+}
+#endif
 
 template <typename T, int D>
 void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::vector<Chunk>& chunks,
@@ -470,10 +470,13 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   int64_t max_tiles = 0;
   for (const auto& c : chunks) max_tiles = std::max(max_tiles, c.num_tiles);
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    // float32 words: an item's query rows, scores then weights, accumulators, 1 / sums and key limits
-    const int64_t item_rows = kFloatWords<T> ? kTokenTile * G : 0;
-    std::vector<float, AlignedAllocator<float>> qf(static_cast<size_t>(item_rows * D));
+    // an item's query rows (float32, or bf16 dim pairs), scores (float32 words: then the weights), bf16
+    // weight pairs (bf16 words), accumulators, 1 / sums and key limits
+    const int64_t item_rows = kTokenTile * G;
+    std::vector<float, AlignedAllocator<float>> qf(static_cast<size_t>(kFloatWords<T> ? item_rows * D : 0));
+    std::vector<uint32_t, AlignedAllocator<uint32_t>> qw(static_cast<size_t>(kFloatWords<T> ? 0 : item_rows * D / 2));
     std::vector<float, AlignedAllocator<float>> sc(static_cast<size_t>(item_rows * max_tiles * kKeyTile));
+    std::vector<uint32_t, AlignedAllocator<uint32_t>> wb(static_cast<size_t>(kFloatWords<T> ? 0 : item_rows * max_tiles * kKeyTile / 2));
     std::vector<float, AlignedAllocator<float>> acc(static_cast<size_t>(item_rows * D));
     std::vector<float> inv(static_cast<size_t>(item_rows));
     std::vector<int64_t> limit(static_cast<size_t>(item_rows));
@@ -511,20 +514,22 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
           }
         }
       } else {
-        constexpr int R = kRowsPerPass<D>;
-        for (int64_t r0 = 0; r0 < rows; r0 += R) {
-          const int nr = static_cast<int>(std::min<int64_t>(R, rows - r0));
-          const Word<T>* qw[R];
-          int64_t row_limit[R];
-          T* out_rows[R];
-          for (int r = 0; r < nr; ++r) {
-            qw[r] = reinterpret_cast<const Word<T>*>(q_row(r0 + r));
-            out_rows[r] = out_row(r0 + r);
-            row_limit[r] = first_pos + it.token0 + (r0 + r) / G;
-          }
-          attend_rows_dispatch<T, D>(nr, qw, row_limit, keys, values, row_limit[nr - 1] / kKeyTile + 1,
-                                     static_cast<float>(scale), out_rows);
+#if defined(__AVX512BF16__)
+        for (int64_t r = 0; r < rows; ++r) {
+          std::memcpy(qw.data() + r * (D / 2), q_row(r), D * sizeof(uint16_t));
+          limit[r] = first_pos + it.token0 + r / G;
         }
+        const int64_t num_tiles = limit[rows - 1] / kKeyTile + 1;
+        attend_item_bf16<D>(rows, qw.data(), limit.data(), keys, values, num_tiles, static_cast<float>(scale), sc.data(),
+                            wb.data(), acc.data(), inv.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          const __m512 vinv = _mm512_set1_ps(inv[r]);
+          for (int cc = 0; cc < D / 16; ++cc) {
+            const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(acc.data() + r * D + cc * 16), vinv));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_row(r) + cc * 16), (__m256i)o);
+          }
+        }
+#endif
       }
     }
   });
