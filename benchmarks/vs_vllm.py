@@ -150,6 +150,15 @@ def markdown(summary: dict) -> str:
             cells = [r.get(k) for k in HEADLINE]
             lines.append(f"| {label} | " + " | ".join("—" if c is None else f"{c:.0f}" for c in cells) + " |")
         lines.append("")
+    sweeps = {label: {pt["rate"]: pt for pt in r["sweep"].get("points", [])} for label, r in summary.get("served", {}).items() if "sweep" in r}
+    if sweeps:
+        lines += ["| sweep | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p50 ms |", "|---|---|---|---|---|---|---|"]
+        for rate in sorted({rate for points in sweeps.values() for rate in points if rate is not None}):
+            for label, points in sweeps.items():
+                if rate in points:
+                    cells = [points[rate].get(k) for k in HEADLINE]
+                    lines.append(f"| {label} | {rate:g} | " + " | ".join("—" if c is None else f"{c:.0f}" for c in cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
