@@ -27,14 +27,14 @@
 //    register tiles of 6 rows x 64 keys (24 independent accumulator chains), the block staying in L1
 //    across the rows; then an exact softmax per row over a per-thread score buffer; then weights . V a
 //    block at a time, 6 rows' accumulators (3 at D = 128) in registers.
-//    - float32 words (attend_item_f32): fp32, and bf16 where the CPU has no AVX512-BF16 (an Ice Lake),
+//    - float32 words: fp32, and bf16 where the CPU has no AVX512-BF16 (an Ice Lake),
 //      whose packed tiles and query rows are widened to float32 (exact) and whose outputs are rounded to
 //      bf16. Before, an online softmax kept 4 rows' outputs in registers while scoring, so its q.k
 //      products ran as 4 FMA chains, one FMA a cycle where the core issues two. Ice Lake Xeon, 2 threads,
 //      alternating call by call (python -m benchmarks.prefill_attention --dtype float32): 32 chunks of
 //      256 tokens (9 / 3 heads of 64) 31.9 -> 21.5 ms a layer, one chunk of 4,096 211 -> 116 (SDPA 160),
 //      2 chunks of 1,024 with 32 / 8 heads of 128 305 -> 150; bf16 widened, 32 x 256, 36.7 -> 24.2.
-//    - bf16 words on vdpbf16ps (attend_item_bf16): the same phases, each instruction two products a lane
+//    - bf16 words on vdpbf16ps: the same phases, each instruction two products a lane
 //      (dim pairs in the scores, key pairs in P.V). The weights are rounded to bf16 before the P.V
 //      products (as torch's flash kernel does for bf16) and the row sums add the rounded weights, so
 //      each output is a true weighted mean of the value rows. Against the online softmax this replaced
@@ -188,20 +188,46 @@ void pack_tile(const at::Tensor& k_cache, const at::Tensor& v_cache, const int64
   }
 }
 
-// ---- float32 words (fp32, and bf16 widened where the CPU has no AVX512-BF16): scores, softmax, values ----
-// Raw scores q . k of RG rows (qf [RG][D]) against KT packed key tiles ([D][16 keys] each): RG x KT
-// accumulators, each dimension one load per tile and one broadcast per row (24 chains at 6 x 4)
-template <int D, int RG, int KT>
-inline __attribute__((always_inline)) void score_tiles(const float* qf, const float* kt, float* sc, int64_t sc_stride) {
+// ---- attend: scores, softmax, values, on float32 words (fp32, and bf16 widened where the CPU has no
+// AVX512-BF16) or bf16 words (dim or key pairs, two products a lane per vdpbf16ps) ----
+template <typename W>
+constexpr int kPerWord = std::is_same_v<W, float> ? 1 : 2;  // values per word
+
+// acc + a . b, lane by lane: a multiply-add on float words, two (vdpbf16ps) on bf16 pair words
+template <typename W>
+inline __attribute__((always_inline)) __m512 mul_add(__m512 acc, __m512 a, __m512 b) {
+  if constexpr (std::is_same_v<W, float>) {
+    return _mm512_fmadd_ps(a, b, acc);
+  } else {
+#if defined(__AVX512BF16__)
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+#else
+    (void)a, (void)b;
+    return acc;  // never instantiated: bf16 words exist only with AVX512-BF16
+#endif
+  }
+}
+
+template <typename W>
+inline __attribute__((always_inline)) __m512 broadcast(W w) {
+  if constexpr (std::is_same_v<W, float>) return _mm512_set1_ps(w);
+  else return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(w)));
+}
+
+// Raw scores q . k of RG rows (q [RG][D / kPerWord] words) against KT packed key tiles ([D / kPerWord][16
+// keys] each): RG x KT accumulators, per word one load per tile and one broadcast per row (24 chains at 6 x 4)
+template <typename W, int D, int RG, int KT>
+inline __attribute__((always_inline)) void score_tiles(const W* q, const W* kt, float* sc, int64_t sc_stride) {
+  constexpr int QW = D / kPerWord<W>;
   __m512 s[RG][KT];
   for (int r = 0; r < RG; ++r)
     for (int u = 0; u < KT; ++u) s[r][u] = _mm512_setzero_ps();
-  for (int d = 0; d < D; ++d) {
+  for (int d = 0; d < QW; ++d) {
     __m512 k[KT];
-    for (int u = 0; u < KT; ++u) k[u] = _mm512_loadu_ps(kt + u * kKeyTile * D + d * kKeyTile);
+    for (int u = 0; u < KT; ++u) k[u] = _mm512_loadu_ps(reinterpret_cast<const float*>(kt + u * kKeyTile * QW + d * kKeyTile));
     for (int r = 0; r < RG; ++r) {
-      const __m512 qv = _mm512_set1_ps(qf[r * D + d]);
-      for (int u = 0; u < KT; ++u) s[r][u] = _mm512_fmadd_ps(k[u], qv, s[r][u]);
+      const __m512 qv = broadcast(q[r * QW + d]);
+      for (int u = 0; u < KT; ++u) s[r][u] = mul_add<W>(s[r][u], k[u], qv);
     }
   }
   for (int r = 0; r < RG; ++r)
@@ -209,33 +235,35 @@ inline __attribute__((always_inline)) void score_tiles(const float* qf, const fl
 }
 
 // the scores of all nr rows against one block of KT tiles, 6 rows a register tile
-template <int D, int KT>
-__attribute__((noinline)) void score_block(int nr, const float* qf, const float* kt, float* sc, int64_t sc_stride) {
+template <typename W, int D, int KT>
+__attribute__((noinline)) void score_block(int nr, const W* q, const W* kt, float* sc, int64_t sc_stride) {
+  constexpr int QW = D / kPerWord<W>;
   int r0 = 0;
-  for (; r0 + 6 <= nr; r0 += 6) score_tiles<D, 6, KT>(qf + r0 * D, kt, sc + r0 * sc_stride, sc_stride);
+  for (; r0 + 6 <= nr; r0 += 6) score_tiles<W, D, 6, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride);
   switch (nr - r0) {
-    case 5: score_tiles<D, 5, KT>(qf + r0 * D, kt, sc + r0 * sc_stride, sc_stride); break;
-    case 4: score_tiles<D, 4, KT>(qf + r0 * D, kt, sc + r0 * sc_stride, sc_stride); break;
-    case 3: score_tiles<D, 3, KT>(qf + r0 * D, kt, sc + r0 * sc_stride, sc_stride); break;
-    case 2: score_tiles<D, 2, KT>(qf + r0 * D, kt, sc + r0 * sc_stride, sc_stride); break;
-    case 1: score_tiles<D, 1, KT>(qf + r0 * D, kt, sc + r0 * sc_stride, sc_stride); break;
+    case 5: score_tiles<W, D, 5, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
+    case 4: score_tiles<W, D, 4, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
+    case 3: score_tiles<W, D, 3, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
+    case 2: score_tiles<W, D, 2, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
+    case 1: score_tiles<W, D, 1, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
     default: break;
   }
 }
 
-// acc[PR][D] += weights[PR][0..n) . values[0..n)[D]
-template <int D, int PR>
-inline __attribute__((always_inline)) void weigh_values(const float* w, int64_t w_stride, const float* values, int64_t n, float* accm) {
+// acc[PR][D] += weights[PR][0..n) . values[0..n)[D], n in words: float weights against value rows, or
+// weight pairs against the packed [key pair][D] words
+template <typename W, int D, int PR>
+inline __attribute__((always_inline)) void weigh_values(const W* w, int64_t w_stride, const W* values, int64_t n, float* accm) {
   constexpr int C = D / 16;
   __m512 acc[PR][C];
   for (int r = 0; r < PR; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_load_ps(accm + r * D + c * 16);
   for (int64_t j = 0; j < n; ++j) {
     __m512 wv[PR];
-    for (int r = 0; r < PR; ++r) wv[r] = _mm512_set1_ps(w[r * w_stride + j]);
+    for (int r = 0; r < PR; ++r) wv[r] = broadcast(w[r * w_stride + j]);
     for (int c = 0; c < C; ++c) {
-      const __m512 v = _mm512_loadu_ps(values + j * D + c * 16);
-      for (int r = 0; r < PR; ++r) acc[r][c] = _mm512_fmadd_ps(v, wv[r], acc[r][c]);
+      const __m512 v = _mm512_loadu_ps(reinterpret_cast<const float*>(values + j * D + c * 16));
+      for (int r = 0; r < PR; ++r) acc[r][c] = mul_add<W>(acc[r][c], v, wv[r]);
     }
   }
   for (int r = 0; r < PR; ++r)
@@ -243,23 +271,27 @@ inline __attribute__((always_inline)) void weigh_values(const float* w, int64_t 
 }
 
 // weigh_values over all nr rows, as many a pass as keep their accumulators in registers
-template <int D>
-__attribute__((noinline)) void weigh_block(int nr, const float* w, int64_t w_stride, const float* values, int64_t n, float* accm) {
+template <typename W, int D>
+__attribute__((noinline)) void weigh_block(int nr, const W* w, int64_t w_stride, const W* values, int64_t n, float* accm) {
   constexpr int PR = 24 / (D / 16);  // 6 rows at D = 64, 3 at 128: 24 accumulators
   int r0 = 0;
-  for (; r0 + PR <= nr; r0 += PR) weigh_values<D, PR>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D);
+  for (; r0 + PR <= nr; r0 += PR) weigh_values<W, D, PR>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D);
   switch (nr - r0) {
-    case 5: if constexpr (PR > 5) weigh_values<D, 5>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
-    case 4: if constexpr (PR > 4) weigh_values<D, 4>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
-    case 3: if constexpr (PR > 3) weigh_values<D, 3>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
-    case 2: weigh_values<D, 2>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
-    case 1: weigh_values<D, 1>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
+    case 5: if constexpr (PR > 5) weigh_values<W, D, 5>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
+    case 4: if constexpr (PR > 4) weigh_values<W, D, 4>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
+    case 3: if constexpr (PR > 3) weigh_values<W, D, 3>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
+    case 2: weigh_values<W, D, 2>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
+    case 1: weigh_values<W, D, 1>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
     default: break;
   }
 }
 
-// softmax(scale * s) over the row's first `visible` of n entries, in place, zero past them; returns 1 / sum
-inline float softmax_row(float* row, int64_t n, int64_t visible, float scale) {
+// softmax(scale * s) over the row's first `visible` of n scores, zero past them, written as weight words
+// to w [n / kPerWord] (float words: over the scores, in place); returns 1 / the weights' sum. bf16 words
+// hold the weights rounded to bf16 pairs (key 2j, key 2j + 1), and the sum adds the rounded weights, so
+// that each output is a true weighted mean of the value rows (torch's flash kernel rounds them too)
+template <typename W>
+inline float softmax_row(float* row, int64_t n, int64_t visible, float scale, W* w) {
   __m512 m = _mm512_set1_ps(-INFINITY);
   const auto mask_at = [&](int64_t j) {
     return visible - j >= 16 ? __mmask16(0xFFFF) : visible - j <= 0 ? __mmask16(0) : __mmask16((1u << (visible - j)) - 1);
@@ -270,158 +302,55 @@ inline float softmax_row(float* row, int64_t n, int64_t visible, float scale) {
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __m512 p = _mm512_maskz_mov_ps(mask_at(j), exp_nonpos_v(_mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(row + j), vmax), vscale)));
-    _mm512_store_ps(row + j, p);
-    sum = _mm512_add_ps(sum, p);
+    if constexpr (std::is_same_v<W, float>) {
+      _mm512_store_ps(w + j, p);
+      sum = _mm512_add_ps(sum, p);
+    } else {
+#if defined(__AVX512BF16__)
+      const __m256i pb = (__m256i)_mm512_cvtneps_pbh(p);
+#else
+      const __m256i pb = float_to_bf16_v(p);  // never instantiated: bf16 words exist only with AVX512-BF16
+#endif
+      _mm256_store_si256(reinterpret_cast<__m256i*>(w + j / 2), pb);
+      sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(pb), 16)));
+    }
   }
   return 1.f / _mm512_reduce_add_ps(sum);
 }
 
 constexpr int kBlockTiles = 4;  // key tiles a block: 64 keys, 16 KiB of keys or values at D = 64
 
-// One item's rows (float32 queries qf [rows][D]) over key tiles [0, num_tiles): scores of every row a
-// block of keys at a time (the block stays in L1 across the rows), exact softmax per row, then the
-// values a block at a time into accumulators in memory (acc [rows][D]).
-template <int D>
-void attend_item_f32(int64_t rows, const float* qf, const int64_t* limit, const float* keys, const float* values,
-                     int64_t num_tiles, float scale, float* sc, float* acc, float* inv) {
+// One item's rows (queries as words, q [rows][D / kPerWord]) over key tiles [0, num_tiles): scores of
+// every row a block of keys at a time (the block stays in L1 across the rows), exact softmax per row into
+// weight words (wb [rows][n / kPerWord]; float words reuse the scores), then the values a block at a time
+// into accumulators in memory (acc [rows][D]).
+template <typename W, int D>
+void attend_item(int64_t rows, const W* q, const int64_t* limit, const W* keys, const W* values, int64_t num_tiles, float scale,
+                 float* sc, W* wb, float* acc, float* inv) {
+  constexpr int P = kPerWord<W>;
   const int64_t n = num_tiles * kKeyTile;
   const int nr = static_cast<int>(rows);
   for (int64_t t = 0; t < num_tiles; t += kBlockTiles) {
-    const float* kt = keys + t * kKeyTile * D;
+    const W* kt = keys + t * kKeyTile * (D / P);
     float* s = sc + t * kKeyTile;
     switch (std::min<int64_t>(kBlockTiles, num_tiles - t)) {
-      case 4: score_block<D, 4>(nr, qf, kt, s, n); break;
-      case 3: score_block<D, 3>(nr, qf, kt, s, n); break;
-      case 2: score_block<D, 2>(nr, qf, kt, s, n); break;
-      default: score_block<D, 1>(nr, qf, kt, s, n); break;
+      case 4: score_block<W, D, 4>(nr, q, kt, s, n); break;
+      case 3: score_block<W, D, 3>(nr, q, kt, s, n); break;
+      case 2: score_block<W, D, 2>(nr, q, kt, s, n); break;
+      default: score_block<W, D, 1>(nr, q, kt, s, n); break;
     }
   }
-  for (int64_t r = 0; r < rows; ++r) inv[r] = softmax_row(sc + r * n, n, limit[r] + 1, scale);
+  W* const weights = [&] {
+    if constexpr (std::is_same_v<W, float>) return sc;
+    else return wb;
+  }();
+  for (int64_t r = 0; r < rows; ++r) inv[r] = softmax_row<W>(sc + r * n, n, limit[r] + 1, scale, weights + r * (n / P));
   std::fill(acc, acc + rows * D, 0.f);
   for (int64_t t = 0; t < num_tiles; t += kBlockTiles) {
-    const int64_t keys_here = std::min<int64_t>(kBlockTiles, num_tiles - t) * kKeyTile;
-    weigh_block<D>(nr, sc + t * kKeyTile, n, values + t * kKeyTile * D, keys_here, acc);
+    const int64_t words = std::min<int64_t>(kBlockTiles, num_tiles - t) * kKeyTile / P;
+    weigh_block<W, D>(nr, weights + t * kKeyTile / P, n / P, values + t * kKeyTile / P * D, words, acc);
   }
 }
-
-#if defined(__AVX512BF16__)
-// ---- bf16 words on vdpbf16ps: the same three phases as attend_item_f32, each product two bf16 pairs ----
-// Raw scores q . k of RG rows (qw [RG][D/2] dim pairs) against KT packed key tiles ([D/2][16 keys] pairs)
-template <int D, int RG, int KT>
-inline __attribute__((always_inline)) void score_tiles_bf16(const uint32_t* qw, const uint32_t* kt, float* sc, int64_t sc_stride) {
-  __m512 s[RG][KT];
-  for (int r = 0; r < RG; ++r)
-    for (int u = 0; u < KT; ++u) s[r][u] = _mm512_setzero_ps();
-  for (int dp = 0; dp < D / 2; ++dp) {
-    __m512bh k[KT];
-    for (int u = 0; u < KT; ++u) k[u] = (__m512bh)_mm512_loadu_si512(kt + u * kKeyTile * (D / 2) + dp * kKeyTile);
-    for (int r = 0; r < RG; ++r) {
-      const __m512bh qv = (__m512bh)_mm512_set1_epi32(static_cast<int>(qw[r * (D / 2) + dp]));
-      for (int u = 0; u < KT; ++u) s[r][u] = _mm512_dpbf16_ps(s[r][u], k[u], qv);
-    }
-  }
-  for (int r = 0; r < RG; ++r)
-    for (int u = 0; u < KT; ++u) _mm512_store_ps(sc + r * sc_stride + u * kKeyTile, s[r][u]);
-}
-
-template <int D, int KT>
-__attribute__((noinline)) void score_block_bf16(int nr, const uint32_t* qw, const uint32_t* kt, float* sc, int64_t sc_stride) {
-  constexpr int64_t QW = D / 2;
-  int r0 = 0;
-  for (; r0 + 6 <= nr; r0 += 6) score_tiles_bf16<D, 6, KT>(qw + r0 * QW, kt, sc + r0 * sc_stride, sc_stride);
-  switch (nr - r0) {
-    case 5: score_tiles_bf16<D, 5, KT>(qw + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
-    case 4: score_tiles_bf16<D, 4, KT>(qw + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
-    case 3: score_tiles_bf16<D, 3, KT>(qw + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
-    case 2: score_tiles_bf16<D, 2, KT>(qw + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
-    case 1: score_tiles_bf16<D, 1, KT>(qw + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
-    default: break;
-  }
-}
-
-// softmax(scale * s) over the row's first `visible` of n scores, written as bf16 weight pairs (key 2j,
-// key 2j + 1) to w [n/2], zero past them; returns 1 / the sum of the rounded weights, so that each
-// output is a true weighted mean of the value rows (as torch's flash kernel rounds bf16 weights too)
-inline float softmax_row_bf16(const float* row, int64_t n, int64_t visible, float scale, uint32_t* w) {
-  __m512 m = _mm512_set1_ps(-INFINITY);
-  const auto mask_at = [&](int64_t j) {
-    return visible - j >= 16 ? __mmask16(0xFFFF) : visible - j <= 0 ? __mmask16(0) : __mmask16((1u << (visible - j)) - 1);
-  };
-  for (int64_t j = 0; j < n; j += 16) m = _mm512_mask_max_ps(m, mask_at(j), m, _mm512_load_ps(row + j));
-  const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-  const __m512 vscale = _mm512_set1_ps(scale);
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; j += 16) {
-    const __m512 p = _mm512_maskz_mov_ps(mask_at(j), exp_nonpos_v(_mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(row + j), vmax), vscale)));
-    const __m256bh pb = _mm512_cvtneps_pbh(p);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(w + j / 2), (__m256i)pb);
-    sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)pb), 16)));
-  }
-  return 1.f / _mm512_reduce_add_ps(sum);
-}
-
-// acc[PR][D] += weights[PR][0..n) . values[0..n)[D], two keys a product: w holds weight pairs, values
-// the packed [key pair][D] words
-template <int D, int PR>
-inline __attribute__((always_inline)) void weigh_values_bf16(const uint32_t* w, int64_t w_stride, const uint32_t* values,
-                                                             int64_t pairs, float* accm) {
-  constexpr int C = D / 16;
-  __m512 acc[PR][C];
-  for (int r = 0; r < PR; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_load_ps(accm + r * D + c * 16);
-  for (int64_t kp = 0; kp < pairs; ++kp) {
-    __m512bh wv[PR];
-    for (int r = 0; r < PR; ++r) wv[r] = (__m512bh)_mm512_set1_epi32(static_cast<int>(w[r * w_stride + kp]));
-    for (int c = 0; c < C; ++c) {
-      const __m512bh v = (__m512bh)_mm512_loadu_si512(values + kp * D + c * 16);
-      for (int r = 0; r < PR; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], v, wv[r]);
-    }
-  }
-  for (int r = 0; r < PR; ++r)
-    for (int c = 0; c < C; ++c) _mm512_store_ps(accm + r * D + c * 16, acc[r][c]);
-}
-
-template <int D>
-__attribute__((noinline)) void weigh_block_bf16(int nr, const uint32_t* w, int64_t w_stride, const uint32_t* values, int64_t pairs,
-                                                float* accm) {
-  constexpr int PR = 24 / (D / 16);  // 6 rows at D = 64, 3 at 128: 24 accumulators
-  int r0 = 0;
-  for (; r0 + PR <= nr; r0 += PR) weigh_values_bf16<D, PR>(w + r0 * w_stride, w_stride, values, pairs, accm + r0 * D);
-  switch (nr - r0) {
-    case 5: if constexpr (PR > 5) weigh_values_bf16<D, 5>(w + r0 * w_stride, w_stride, values, pairs, accm + r0 * D); break;
-    case 4: if constexpr (PR > 4) weigh_values_bf16<D, 4>(w + r0 * w_stride, w_stride, values, pairs, accm + r0 * D); break;
-    case 3: if constexpr (PR > 3) weigh_values_bf16<D, 3>(w + r0 * w_stride, w_stride, values, pairs, accm + r0 * D); break;
-    case 2: weigh_values_bf16<D, 2>(w + r0 * w_stride, w_stride, values, pairs, accm + r0 * D); break;
-    case 1: weigh_values_bf16<D, 1>(w + r0 * w_stride, w_stride, values, pairs, accm + r0 * D); break;
-    default: break;
-  }
-}
-
-// One item's rows (bf16 queries as dim-pair words qw [rows][D/2]) over key tiles [0, num_tiles): as
-// attend_item_f32, with the weights rounded to bf16 pairs (wb [rows][n/2]) for the P.V products
-template <int D>
-void attend_item_bf16(int64_t rows, const uint32_t* qw, const int64_t* limit, const uint32_t* keys, const uint32_t* values,
-                      int64_t num_tiles, float scale, float* sc, uint32_t* wb, float* acc, float* inv) {
-  const int64_t n = num_tiles * kKeyTile;
-  const int nr = static_cast<int>(rows);
-  for (int64_t t = 0; t < num_tiles; t += kBlockTiles) {
-    const uint32_t* kt = keys + t * kKeyTile * (D / 2);
-    float* s = sc + t * kKeyTile;
-    switch (std::min<int64_t>(kBlockTiles, num_tiles - t)) {
-      case 4: score_block_bf16<D, 4>(nr, qw, kt, s, n); break;
-      case 3: score_block_bf16<D, 3>(nr, qw, kt, s, n); break;
-      case 2: score_block_bf16<D, 2>(nr, qw, kt, s, n); break;
-      default: score_block_bf16<D, 1>(nr, qw, kt, s, n); break;
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) inv[r] = softmax_row_bf16(sc + r * n, n, limit[r] + 1, scale, wb + r * (n / 2));
-  std::fill(acc, acc + rows * D, 0.f);
-  for (int64_t t = 0; t < num_tiles; t += kBlockTiles) {
-    const int64_t pairs_here = std::min<int64_t>(kBlockTiles, num_tiles - t) * kKeyTile / 2;
-    weigh_block_bf16<D>(nr, wb + t * kKeyTile / 2, n / 2, values + t * kKeyTile / 2 * D, pairs_here, acc);
-  }
-}
-#endif
 
 template <typename T, int D>
 void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::vector<Chunk>& chunks,
@@ -470,13 +399,14 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   int64_t max_tiles = 0;
   for (const auto& c : chunks) max_tiles = std::max(max_tiles, c.num_tiles);
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    // an item's query rows (float32, or bf16 dim pairs), scores (float32 words: then the weights), bf16
-    // weight pairs (bf16 words), accumulators, 1 / sums and key limits
+    // an item's query rows as words, scores (float32 words: then the weights), bf16 weight pairs (bf16
+    // words), accumulators, 1 / sums and key limits
+    using W = Word<T>;
+    constexpr int P = kPairs<T>;
     const int64_t item_rows = kTokenTile * G;
-    std::vector<float, AlignedAllocator<float>> qf(static_cast<size_t>(kFloatWords<T> ? item_rows * D : 0));
-    std::vector<uint32_t, AlignedAllocator<uint32_t>> qw(static_cast<size_t>(kFloatWords<T> ? 0 : item_rows * D / 2));
+    std::vector<W, AlignedAllocator<W>> qw(static_cast<size_t>(item_rows * D / P));
     std::vector<float, AlignedAllocator<float>> sc(static_cast<size_t>(item_rows * max_tiles * kKeyTile));
-    std::vector<uint32_t, AlignedAllocator<uint32_t>> wb(static_cast<size_t>(kFloatWords<T> ? 0 : item_rows * max_tiles * kKeyTile / 2));
+    std::vector<W, AlignedAllocator<W>> wb(static_cast<size_t>(kFloatWords<T> ? 0 : item_rows * max_tiles * kKeyTile / P));
     std::vector<float, AlignedAllocator<float>> acc(static_cast<size_t>(item_rows * D));
     std::vector<float> inv(static_cast<size_t>(item_rows));
     std::vector<int64_t> limit(static_cast<size_t>(item_rows));
@@ -485,51 +415,32 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
       const Chunk& c = chunks[it.chunk];
       const int64_t first_pos = c.context_len - c.query_len;
       const int64_t tokens = std::min<int64_t>(kTokenTile, c.query_len - it.token0);
-      const Word<T>* keys = kbuf.get() + (it.g * tiles + c.first_tile) * kKeyWords<T, D>;
-      const Word<T>* values = vbuf.get() + (it.g * tiles + c.first_tile) * kValueWords<T, D>;
+      const W* keys = kbuf.get() + (it.g * tiles + c.first_tile) * kKeyWords<T, D>;
+      const W* values = vbuf.get() + (it.g * tiles + c.first_tile) * kValueWords<T, D>;
       const int64_t rows = tokens * G;  // token-major: neighbouring rows are one token's heads
       const auto q_row = [&](int64_t r) { return qbase + (c.query_start + it.token0 + r / G) * qs0 + (it.g * G + r % G) * qs1; };
       const auto out_row = [&](int64_t r) { return obase + (c.query_start + it.token0 + r / G) * os0 + (it.g * G + r % G) * os1; };
-      if constexpr (kFloatWords<T>) {
-        for (int64_t r = 0; r < rows; ++r) {
-          if constexpr (kWidened<T>) {
-            const auto* bits = reinterpret_cast<const uint16_t*>(q_row(r));
-            for (int d = 0; d < D; ++d) qf[r * D + d] = bf16_bits_to_float(bits[d]);
-          } else {
-            std::memcpy(qf.data() + r * D, q_row(r), D * sizeof(float));
-          }
-          limit[r] = first_pos + it.token0 + r / G;
+      for (int64_t r = 0; r < rows; ++r) {
+        if constexpr (kWidened<T>) {
+          const auto* bits = reinterpret_cast<const uint16_t*>(q_row(r));
+          for (int d = 0; d < D; ++d) qw[r * D + d] = bf16_bits_to_float(bits[d]);
+        } else {
+          std::memcpy(qw.data() + r * (D / P), q_row(r), D * sizeof(T));  // floats, or bf16 dims in pairs
         }
-        const int64_t num_tiles = limit[rows - 1] / kKeyTile + 1;
-        attend_item_f32<D>(rows, qf.data(), limit.data(), keys, values, num_tiles, static_cast<float>(scale), sc.data(),
-                           acc.data(), inv.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          const __m512 vinv = _mm512_set1_ps(inv[r]);
-          for (int cc = 0; cc < D / 16; ++cc) {
-            const __m512 o = _mm512_mul_ps(_mm512_load_ps(acc.data() + r * D + cc * 16), vinv);
-            if constexpr (kWidened<T>)
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_row(r) + cc * 16), float_to_bf16_v(o));
-            else
-              _mm512_storeu_ps(reinterpret_cast<float*>(out_row(r)) + cc * 16, o);
-          }
+        limit[r] = first_pos + it.token0 + r / G;
+      }
+      const int64_t num_tiles = limit[rows - 1] / kKeyTile + 1;
+      attend_item<W, D>(rows, qw.data(), limit.data(), keys, values, num_tiles, static_cast<float>(scale), sc.data(), wb.data(),
+                        acc.data(), inv.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512 vinv = _mm512_set1_ps(inv[r]);
+        for (int cc = 0; cc < D / 16; ++cc) {
+          const __m512 o = _mm512_mul_ps(_mm512_load_ps(acc.data() + r * D + cc * 16), vinv);
+          if constexpr (std::is_same_v<T, float>)
+            _mm512_storeu_ps(reinterpret_cast<float*>(out_row(r)) + cc * 16, o);
+          else
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_row(r) + cc * 16), float_to_bf16_v(o));
         }
-      } else {
-#if defined(__AVX512BF16__)
-        for (int64_t r = 0; r < rows; ++r) {
-          std::memcpy(qw.data() + r * (D / 2), q_row(r), D * sizeof(uint16_t));
-          limit[r] = first_pos + it.token0 + r / G;
-        }
-        const int64_t num_tiles = limit[rows - 1] / kKeyTile + 1;
-        attend_item_bf16<D>(rows, qw.data(), limit.data(), keys, values, num_tiles, static_cast<float>(scale), sc.data(),
-                            wb.data(), acc.data(), inv.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          const __m512 vinv = _mm512_set1_ps(inv[r]);
-          for (int cc = 0; cc < D / 16; ++cc) {
-            const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(acc.data() + r * D + cc * 16), vinv));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_row(r) + cc * 16), (__m256i)o);
-          }
-        }
-#endif
       }
     }
   });
