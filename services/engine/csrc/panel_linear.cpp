@@ -35,10 +35,11 @@
 // of rows x panels is kept in registers over all of K. With AVX-512 a thread takes its panels two at a time
 // in tiles of 6 rows (in blocks of kPairMinRows rows or more): 24 accumulators fed, per k, by four panel
 // loads and six broadcasts of x; a panel left over, or a block of fewer rows, goes in tiles of 12 rows x
-// one panel, the same 24 accumulators fed by two panel loads and twelve broadcasts. AVX2 has one-panel tiles of 6 rows (12 of its 16 registers). Ten loads for 24
-// multiply-adds instead of fourteen: on an Ice Lake Xeon (AVX-512, 2 cores) the fp32 matmuls of
-// SmolLM2-135M's shapes went, median GF/s, 191 -> 226 at 64 rows, 227 -> 276 at 128, 231 -> 283 at 512
-// and 244 -> 296 at 2,048, where MKL's sgemm ran 148, 217, 253 and 301 (`python -m
+// one panel, the same 24 accumulators fed by two panel loads and twelve broadcasts. AVX2 has one-panel
+// tiles of 6 rows (12 of its 16 registers). Ten loads for 24 multiply-adds instead of fourteen: on an
+// Ice Lake Xeon (AVX-512, 2 cores) the fp32 matmuls of SmolLM2-135M's shapes went, median GF/s, 191 ->
+// 226 at 64 rows, 227 -> 276 at 128, 231 -> 283 at 512 and 244 -> 296 at 2,048, where MKL's sgemm ran
+// 148, 217, 253 and 301 (`python -m
 // benchmarks.linear_kernels`, old and new kernels alternating); bf16 panels widened to fp32 (no
 // AVX512-BF16 there) 191 -> 219 at 2,048 rows and level at 64. One core alone, everything in L1,
 // 12 x 1 against 6 x 2 panels measured 126-134 against 152 GF/s at best.
