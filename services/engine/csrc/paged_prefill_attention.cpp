@@ -135,12 +135,12 @@ template <typename T>
 constexpr bool kWidened = kFloatWords<T> && !std::is_same_v<T, float>;  // bf16 on float32 words
 template <typename T>
 using Word = std::conditional_t<kFloatWords<T>, float, uint32_t>;
-template <typename T>
-constexpr int kPairs = kFloatWords<T> ? 1 : 2;  // values per word
+template <typename W>
+constexpr int kPerWord = std::is_same_v<W, float> ? 1 : 2;  // values per word
 template <typename T, int D>
-constexpr int64_t kKeyWords = (D / kPairs<T>) * kKeyTile;  // words per packed key tile
+constexpr int64_t kKeyWords = (D / kPerWord<Word<T>>) * kKeyTile;  // words per packed key tile
 template <typename T, int D>
-constexpr int64_t kValueWords = (kKeyTile / kPairs<T>) * D;
+constexpr int64_t kValueWords = (kKeyTile / kPerWord<Word<T>>) * D;
 
 template <typename T, int D>
 void pack_tile(const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* table, int64_t block_size,
@@ -190,8 +190,6 @@ void pack_tile(const at::Tensor& k_cache, const at::Tensor& v_cache, const int64
 
 // ---- attend: scores, softmax, values, on float32 words (fp32, and bf16 widened where the CPU has no
 // AVX512-BF16) or bf16 words (dim or key pairs, two products a lane per vdpbf16ps) ----
-template <typename W>
-constexpr int kPerWord = std::is_same_v<W, float> ? 1 : 2;  // values per word
 
 // acc + a . b, lane by lane: a multiply-add on float words, two (vdpbf16ps) on bf16 pair words
 template <typename W>
@@ -402,7 +400,7 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
     // an item's query rows as words, scores (float32 words: then the weights), bf16 weight pairs (bf16
     // words), accumulators, 1 / sums and key limits
     using W = Word<T>;
-    constexpr int P = kPairs<T>;
+    constexpr int P = kPerWord<W>;
     const int64_t item_rows = kTokenTile * G;
     std::vector<W, AlignedAllocator<W>> qw(static_cast<size_t>(item_rows * D / P));
     std::vector<float, AlignedAllocator<float>> sc(static_cast<size_t>(item_rows * max_tiles * kKeyTile));
