@@ -129,6 +129,11 @@ def served(args, install, model_dir: str, out: Path) -> dict:
     return results
 
 
+def headline_cells(r: dict) -> str:
+    """A result's HEADLINE figures as Markdown cells, a dash for one it lacks."""
+    return " | ".join("—" if r.get(k) is None else f"{r[k]:.0f}" for k in HEADLINE)
+
+
 def markdown(summary: dict) -> str:
     lines = []
     off = summary.get("offline")
@@ -146,9 +151,7 @@ def markdown(summary: dict) -> str:
         if not rows:
             continue
         lines += [f"| {workload} | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p50 ms |", "|---|---|---|---|---|---|"]
-        for label, r in rows:
-            cells = [r.get(k) for k in HEADLINE]
-            lines.append(f"| {label} | " + " | ".join("—" if c is None else f"{c:.0f}" for c in cells) + " |")
+        lines += [f"| {label} | {headline_cells(r)} |" for label, r in rows]
         lines.append("")
     sweeps = {label: {pt["rate"]: pt for pt in r["sweep"].get("points", [])} for label, r in summary.get("served", {}).items() if "sweep" in r}
     if sweeps:
@@ -156,8 +159,7 @@ def markdown(summary: dict) -> str:
         for rate in sorted({rate for points in sweeps.values() for rate in points if rate is not None}):
             for label, points in sweeps.items():
                 if rate in points:
-                    cells = [points[rate].get(k) for k in HEADLINE]
-                    lines.append(f"| {label} | {rate:g} | " + " | ".join("—" if c is None else f"{c:.0f}" for c in cells) + " |")
+                    lines.append(f"| {label} | {rate:g} | {headline_cells(points[rate])} |")
         lines.append("")
     return "\n".join(lines)
 
