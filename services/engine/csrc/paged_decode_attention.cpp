@@ -15,7 +15,8 @@
 // to float) once. Softmax is two-pass over a float32 score buffer: scores for the whole context, then
 // max / exp / sum, then the weighted sum of V rows. Everything accumulates in float32. (A one-pass online
 // softmax measured slower here: per-block max/exp/rescale costs more than re-walking the block table.)
-// Each block's rows are prefetched into L1 one block ahead of use, and into L2 kFarBlocks ahead.
+// Each block's rows are prefetched into L1 one block ahead of use, and into L2 kFarBlocks ahead (fp32 on
+// AVX2: only the far ones, spread over the block's work; see kSpreadFarPrefetch).
 //
 // bf16 with head_dim 64 or 128 (the models served): pass 1 is AMX tile multiplies where the CPU has
 // AMX-BF16 (16 rows against all of a group's heads at once), else vdpbf16ps, else (AVX-512 without BF16,
@@ -522,6 +523,21 @@ inline void prefetch_block(const T* blk, int64_t row_stride, int64_t n, int64_t 
 // attention with a new pool's tables, -8 to -10% with an aged pool's; fp32 -2% and -10% (2 and 8 blocks
 // ahead measured within a few percent of 4).
 constexpr int64_t kFarBlocks = 4;
+// fp32 on AVX2 (a Zen 3), whose pass 1 is the generic score_block: the far block's prefetches are spread
+// over the group's heads (a share before each head's scores) and the next block's are left to the
+// hardware, instead of ~250 prefetches in a burst before each block, which stalled the core on the
+// memory system's few outstanding misses with nothing else to do. Zen 3, 2 threads, 64 sequences x 320
+// tokens over 30 layers' scattered caches (python -m benchmarks.attention_kernel --dtype float32),
+// alternating builds: 66-69 -> 57-62 ms a step (13.7-14.7 -> 15.2-16.5 GB/s); 2 or 8 blocks ahead
+// within the noise of 4; no prefetch at all 68-71. In one engine, old and new alternating step by step,
+// a 64-sequence fp32 decode step: median pair ratio 0.972 and 0.971 (195.8 -> 193.0, 205.2 -> 196.5 ms).
+#if defined(TANDEM_AVX2_ONLY)
+template <typename T>
+constexpr bool kSpreadFarPrefetch = std::is_same_v<T, float>;
+#else
+template <typename T>
+constexpr bool kSpreadFarPrefetch = false;
+#endif
 
 struct Strides {
   int64_t h, blk, tok;  // kv head, block, token (elements); the head_dim stride is 1
@@ -686,12 +702,13 @@ void decode_attention(
         }
       for (int64_t i = 0; i < nblk && !scored; ++i) {
         const int64_t n = std::min(BS, len - i * BS);
-        if (i + kFarBlocks < nblk) {
-          const int64_t far = table[i + kFarBlocks], n_far = std::min(BS, len - (i + kFarBlocks) * BS);
+        const int64_t far = i + kFarBlocks < nblk ? table[i + kFarBlocks] : -1;
+        const int64_t n_far = far >= 0 ? std::min(BS, len - (i + kFarBlocks) * BS) : 0;
+        if (far >= 0 && !kSpreadFarPrefetch<T>) {
           prefetch_block<T, 2>(k_head + far * ks.blk, ks.tok, n_far, D);
           prefetch_block<T, 2>(v_head + far * vs.blk, vs.tok, n_far, D);
         }
-        if (i + 1 < nblk) {
+        if (i + 1 < nblk && !kSpreadFarPrefetch<T>) {
           const int64_t n_next = std::min(BS, len - (i + 1) * BS);
           prefetch_block(k_head + table[i + 1] * ks.blk, ks.tok, n_next, D);
           // V's rows too, so pass 2 finds them in cache instead of waiting on a second random walk
@@ -722,8 +739,14 @@ void decode_attention(
 #endif
         int64_t stride;
         const float* rows = block_rows(k_head + table[i] * ks.blk, ks.tok, n, D, scratch.data(), stride);
-        for (int64_t g = 0; g < G; ++g)
+        for (int64_t g = 0; g < G; ++g) {
+          if (kSpreadFarPrefetch<T> && far >= 0) {  // this head's share of the far block's rows
+            const int64_t r0 = g * n_far / G, r1 = (g + 1) * n_far / G;
+            prefetch_block<T, 2>(k_head + far * ks.blk + r0 * ks.tok, ks.tok, r1 - r0, D);
+            prefetch_block<T, 2>(v_head + far * vs.blk + r0 * vs.tok, vs.tok, r1 - r0, D);
+          }
           score_block<DT>(scores.data() + g * len + i * BS, qf.data() + g * D, rows, stride, n, D, scale);
+        }
       }
       // softmax numerators and denominators
       for (int64_t g = 0; g < G; ++g) {
