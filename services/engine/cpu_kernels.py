@@ -314,7 +314,7 @@ def _reference_prefill(q, k_cache, v_cache, query_starts, query_lens, context_le
 
 def _self_check_prefill(module) -> None:
     """Chunks with and without a cached prefix, a context that is not a whole tile, GQA, head_dim 64, in
-    each dtype the build runs (none without AVX-512: callers keep SDPA and never call it)."""
+    each dtype the build runs (none without AVX2 or AVX-512: callers keep SDPA and never call it)."""
     for name in module.dtypes:
         dtype = getattr(torch, name)
         gen = torch.Generator().manual_seed(0)
@@ -333,7 +333,7 @@ def _self_check_prefill(module) -> None:
 @functools.cache
 def load_paged_prefill_attention_module():
     """The compiled paged prefill attention module (`paged_prefill_attention`; `dtypes`: the torch dtype
-    names it was built for, bfloat16 and float32 with AVX-512; `available`: any of them;
+    names it was built for, bfloat16 and float32 with AVX-512 or AVX2; `available`: any of them;
     `head_dims`), or None (logged once)."""
     return _load(
         "tandem_paged_prefill_attention",

@@ -1,8 +1,9 @@
 """The paged prefill attention kernel (bf16 and fp32) against a float32 reference, and the backend that calls it.
 
 Fails when the kernel does not build on a machine with a compiler; skipped without one, with
-TANDEM_DISABLE_CPU_KERNELS=1, or on a CPU without AVX-512, where the backend keeps torch's SDPA. bf16
-runs on AVX512-BF16's dot products where the CPU has them, else on K, V and q widened to float32.
+TANDEM_DISABLE_CPU_KERNELS=1, or on a CPU without AVX2 or AVX-512, where the backend keeps torch's SDPA.
+bf16 runs on AVX512-BF16's dot products where the CPU has them, else on K, V and q widened to float32;
+on an AVX2 CPU (a Zen 3) every case runs the kernel's 8-lane build.
 """
 
 from __future__ import annotations

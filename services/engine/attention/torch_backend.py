@@ -7,10 +7,10 @@ the gathered keys are never copied a second time.
 
 Decodes (one query each) run as one padded batch: queries grouped per KV head (GQA without
 repeating K/V), scores masked beyond each sequence's context. Each prefill chunk runs on its own
-with a causal mask offset by the tokens already cached, through torch's SDPA kernel — or, for bf16 on
-CPUs with AVX512-BF16, all of a step's prefill chunks in one call of the paged prefill kernel
+with a causal mask offset by the tokens already cached, through torch's SDPA kernel — or, for bf16 and
+fp32 on CPUs with AVX-512 or AVX2, all of a step's prefill chunks in one call of the paged prefill kernel
 (csrc/paged_prefill_attention.cpp), which reads the context from the cache blocks in place and ran
-2.5-2.8x faster than SDPA on the served shapes.
+1.7-2.8x faster than SDPA on the served shapes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// Paged prefill attention on CPU, bfloat16 and float32 on AVX-512: causal attention of each
+// Paged prefill attention on CPU, bfloat16 and float32 on AVX-512 or AVX2: causal attention of each
 // prefill chunk's queries over its whole context (cached prefix + the chunk), keys/values read from the
 // paged KV cache.
 //
@@ -42,6 +42,12 @@
 //      a layer, 32 x 256 14.0 -> 12.0, 2 x 1,024 9.3 -> 8.8, one chunk of 4,096 67.0 -> 64.3, and with
 //      32 / 8 heads of 128, 2 x 1,024 75.0 -> 54.6. On that Zen 4 the widened float32 path ran bf16 at
 //      1.3-1.6x this one's time.
+//    - AVX2 (a Zen 3, no AVX-512): the same code over 8-lane vectors (the vector layer below), float32
+//      words only: score register tiles of 6 rows x one 16-key tile (two vectors, 12 accumulators),
+//      weights . V 32 dims a pass for 3 rows at a time. SDPA ran these before. Zen 3, 2 threads, against
+//      SDPA call by call (python -m benchmarks.prefill_attention): fp32 8 chunks of 256 tokens 7.5 against
+//      12.4 ms a layer, 32 x 256 28.1 / 56.5, one chunk of 2,048 47.5 / 54.6, 2 x 1,024 with 32 / 8 heads
+//      of 128 175 / 226; bf16 (widened) 8 x 256 6.0 / 12.9.
 //
 // Built by services/engine/cpu_kernels.py with -O3 -march=native -mprefer-vector-width=512 -ffp-contract=fast -fopenmp.
 
@@ -50,8 +56,9 @@
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#define TANDEM_PREFILL_KERNEL 1
 #endif
 
 #include <algorithm>
@@ -68,36 +75,105 @@
 
 namespace {
 
-#if defined(__AVX512F__)
+#if defined(TANDEM_PREFILL_KERNEL)
 
-constexpr int kKeyTile = 16;    // keys per packed tile: one float lane each in the score vector
+constexpr int kKeyTile = 16;    // keys per packed tile
 constexpr int kTokenTile = 16;  // query tokens per work item
 
-// exp(x) for x <= 0, 16 lanes: exp_nonpos.h's Cephes reduction and polynomial, written in intrinsics
-inline __m512 exp_nonpos_v(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 round = _mm512_set1_ps(12582912.0f);
-  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), round), round);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+// ---- the vector layer: 16 float lanes on AVX-512, 8 on AVX2 (a Zen 3). Everything below is written
+// once over it, except the bf16 dot products, which exist only with AVX512-BF16 ----
+#if defined(__AVX512F__)
+using vfloat = __m512;
+constexpr int kLanes = 16;
+inline vfloat vzero() { return _mm512_setzero_ps(); }
+inline vfloat vset1(float x) { return _mm512_set1_ps(x); }
+inline vfloat vload(const float* p) { return _mm512_load_ps(p); }  // 64-byte aligned
+inline vfloat vloadu(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vfloat x) { _mm512_store_ps(p, x); }
+inline void vstoreu(float* p, vfloat x) { _mm512_storeu_ps(p, x); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }   // a * b + c
+inline vfloat vfnma(vfloat a, vfloat b, vfloat c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
+inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
+inline vfloat vmax(vfloat a, vfloat b) { return _mm512_max_ps(a, b); }
+inline float hmax(vfloat x) { return _mm512_reduce_max_ps(x); }
+inline float hsum(vfloat x) { return _mm512_reduce_add_ps(x); }
+// 2^n for whole-valued float lanes n in the exponent's range
+inline vfloat pow2i(vfloat n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
 }
-
-// 16 floats rounded to bf16 (nearest even, as torch rounds; no NaN can reach here: softmax weights and
-// value rows are finite) without AVX512-BF16
-inline __m256i float_to_bf16_v(__m512 x) {
+// x in the first n lanes (any n: <= 0 keeps none, >= kLanes all), `fill` in the others
+inline vfloat first_lanes(vfloat x, int64_t n, vfloat fill) {
+  const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+  return _mm512_mask_blend_ps(m, fill, x);
+}
+// kLanes floats rounded to bf16 (nearest even, as torch rounds; no NaN reaches here: softmax weights and
+// value rows are finite) and stored
+inline void store_bf16(uint16_t* dst, vfloat x) {
   const __m512i u = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+#else
+using vfloat = __m256;
+constexpr int kLanes = 8;
+inline vfloat vzero() { return _mm256_setzero_ps(); }
+inline vfloat vset1(float x) { return _mm256_set1_ps(x); }
+inline vfloat vload(const float* p) { return _mm256_load_ps(p); }  // 32-byte aligned
+inline vfloat vloadu(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vfloat x) { _mm256_store_ps(p, x); }
+inline void vstoreu(float* p, vfloat x) { _mm256_storeu_ps(p, x); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+inline vfloat vfnma(vfloat a, vfloat b, vfloat c) { return _mm256_fnmadd_ps(a, b, c); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
+inline vfloat vmax(vfloat a, vfloat b) { return _mm256_max_ps(a, b); }
+inline float hmax(vfloat x) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+inline float hsum(vfloat x) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+}
+inline vfloat pow2i(vfloat n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline vfloat first_lanes(vfloat x, int64_t n, vfloat fill) {
+  const int keep = static_cast<int>(std::clamp<int64_t>(n, 0, kLanes));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_blendv_ps(fill, x, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(keep), lane)));
+}
+inline void store_bf16(uint16_t* dst, vfloat x) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  // the 32-bit lanes hold values <= 0xFFFF, so the unsigned saturating pack is exact
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+#endif
+constexpr int kKeyVecs = kKeyTile / kLanes;  // vectors across a tile's keys: 1 on AVX-512, 2 on AVX2
+
+// exp(x) for x <= 0: exp_nonpos.h's Cephes reduction and polynomial, on vectors
+inline vfloat exp_nonpos_v(vfloat x) {
+  x = vmax(x, vset1(-87.3f));
+  const vfloat round = vset1(12582912.0f);
+  const vfloat n = vsub(vfma(x, vset1(1.44269504088896341f), round), round);
+  vfloat r = vfnma(n, vset1(0.693359375f), x);
+  r = vfnma(n, vset1(-2.12194440e-4f), r);
+  vfloat p = vset1(1.9875691500e-4f);
+  p = vfma(p, r, vset1(1.3981999507e-3f));
+  p = vfma(p, r, vset1(8.3334519073e-3f));
+  p = vfma(p, r, vset1(4.1665795894e-2f));
+  p = vfma(p, r, vset1(1.6666665459e-1f));
+  p = vfma(p, r, vset1(5.0000001201e-1f));
+  p = vfma(vmul(p, r), r, vadd(r, vset1(1.0f)));
+  return vmul(p, pow2i(n));
 }
 
 // 64-byte aligned storage for the float32 path's buffers (aligned vector loads and stores)
@@ -193,9 +269,9 @@ void pack_tile(const at::Tensor& k_cache, const at::Tensor& v_cache, const int64
 
 // acc + a . b, lane by lane: a multiply-add on float words, two (vdpbf16ps) on bf16 pair words
 template <typename W>
-inline __attribute__((always_inline)) __m512 mul_add(__m512 acc, __m512 a, __m512 b) {
+inline __attribute__((always_inline)) vfloat mul_add(vfloat acc, vfloat a, vfloat b) {
   if constexpr (std::is_same_v<W, float>) {
-    return _mm512_fmadd_ps(a, b, acc);
+    return vfma(a, b, acc);
   } else {
 #if defined(__AVX512BF16__)
     return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
@@ -207,80 +283,100 @@ inline __attribute__((always_inline)) __m512 mul_add(__m512 acc, __m512 a, __m51
 }
 
 template <typename W>
-inline __attribute__((always_inline)) __m512 broadcast(W w) {
-  if constexpr (std::is_same_v<W, float>) return _mm512_set1_ps(w);
-  else return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(w)));
+inline __attribute__((always_inline)) vfloat broadcast(W w) {
+  if constexpr (std::is_same_v<W, float>) return vset1(w);
+  else return vset1(__builtin_bit_cast(float, w));  // the pair's 32 bits in every lane
 }
 
 // Raw scores q . k of RG rows (q [RG][D / kPerWord] words) against KT packed key tiles ([D / kPerWord][16
-// keys] each): RG x KT accumulators, per word one load per tile and one broadcast per row (24 chains at 6 x 4)
+// keys] each, kKeyVecs vectors a word): RG x KT x kKeyVecs accumulators, per word one load per vector and
+// one broadcast per row (24 chains at 6 x 4 tiles on AVX-512, 12 at 6 x 1 tile of two vectors on AVX2)
 template <typename W, int D, int RG, int KT>
 inline __attribute__((always_inline)) void score_tiles(const W* q, const W* kt, float* sc, int64_t sc_stride) {
   constexpr int QW = D / kPerWord<W>;
-  __m512 s[RG][KT];
+  constexpr int KV = KT * kKeyVecs;  // vector i holds keys [i * kLanes, (i + 1) * kLanes) of the block
+  vfloat s[RG][KV];
   for (int r = 0; r < RG; ++r)
-    for (int u = 0; u < KT; ++u) s[r][u] = _mm512_setzero_ps();
+    for (int i = 0; i < KV; ++i) s[r][i] = vzero();
   for (int d = 0; d < QW; ++d) {
-    __m512 k[KT];
-    for (int u = 0; u < KT; ++u) k[u] = _mm512_loadu_ps(reinterpret_cast<const float*>(kt + u * kKeyTile * QW + d * kKeyTile));
+    vfloat k[KV];
+    for (int i = 0; i < KV; ++i)
+      k[i] = vloadu(reinterpret_cast<const float*>(kt + (i / kKeyVecs) * kKeyTile * QW + d * kKeyTile + (i % kKeyVecs) * kLanes));
     for (int r = 0; r < RG; ++r) {
-      const __m512 qv = broadcast(q[r * QW + d]);
-      for (int u = 0; u < KT; ++u) s[r][u] = mul_add<W>(s[r][u], k[u], qv);
+      const vfloat qv = broadcast(q[r * QW + d]);
+      for (int i = 0; i < KV; ++i) s[r][i] = mul_add<W>(s[r][i], k[i], qv);
     }
   }
   for (int r = 0; r < RG; ++r)
-    for (int u = 0; u < KT; ++u) _mm512_store_ps(sc + r * sc_stride + u * kKeyTile, s[r][u]);
+    for (int i = 0; i < KV; ++i) vstore(sc + r * sc_stride + i * kLanes, s[r][i]);
 }
+
+// key tiles one register tile holds: a whole block on AVX-512; one tile on AVX2, whose 16 registers hold
+// 6 rows x 2 vectors of accumulators, the 2 key vectors and a broadcast
+constexpr int kRegTiles = kLanes == 16 ? 4 : 1;
 
 // the scores of all nr rows against one block of KT tiles, 6 rows a register tile
 template <typename W, int D, int KT>
 __attribute__((noinline)) void score_block(int nr, const W* q, const W* kt, float* sc, int64_t sc_stride) {
   constexpr int QW = D / kPerWord<W>;
-  int r0 = 0;
-  for (; r0 + 6 <= nr; r0 += 6) score_tiles<W, D, 6, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride);
-  switch (nr - r0) {
-    case 5: score_tiles<W, D, 5, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
-    case 4: score_tiles<W, D, 4, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
-    case 3: score_tiles<W, D, 3, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
-    case 2: score_tiles<W, D, 2, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
-    case 1: score_tiles<W, D, 1, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
-    default: break;
+  if constexpr (KT > kRegTiles) {  // more tiles than a register tile holds: a register tile's worth at a time
+    score_block<W, D, kRegTiles>(nr, q, kt, sc, sc_stride);
+    score_block<W, D, KT - kRegTiles>(nr, q, kt + kRegTiles * kKeyTile * QW, sc + kRegTiles * kKeyTile, sc_stride);
+    return;
+  } else {
+    int r0 = 0;
+    for (; r0 + 6 <= nr; r0 += 6) score_tiles<W, D, 6, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride);
+    switch (nr - r0) {
+      case 5: score_tiles<W, D, 5, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
+      case 4: score_tiles<W, D, 4, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
+      case 3: score_tiles<W, D, 3, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
+      case 2: score_tiles<W, D, 2, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
+      case 1: score_tiles<W, D, 1, KT>(q + r0 * QW, kt, sc + r0 * sc_stride, sc_stride); break;
+      default: break;
+    }
   }
 }
 
-// acc[PR][D] += weights[PR][0..n) . values[0..n)[D], n in words: float weights against value rows, or
-// weight pairs against the packed [key pair][D] words
-template <typename W, int D, int PR>
+// acc[PR][CC vectors] += weights[PR][0..n) . values[0..n)[CC vectors], n in words: float weights against
+// value rows, or weight pairs against the packed [key pair][D] words. `values` and `accm` point at the
+// pass's first dim; rows are D apart in both.
+template <typename W, int D, int PR, int CC>
 inline __attribute__((always_inline)) void weigh_values(const W* w, int64_t w_stride, const W* values, int64_t n, float* accm) {
-  constexpr int C = D / 16;
-  __m512 acc[PR][C];
+  vfloat acc[PR][CC];
   for (int r = 0; r < PR; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_load_ps(accm + r * D + c * 16);
+    for (int c = 0; c < CC; ++c) acc[r][c] = vload(accm + r * D + c * kLanes);
   for (int64_t j = 0; j < n; ++j) {
-    __m512 wv[PR];
+    vfloat wv[PR];
     for (int r = 0; r < PR; ++r) wv[r] = broadcast(w[r * w_stride + j]);
-    for (int c = 0; c < C; ++c) {
-      const __m512 v = _mm512_loadu_ps(reinterpret_cast<const float*>(values + j * D + c * 16));
+    for (int c = 0; c < CC; ++c) {
+      const vfloat v = vloadu(reinterpret_cast<const float*>(values + j * D + c * kLanes));
       for (int r = 0; r < PR; ++r) acc[r][c] = mul_add<W>(acc[r][c], v, wv[r]);
     }
   }
   for (int r = 0; r < PR; ++r)
-    for (int c = 0; c < C; ++c) _mm512_store_ps(accm + r * D + c * 16, acc[r][c]);
+    for (int c = 0; c < CC; ++c) vstore(accm + r * D + c * kLanes, acc[r][c]);
 }
 
-// weigh_values over all nr rows, as many a pass as keep their accumulators in registers
+// weigh_values over all nr rows: on AVX-512 all of D a pass, 24 accumulators (6 rows at D = 64, 3 at
+// 128); on AVX2 32 dims a pass, 3 rows x 4 vectors (12 accumulators, 3 broadcasts and a value vector fill
+// its 16 registers)
 template <typename W, int D>
 __attribute__((noinline)) void weigh_block(int nr, const W* w, int64_t w_stride, const W* values, int64_t n, float* accm) {
-  constexpr int PR = 24 / (D / 16);  // 6 rows at D = 64, 3 at 128: 24 accumulators
-  int r0 = 0;
-  for (; r0 + PR <= nr; r0 += PR) weigh_values<W, D, PR>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D);
-  switch (nr - r0) {
-    case 5: if constexpr (PR > 5) weigh_values<W, D, 5>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
-    case 4: if constexpr (PR > 4) weigh_values<W, D, 4>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
-    case 3: if constexpr (PR > 3) weigh_values<W, D, 3>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
-    case 2: weigh_values<W, D, 2>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
-    case 1: weigh_values<W, D, 1>(w + r0 * w_stride, w_stride, values, n, accm + r0 * D); break;
-    default: break;
+  constexpr int CC = kLanes == 16 ? D / 16 : 4;  // vectors of D a pass
+  constexpr int PR = (kLanes == 16 ? 24 : 12) / CC;
+  for (int c0 = 0; c0 < D; c0 += CC * kLanes) {
+    const W* vals = values + c0;
+    float* acc = accm + c0;
+    int r0 = 0;
+    for (; r0 + PR <= nr; r0 += PR) weigh_values<W, D, PR, CC>(w + r0 * w_stride, w_stride, vals, n, acc + r0 * D);
+    switch (nr - r0) {
+      case 5: if constexpr (PR > 5) weigh_values<W, D, 5, CC>(w + r0 * w_stride, w_stride, vals, n, acc + r0 * D); break;
+      case 4: if constexpr (PR > 4) weigh_values<W, D, 4, CC>(w + r0 * w_stride, w_stride, vals, n, acc + r0 * D); break;
+      case 3: if constexpr (PR > 3) weigh_values<W, D, 3, CC>(w + r0 * w_stride, w_stride, vals, n, acc + r0 * D); break;
+      case 2: if constexpr (PR > 2) weigh_values<W, D, 2, CC>(w + r0 * w_stride, w_stride, vals, n, acc + r0 * D); break;
+      case 1: weigh_values<W, D, 1, CC>(w + r0 * w_stride, w_stride, vals, n, acc + r0 * D); break;
+      default: break;
+    }
   }
 }
 
@@ -290,30 +386,26 @@ __attribute__((noinline)) void weigh_block(int nr, const W* w, int64_t w_stride,
 // that each output is a true weighted mean of the value rows (torch's flash kernel rounds them too)
 template <typename W>
 inline float softmax_row(float* row, int64_t n, int64_t visible, float scale, W* w) {
-  __m512 m = _mm512_set1_ps(-INFINITY);
-  const auto mask_at = [&](int64_t j) {
-    return visible - j >= 16 ? __mmask16(0xFFFF) : visible - j <= 0 ? __mmask16(0) : __mmask16((1u << (visible - j)) - 1);
-  };
-  for (int64_t j = 0; j < n; j += 16) m = _mm512_mask_max_ps(m, mask_at(j), m, _mm512_load_ps(row + j));
-  const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-  const __m512 vscale = _mm512_set1_ps(scale);
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; j += 16) {
-    const __m512 p = _mm512_maskz_mov_ps(mask_at(j), exp_nonpos_v(_mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(row + j), vmax), vscale)));
+  const vfloat neg_inf = vset1(-INFINITY);
+  vfloat m = neg_inf;
+  for (int64_t j = 0; j < n; j += kLanes) m = vmax(m, first_lanes(vload(row + j), visible - j, neg_inf));
+  const vfloat row_max = vset1(hmax(m));
+  const vfloat vscale = vset1(scale);
+  vfloat sum = vzero();
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const vfloat p = first_lanes(exp_nonpos_v(vmul(vsub(vload(row + j), row_max), vscale)), visible - j, vzero());
     if constexpr (std::is_same_v<W, float>) {
-      _mm512_store_ps(w + j, p);
-      sum = _mm512_add_ps(sum, p);
+      vstore(w + j, p);
+      sum = vadd(sum, p);
     } else {
 #if defined(__AVX512BF16__)
       const __m256i pb = (__m256i)_mm512_cvtneps_pbh(p);
-#else
-      const __m256i pb = float_to_bf16_v(p);  // never instantiated: bf16 words exist only with AVX512-BF16
-#endif
       _mm256_store_si256(reinterpret_cast<__m256i*>(w + j / 2), pb);
       sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(pb), 16)));
+#endif  // bf16 words exist only with AVX512-BF16
     }
   }
-  return 1.f / _mm512_reduce_add_ps(sum);
+  return 1.f / hsum(sum);
 }
 
 constexpr int kBlockTiles = 4;  // key tiles a block: 64 keys, 16 KiB of keys or values at D = 64
@@ -431,27 +523,28 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
       attend_item<W, D>(rows, qw.data(), limit.data(), keys, values, num_tiles, static_cast<float>(scale), sc.data(), wb.data(),
                         acc.data(), inv.data());
       for (int64_t r = 0; r < rows; ++r) {
-        const __m512 vinv = _mm512_set1_ps(inv[r]);
-        for (int cc = 0; cc < D / 16; ++cc) {
-          const __m512 o = _mm512_mul_ps(_mm512_load_ps(acc.data() + r * D + cc * 16), vinv);
+        const vfloat vinv = vset1(inv[r]);
+        for (int cc = 0; cc < D / kLanes; ++cc) {
+          const vfloat o = vmul(vload(acc.data() + r * D + cc * kLanes), vinv);
           if constexpr (std::is_same_v<T, float>)
-            _mm512_storeu_ps(reinterpret_cast<float*>(out_row(r)) + cc * 16, o);
+            vstoreu(reinterpret_cast<float*>(out_row(r)) + cc * kLanes, o);
           else
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_row(r) + cc * 16), float_to_bf16_v(o));
+            store_bf16(reinterpret_cast<uint16_t*>(out_row(r)) + cc * kLanes, o);
         }
       }
     }
   });
 }
 
-#endif  // __AVX512F__
+#endif  // TANDEM_PREFILL_KERNEL
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "paged_prefill_attention: ", what); }
 
-// the dtypes this build runs: both on any AVX-512 CPU (bf16 on AVX512-BF16's dot products where it has them)
+// the dtypes this build runs: both on any AVX-512 or AVX2 CPU (bf16 on AVX512-BF16's dot products where it
+// has them, else widened to float32)
 std::vector<std::string> built_dtypes() {
   std::vector<std::string> dtypes;
-#if defined(__AVX512F__)
+#if defined(TANDEM_PREFILL_KERNEL)
   dtypes.push_back("bfloat16");
   dtypes.push_back("float32");
 #endif
@@ -461,7 +554,7 @@ std::vector<std::string> built_dtypes() {
 void paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& query_starts, const at::Tensor& query_lens, const at::Tensor& context_lens,
                              const at::Tensor& block_tables, double scale, at::Tensor out) {
-#if defined(__AVX512F__)
+#if defined(TANDEM_PREFILL_KERNEL)
   check(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "q [T, H, D], caches [KVH, NB, BS, D]");
   const auto dtype = q.scalar_type();
   check(k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype && out.scalar_type() == dtype,
@@ -499,7 +592,7 @@ void paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
     return run<at::BFloat16, 128>(q, k_cache, v_cache, chunks, block_tables, scale, out);
   }
 #else
-  check(false, "built without AVX-512");
+  check(false, "built without AVX2 or AVX-512");
 #endif
 }
 
