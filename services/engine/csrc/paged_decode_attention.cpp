@@ -329,8 +329,9 @@ void accumulate_item(int64_t G, float* acc, const T* v_head, int64_t blk_stride,
 // took 1.47 ms a layer (10.7 GB/s of K and V: compute bound) against fp32's 1.63 (19 GB/s) for twice
 // the bytes. In one engine, alternating, the 64-sequence bf16 decode step went 157.9 -> 149.6 ms median
 // (156.7 -> 149.0 in a second run), the 16-sequence one 46.3 -> 43.8.
-// fp32 keeps the generic loops: through these it measured level in the engine (178.0 -> 181.7 ms) and
-// 12% slower over 30 layers' scattered caches.
+// fp32 does not take these: through them it measured level in the engine (178.0 -> 181.7 ms) and 12%
+// slower over 30 layers' scattered caches (12-05; again 12-07, 72-74 against 68-70 ms a step). Its scores
+// take score_rows_f32_avx2 below, its V pass the generic accumulate_block.
 
 // 8 bf16 elements of a cache row as float32, widened in registers (exact)
 inline __m256 load8_ps(const at::BFloat16* r) {
@@ -539,6 +540,72 @@ template <typename T>
 constexpr bool kSpreadFarPrefetch = false;
 #endif
 
+#if defined(TANDEM_AVX2_ONLY)
+// fp32 scores on AVX2 for GN (<= 3) heads, 4 rows at a time: 4 x GN partial-sum vectors (NCH FMAs each, q
+// read as the FMAs' memory operand), reduced 4 rows to a vector by hadd. The far block's rows t0..t0+3
+// are prefetched (pf_k / pf_v, into L2) with the same rows' work. Against the generic score_block, one
+// head at a time with 16 rows' partials summed through a stack buffer (Zen 3, 2 threads, alternating
+// builds, python -m benchmarks.attention_kernel --dtype float32): 58.8 -> 52.8-55.4 ms a step, 20 ->
+// 24 GB/s with the cache in L2; a 64-sequence decode step in one engine, old and new alternating step
+// by step: median pair ratios 0.991 and 0.976.
+template <int NCH, int GN>
+NOINLINE void score_rows_f32_avx2(float* __restrict s, int64_t s_stride, const float* __restrict qf, const float* rows,
+                                  int64_t stride, int64_t n, float scale, const float* pf_k, const float* pf_v,
+                                  int64_t pf_k_stride, int64_t pf_v_stride, int64_t pf_n) {
+  constexpr int64_t D = 8 * NCH;
+  const __m128 vscale = _mm_set1_ps(scale);
+  int64_t t0 = 0;
+  for (; t0 + 4 <= n; t0 += 4) {
+    for (int64_t t = t0; t < std::min(t0 + 4, pf_n); ++t) {
+      for (int64_t c = 0; c < D; c += 16) {
+        __builtin_prefetch(pf_k + t * pf_k_stride + c, 0, 2);
+        __builtin_prefetch(pf_v + t * pf_v_stride + c, 0, 2);
+      }
+    }
+    __m256 a[GN][4];
+    for (int g = 0; g < GN; ++g)
+      for (int t = 0; t < 4; ++t) a[g][t] = _mm256_setzero_ps();
+    for (int c = 0; c < NCH; ++c) {
+      __m256 x[4];
+      for (int t = 0; t < 4; ++t) x[t] = _mm256_loadu_ps(rows + (t0 + t) * stride + 8 * c);
+      for (int g = 0; g < GN; ++g)
+        for (int t = 0; t < 4; ++t) a[g][t] = _mm256_fmadd_ps(x[t], _mm256_loadu_ps(qf + g * D + 8 * c), a[g][t]);
+    }
+    for (int g = 0; g < GN; ++g) {
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[g][0], a[g][1]), _mm256_hadd_ps(a[g][2], a[g][3]));
+      const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));  // rows t0..t0+3
+      _mm_storeu_ps(s + g * s_stride + t0, _mm_mul_ps(sum, vscale));
+    }
+  }
+  for (; t0 < n; ++t0) {  // a sequence's last rows
+    for (int g = 0; g < GN; ++g) {
+      __m256 a = _mm256_setzero_ps();
+      for (int c = 0; c < NCH; ++c) a = _mm256_fmadd_ps(_mm256_loadu_ps(rows + t0 * stride + 8 * c), _mm256_loadu_ps(qf + g * D + 8 * c), a);
+      __m128 m = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+      m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+      s[g * s_stride + t0] = _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m))) * scale;
+    }
+  }
+}
+
+template <int NCH>
+void score_block_f32_avx2(float* s, int64_t s_stride, const float* qf, int64_t G, const float* rows, int64_t stride,
+                          int64_t n, float scale, const float* pf_k, const float* pf_v, int64_t pf_k_stride,
+                          int64_t pf_v_stride, int64_t pf_n) {
+  constexpr int64_t D = 8 * NCH;
+  for (int64_t g0 = 0; g0 < G; g0 += 3) {
+    float* sg = s + g0 * s_stride;
+    const float* qg = qf + g0 * D;
+    const int64_t pn = g0 == 0 ? pf_n : 0;  // the far block once, with the first heads
+    switch (std::min<int64_t>(3, G - g0)) {
+      case 1: score_rows_f32_avx2<NCH, 1>(sg, s_stride, qg, rows, stride, n, scale, pf_k, pf_v, pf_k_stride, pf_v_stride, pn); break;
+      case 2: score_rows_f32_avx2<NCH, 2>(sg, s_stride, qg, rows, stride, n, scale, pf_k, pf_v, pf_k_stride, pf_v_stride, pn); break;
+      default: score_rows_f32_avx2<NCH, 3>(sg, s_stride, qg, rows, stride, n, scale, pf_k, pf_v, pf_k_stride, pf_v_stride, pn); break;
+    }
+  }
+}
+#endif
+
 struct Strides {
   int64_t h, blk, tok;  // kv head, block, token (elements); the head_dim stride is 1
 };
@@ -731,6 +798,12 @@ void decode_attention(
         }
 #endif
 #if defined(TANDEM_AVX2_ONLY)
+        if constexpr (std::is_same_v<T, float> && (DT == 64 || DT == 128)) {
+          score_block_f32_avx2<DT / 8>(scores.data() + i * BS, len, qf.data(), G, k_head + table[i] * ks.blk, ks.tok, n, scale,
+                                       k_head + std::max<int64_t>(far, 0) * ks.blk, v_head + std::max<int64_t>(far, 0) * vs.blk,
+                                       ks.tok, vs.tok, n_far);
+          continue;
+        }
         if constexpr (std::is_same_v<T, at::BFloat16> && (DT == 64 || DT == 128)) {
           score_block_avx2<T, DT / 8>(scores.data() + i * BS, len, qf.data(), G, k_head + table[i] * ks.blk, ks.tok, n,
                                       scale);
