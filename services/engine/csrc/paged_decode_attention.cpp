@@ -524,10 +524,11 @@ inline void prefetch_block(const T* blk, int64_t row_stride, int64_t n, int64_t 
 // attention with a new pool's tables, -8 to -10% with an aged pool's; fp32 -2% and -10% (2 and 8 blocks
 // ahead measured within a few percent of 4).
 constexpr int64_t kFarBlocks = 4;
-// fp32 on AVX2 (a Zen 3), whose pass 1 is the generic score_block: the far block's prefetches are spread
-// over the group's heads (a share before each head's scores) and the next block's are left to the
-// hardware, instead of ~250 prefetches in a burst before each block, which stalled the core on the
-// memory system's few outstanding misses with nothing else to do. Zen 3, 2 threads, 64 sequences x 320
+// fp32 on AVX2 (a Zen 3): the far block's prefetches are spread over the block's work (score_rows_f32_avx2
+// issues each 4 rows' share with their scores; the generic score_block, for other head dims, a share
+// before each head's scores) and the next block's are left to the hardware, instead of ~250 prefetches
+// in a burst before each block, which stalled the core on the memory system's few outstanding misses
+// with nothing else to do. Measured with the generic score_block: Zen 3, 2 threads, 64 sequences x 320
 // tokens over 30 layers' scattered caches (python -m benchmarks.attention_kernel --dtype float32),
 // alternating builds: 66-69 -> 57-62 ms a step (13.7-14.7 -> 15.2-16.5 GB/s); 2 or 8 blocks ahead
 // within the noise of 4; no prefetch at all 68-71. In one engine, old and new alternating step by step,
