@@ -93,6 +93,9 @@ LENGTHS = {
     "block_multiples": [16, 64, 320, 32],
     "one_token": [1, 1, 1],
     "ragged": [1, 17, 15, 320, 333, 48, 2, 100],
+    # sequences shorter than the kernel's look-ahead (kFarBlocks) beside long ones: the prefetches that
+    # run on into the next item's first blocks
+    "short_and_long": [1, 5, 17, 33, 2, 49, 16, 64, 3, 700, 1, 18],
 }
 
 

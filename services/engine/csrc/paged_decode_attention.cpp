@@ -15,8 +15,9 @@
 // to float) once. Softmax is two-pass over a float32 score buffer: scores for the whole context, then
 // max / exp / sum, then the weighted sum of V rows. Everything accumulates in float32. (A one-pass online
 // softmax measured slower here: per-block max/exp/rescale costs more than re-walking the block table.)
-// Each block's rows are prefetched into L1 one block ahead of use, and into L2 kFarBlocks ahead (fp32 on
-// AVX2: only the far ones, spread over the block's work; see kSpreadFarPrefetch).
+// Each block's rows are prefetched into L2 kFarBlocks ahead of use, the prefetches spread over the block's
+// work and running on into the next item's first blocks (see kFarBlocks and kSpreadFarPrefetch; bf16 on
+// AVX2 asks for them in a burst, and for the next block's into L1).
 //
 // bf16 with head_dim 64 or 128 (the models served): pass 1 is AMX tile multiplies where the CPU has
 // AMX-BF16 (16 rows against all of a group's heads at once), else vdpbf16ps, else (AVX-512 without BF16,
@@ -507,39 +508,72 @@ inline const float* block_rows(const at::BFloat16* blk, int64_t stride, int64_t 
   return scratch;
 }
 
+struct Strides {
+  int64_t h, blk, tok;  // kv head, block, token (elements); the head_dim stride is 1
+};
+
 // Touch every cache line of a block's first n rows ahead of use: blocks sit at random places in the cache,
 // so the hardware prefetcher cannot see the next one coming. kLocality 3 asks for L1, 2 for L2.
+// The empty volatile asm is a side effect gcc must keep: without it, gcc 12 found a helper whose only
+// effect was prefetching (prefetch_far_share, the AMX path's look-ahead once) free of side effects and
+// deleted the calls to it, prefetches and all, making the kernel 1.3-1.6x slower.
 template <typename T, int kLocality = 3>
 inline void prefetch_block(const T* blk, int64_t row_stride, int64_t n, int64_t D) {
+  asm volatile("");
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   for (int64_t t = 0; t < n; ++t) {
     const char* r = reinterpret_cast<const char*>(blk + t * row_stride);
     for (int64_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(r + c, 0, kLocality);
   }
 }
-// Pass 1 asks for the rows of the block kFarBlocks ahead into L2 and of the next block into L1. In the
-// block-major cache a sequence's blocks are a whole block (368-720 KiB) apart, so each block's rows are a
-// fresh page to the hardware prefetcher; one block of look-ahead is shorter than a DRAM round trip. Same
-// run, 64 sequences x ~320 tokens, alternating with one block ahead only (Zen 4): bf16 -4 to -5% a step's
-// attention with a new pool's tables, -8 to -10% with an aged pool's; fp32 -2% and -10% (2 and 8 blocks
-// ahead measured within a few percent of 4).
+// Pass 1 asks for the rows of the block kFarBlocks ahead into L2 (prefetcht1). In the block-major cache
+// a sequence's blocks are a whole block (368-720 KiB) apart, so each block's rows are a fresh page to the
+// hardware prefetcher; one block of look-ahead is shorter than a DRAM round trip. Same run, 64 sequences
+// x ~320 tokens, alternating with one block ahead only (Zen 4): bf16 -4 to -5% a step's attention with a
+// new pool's tables, -8 to -10% with an aged pool's; fp32 -2% and -10% (2 and 8 blocks ahead measured
+// within a few percent of 4, again on 12-07 with the spread prefetches below).
+// Near the end of an item the far block is the next item's (the next of this thread's range), so the
+// stream of prefetches runs on across items instead of stopping for each item's last kFarBlocks blocks
+// and its pass 2 and starting again with a demand miss on the next item's first block. Zen 4, 2 threads,
+// fp32, 64 sequences x 320 tokens over 30 layers' scattered caches (python -m benchmarks.attention_kernel),
+// alternating builds: 0.963 of the time alone, and with the spread below 0.766 against 0.860 without it.
 constexpr int64_t kFarBlocks = 4;
-// fp32 on AVX2 (a Zen 3): the far block's prefetches are spread over the block's work (score_rows_f32_avx2
-// issues each 4 rows' share with their scores; the generic score_block, for other head dims, a share
-// before each head's scores) and the next block's are left to the hardware, instead of ~250 prefetches
-// in a burst before each block, which stalled the core on the memory system's few outstanding misses
-// with nothing else to do. Measured with the generic score_block: Zen 3, 2 threads, 64 sequences x 320
-// tokens over 30 layers' scattered caches (python -m benchmarks.attention_kernel --dtype float32),
-// alternating builds: 66-69 -> 57-62 ms a step (13.7-14.7 -> 15.2-16.5 GB/s); 2 or 8 blocks ahead
-// within the noise of 4; no prefetch at all 68-71. In one engine, old and new alternating step by step,
-// a 64-sequence fp32 decode step: median pair ratio 0.972 and 0.971 (195.8 -> 193.0, 205.2 -> 196.5 ms).
+// The far block's prefetches are spread over the block's work, each query head's scores preceded by its
+// share of the rows (score_rows_f32_avx2 issues each 4 rows' share with their scores on AVX2), and the next
+// block's are left to the hardware (its rows are in L2 by then), instead of ~250 prefetches in a burst
+// before each block, which stalled the core on the memory system's few outstanding misses with nothing
+// else to do.
+// - AVX-512 (Zen 4, 12-07, with the cross-item prefetch; same run as above): fp32 0.72-0.77 of the burst's
+//   time, 19-22 -> 25-31 GB/s, where a 1 GiB sum reads 31; bf16 (vdpbf16ps) 0.875, 21.7 -> 25.2 GB/s.
+//   Finer (a share before each row of the 16-row tiles): 1.08x the per-head shares. Into L1 (prefetcht0)
+//   or prefetchnta instead of L2: 1.41x.
+// - AVX2 (Zen 3), fp32 only, measured with the generic score_block: 66-69 -> 57-62 ms a step (13.7-14.7
+//   -> 15.2-16.5 GB/s); no prefetch at all 68-71. In one engine, old and new alternating step by step, a
+//   64-sequence fp32 decode step: median pair ratio 0.972 and 0.971 (195.8 -> 193.0, 205.2 -> 196.5 ms).
+//   bf16 on AVX2 (score_block_avx2, all heads in one call) keeps the burst: not measured spread.
 #if defined(TANDEM_AVX2_ONLY)
 template <typename T>
 constexpr bool kSpreadFarPrefetch = std::is_same_v<T, float>;
 #else
 template <typename T>
-constexpr bool kSpreadFarPrefetch = false;
+constexpr bool kSpreadFarPrefetch = true;
 #endif
+
+// The rows one far prefetch asks for: k and v at the same block and row (n rows, none when n == 0)
+template <typename T>
+struct FarRows {
+  const T* k = nullptr;
+  const T* v = nullptr;
+  int64_t n = 0;
+};
+
+// share g of `shares` of the far rows, into L2: one query head's share before its scores
+template <typename T>
+inline void prefetch_far_share(const FarRows<T>& far, Strides ks, Strides vs, int64_t g, int64_t shares, int64_t D) {
+  const int64_t r0 = g * far.n / shares, r1 = (g + 1) * far.n / shares;
+  prefetch_block<T, 2>(far.k + r0 * ks.tok, ks.tok, r1 - r0, D);
+  prefetch_block<T, 2>(far.v + r0 * vs.tok, vs.tok, r1 - r0, D);
+}
 
 #if defined(TANDEM_AVX2_ONLY)
 // fp32 scores on AVX2 for GN (<= 3) heads, 4 rows at a time: 4 x GN partial-sum vectors (NCH FMAs each, q
@@ -606,10 +640,6 @@ void score_block_f32_avx2(float* s, int64_t s_stride, const float* qf, int64_t G
   }
 }
 #endif
-
-struct Strides {
-  int64_t h, blk, tok;  // kv head, block, token (elements); the head_dim stride is 1
-};
 
 #if defined(TANDEM_HAVE_AMX)
 // Pass 1 on AMX tiles: the scores of 16 cache rows against all of a group's query heads are one tile
@@ -689,8 +719,8 @@ NOINLINE void score_rows_amx(float* __restrict s, int64_t s_stride, const at::BF
 }
 
 // One item's pass 1 on tiles: scores [G, len] for the group's query rows q (bf16, head stride q_sh), K's
-// blocks walked through the table with the next block's K and V rows prefetched (as the vector path does;
-// the two look-aheads are written out in place: one shared inline helper made the kernel 40% slower here).
+// blocks walked through the table with the next block's K and V rows prefetched (written out in place;
+// see prefetch_block for why a helper's prefetches once vanished, making the kernel 40% slower).
 // qt: 4 * 16 * 16 words of the calling thread's scratch. Needs BS % 16 == 0, so every 16-row run read is
 // inside its block.
 template <int NCH>
@@ -741,16 +771,47 @@ void decode_attention(
     if (amx) load_tile_config();
 #endif
 
+    // an item's cache rows: its sequence's block table and context, its kv head's K and V
+    struct ItemRows {
+      const int64_t* table = nullptr;
+      int64_t len = 0, nblk = 0;
+      const T* k = nullptr;
+      const T* v = nullptr;
+    };
+    auto item_rows = [&](int64_t item) {
+      const int64_t b = item / KVH, kvh = item % KVH;
+      return ItemRows{block_table + b * bt_stride, lens[b], (lens[b] + BS - 1) / BS, k + kvh * ks.h, v + kvh * vs.h};
+    };
+    // this item's leading blocks [lead_from, lead_to) still to prefetch when it starts: block 0 is read at
+    // once, so the thread's first item asks for blocks 1.. only; the previous item's far prefetches
+    // covered the rest of a later item's (all but the first kFarBlocks - its block count, when it had
+    // fewer than kFarBlocks blocks)
+    int64_t lead_from = 1, lead_to = kFarBlocks;
+
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / KVH;
       const int64_t kvh = item % KVH;
-      const int64_t len = lens[b];
-      const int64_t nblk = (len + BS - 1) / BS;
-      const int64_t* table = block_table + b * bt_stride;
+      const ItemRows cur = item_rows(item);
+      const ItemRows next = item + 1 < end ? item_rows(item + 1) : ItemRows{};
+      const int64_t len = cur.len;
+      const int64_t nblk = cur.nblk;
+      const int64_t* table = cur.table;
       const int64_t h0 = kvh * G;
-      const T* k_head = k + kvh * ks.h;
-      const T* v_head = v + kvh * vs.h;
+      const T* k_head = cur.k;
+      const T* v_head = cur.v;
       for (int64_t g = 0; g < G; ++g) load_q_row(q + b * q_sb + (h0 + g) * q_sh, qf.data() + g * D, D);
+      // the rows pass 1 prefetches into L2 while it scores block i: block i + kFarBlocks of this item,
+      // past its end the next item's first blocks (none past the thread's last item)
+      auto far_rows = [&](int64_t i) -> FarRows<T> {
+        int64_t j = i + kFarBlocks;
+        const ItemRows* it = &cur;
+        if (j >= cur.nblk) {
+          j -= cur.nblk;
+          it = &next;
+        }
+        if (j >= it->nblk) return {};
+        return {it->k + it->table[j] * ks.blk, it->v + it->table[j] * vs.blk, std::min(BS, it->len - j * BS)};
+      };
 
       // pass 1: scores[g, pos] = (q_g . k_pos) * scale
       bool scored = false;
@@ -763,46 +824,50 @@ void decode_attention(
         }
       }
 #endif
-      if (!scored)
-        for (int64_t i = 1; i < std::min(kFarBlocks, nblk); ++i) {
+      if (!scored) {
+        for (int64_t i = lead_from; i < std::min(lead_to, nblk); ++i) {
           prefetch_block<T, 2>(k_head + table[i] * ks.blk, ks.tok, std::min(BS, len - i * BS), D);
           prefetch_block<T, 2>(v_head + table[i] * vs.blk, vs.tok, std::min(BS, len - i * BS), D);
         }
+        lead_from = 0;
+        lead_to = std::max<int64_t>(0, kFarBlocks - nblk);
+      }
       for (int64_t i = 0; i < nblk && !scored; ++i) {
         const int64_t n = std::min(BS, len - i * BS);
-        const int64_t far = i + kFarBlocks < nblk ? table[i + kFarBlocks] : -1;
-        const int64_t n_far = far >= 0 ? std::min(BS, len - (i + kFarBlocks) * BS) : 0;
-        if (far >= 0 && !kSpreadFarPrefetch<T>) {
-          prefetch_block<T, 2>(k_head + far * ks.blk, ks.tok, n_far, D);
-          prefetch_block<T, 2>(v_head + far * vs.blk, vs.tok, n_far, D);
-        }
-        if (i + 1 < nblk && !kSpreadFarPrefetch<T>) {
-          const int64_t n_next = std::min(BS, len - (i + 1) * BS);
-          prefetch_block(k_head + table[i + 1] * ks.blk, ks.tok, n_next, D);
-          // V's rows too, so pass 2 finds them in cache instead of waiting on a second random walk
-          prefetch_block(v_head + table[i + 1] * vs.blk, vs.tok, n_next, D);
+        const FarRows<T> far = far_rows(i);
+        if (!kSpreadFarPrefetch<T>) {
+          prefetch_far_share(far, ks, vs, 0, 1, D);  // all of it
+          if (i + 1 < nblk) {
+            const int64_t n_next = std::min(BS, len - (i + 1) * BS);
+            prefetch_block(k_head + table[i + 1] * ks.blk, ks.tok, n_next, D);
+            // V's rows too, so pass 2 finds them in cache instead of waiting on a second random walk
+            prefetch_block(v_head + table[i + 1] * vs.blk, vs.tok, n_next, D);
+          }
         }
         if constexpr (std::is_same_v<T, at::BFloat16> && kHaveBf16Dot) {
           if (D % 32 == 0 && q_sh_contiguous) {
-            for (int64_t g = 0; g < G; ++g)
+            for (int64_t g = 0; g < G; ++g) {
+              if (kSpreadFarPrefetch<T>) prefetch_far_share(far, ks, vs, g, G, D);  // head g's share
               score_block_bf16(scores.data() + g * len + i * BS, q + b * q_sb + (h0 + g) * q_sh,
                                k_head + table[i] * ks.blk, ks.tok, n, D, scale);
+            }
             continue;
           }
         }
 #if defined(__AVX512F__)
         if constexpr (DT == 64 || DT == 128) {  // fp32, and bf16 without the dot path
-          for (int64_t g = 0; g < G; ++g)
+          for (int64_t g = 0; g < G; ++g) {
+            if (kSpreadFarPrefetch<T>) prefetch_far_share(far, ks, vs, g, G, D);
             score_block_f32_n<DT / 16>(scores.data() + g * len + i * BS, qf.data() + g * D, k_head + table[i] * ks.blk,
                                        ks.tok, n, scale);
+          }
           continue;
         }
 #endif
 #if defined(TANDEM_AVX2_ONLY)
         if constexpr (std::is_same_v<T, float> && (DT == 64 || DT == 128)) {
           score_block_f32_avx2<DT / 8>(scores.data() + i * BS, len, qf.data(), G, k_head + table[i] * ks.blk, ks.tok, n, scale,
-                                       k_head + std::max<int64_t>(far, 0) * ks.blk, v_head + std::max<int64_t>(far, 0) * vs.blk,
-                                       ks.tok, vs.tok, n_far);
+                                       far.k, far.v, ks.tok, vs.tok, far.n);
           continue;
         }
         if constexpr (std::is_same_v<T, at::BFloat16> && (DT == 64 || DT == 128)) {
@@ -814,11 +879,7 @@ void decode_attention(
         int64_t stride;
         const float* rows = block_rows(k_head + table[i] * ks.blk, ks.tok, n, D, scratch.data(), stride);
         for (int64_t g = 0; g < G; ++g) {
-          if (kSpreadFarPrefetch<T> && far >= 0) {  // this head's share of the far block's rows
-            const int64_t r0 = g * n_far / G, r1 = (g + 1) * n_far / G;
-            prefetch_block<T, 2>(k_head + far * ks.blk + r0 * ks.tok, ks.tok, r1 - r0, D);
-            prefetch_block<T, 2>(v_head + far * vs.blk + r0 * vs.tok, vs.tok, r1 - r0, D);
-          }
+          if (kSpreadFarPrefetch<T>) prefetch_far_share(far, ks, vs, g, G, D);
           score_block<DT>(scores.data() + g * len + i * BS, qf.data() + g * D, rows, stride, n, D, scale);
         }
       }
