@@ -276,6 +276,13 @@ NOINLINE void accumulate_heads(float* __restrict acc, const T* v_head, int64_t b
   for (int g = 0; g < GN; ++g)
     for (int c = 0; c < NCH; ++c) a[g][c] = _mm512_setzero_ps();
   const int64_t nblk = (len + BS - 1) / BS;
+  // bf16 rows (NCH even): each 32-element chunk is one load, its 32-bit lanes a pair of dims (2j, 2j + 1);
+  // a shift left by 16 widens the even dims and a mask the odd ones (exact), three instructions for 32
+  // elements where widening each 16 took two, and a[g][2c] / a[g][2c + 1] sum chunk c's even / odd dims
+  // (Zen 4, 2 threads, alternating builds, python -m benchmarks.attention_kernel: 0.979 of the time with
+  // the cache in memory, 0.954 with it in L3)
+  constexpr bool kPairs = std::is_same_v<T, at::BFloat16> && NCH % 2 == 0;
+  const __m512i odd_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t i = 0; i < nblk; ++i) {
     const int64_t n = std::min(BS, len - i * BS);
     const T* blk = v_head + table[i] * blk_stride;
@@ -284,14 +291,40 @@ NOINLINE void accumulate_heads(float* __restrict acc, const T* v_head, int64_t b
       const T* row = blk + t * tok_stride;
       __m512 w[GN];
       for (int g = 0; g < GN; ++g) w[g] = _mm512_set1_ps(pb[g * p_stride + t]);
-      for (int c = 0; c < NCH; ++c) {
-        const __m512 x = load16_ps(row + 16 * c);
-        for (int g = 0; g < GN; ++g) a[g][c] = _mm512_fmadd_ps(w[g], x, a[g][c]);
+      if constexpr (kPairs) {
+        for (int c = 0; c < NCH / 2; ++c) {
+          const __m512i raw = _mm512_loadu_si512(reinterpret_cast<const void*>(row + 32 * c));
+          const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+          const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(raw, odd_mask));
+          for (int g = 0; g < GN; ++g) {
+            a[g][2 * c] = _mm512_fmadd_ps(w[g], even, a[g][2 * c]);
+            a[g][2 * c + 1] = _mm512_fmadd_ps(w[g], odd, a[g][2 * c + 1]);
+          }
+        }
+      } else {
+        for (int c = 0; c < NCH; ++c) {
+          const __m512 x = load16_ps(row + 16 * c);
+          for (int g = 0; g < GN; ++g) a[g][c] = _mm512_fmadd_ps(w[g], x, a[g][c]);
+        }
       }
     }
   }
-  for (int g = 0; g < GN; ++g)
-    for (int c = 0; c < NCH; ++c) _mm512_storeu_ps(acc + (g * NCH + c) * 16, a[g][c]);
+  for (int g = 0; g < GN; ++g) {
+    if constexpr (kPairs) {  // dims back in order: chunk c's even and odd sums interleaved
+      for (int c = 0; c < NCH / 2; ++c) {
+        alignas(64) float even[16], odd[16];
+        _mm512_store_ps(even, a[g][2 * c]);
+        _mm512_store_ps(odd, a[g][2 * c + 1]);
+        float* dst = acc + g * NCH * 16 + 32 * c;
+        for (int j = 0; j < 16; ++j) {
+          dst[2 * j] = even[j];
+          dst[2 * j + 1] = odd[j];
+        }
+      }
+    } else {
+      for (int c = 0; c < NCH; ++c) _mm512_storeu_ps(acc + (g * NCH + c) * 16, a[g][c]);
+    }
+  }
 }
 
 // acc [G, 16 * NCH] = p [G, len] . V: the group's heads in runs small enough for their accumulators to stay
