@@ -6,6 +6,9 @@ Fails when the kernel does not build on a machine with a compiler; skipped witho
 from __future__ import annotations
 
 import logging
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -167,6 +170,40 @@ def test_tiles_are_used_where_the_cpu_has_them(kernel):
     flags = cpu_kernels._cpu_flags().split()
     has_amx = {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(flags)
     assert cpu_kernels.load_paged_decode_attention_module().amx_available() == has_amx
+
+
+def prefetches_by_function(library: str) -> dict[str, int]:
+    """Prefetch instructions in each function of a shared library's disassembly (objdump -d -C)."""
+    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", library], capture_output=True, text=True, check=True).stdout
+    counts: dict[str, int] = {}
+    name = ""
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            name = header.group(1)
+        elif re.search(r"\tprefetch(t0|t1|t2|nta)\b", line):
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
+def test_the_built_kernel_keeps_its_prefetches(kernel):
+    """The kernel waits on memory, so its prefetches are most of its speed, and nothing else notices when
+    the compiler drops them: gcc 12 deleted every call to a helper whose only effect was prefetching (it
+    found the helper free of side effects), which left each fp32 head-dim-64 item with only its two
+    leading prefetch loops and made the kernel 1.3-1.6x slower while every result stayed right. Where
+    the build has AVX-512, the item loop must also hold the far prefetches (K and V) it spreads over the
+    heads' scores; on AVX2, score_rows_f32_avx2 issues them."""
+    module = cpu_kernels.load_paged_decode_attention_module()
+    counts = prefetches_by_function(module.__file__)
+    flags = set(cpu_kernels._cpu_flags().split())
+    if "avx512f" in flags:
+        fp32_items = [n for n in counts if n.startswith("(anonymous namespace)::decode_attention<float, 64>")]
+        assert fp32_items and max(counts[n] for n in fp32_items) >= 4, counts
+    elif {"avx2", "fma"} <= flags:
+        assert any("score_rows_f32_avx2" in n for n in counts), counts
+    else:
+        pytest.skip("the spread prefetches are built for AVX-512 and AVX2 only")
 
 
 def test_out_argument_is_written_and_checked(kernel):
