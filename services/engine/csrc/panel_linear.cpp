@@ -72,30 +72,16 @@
 #include <vector>
 
 #include "bf16.h"
+#include "simd.h"
 
 namespace {
 
-// The float vector of the widest ISA the build has, and the register tile it allows. `widen_bf16` turns one
-// vector of 2 x kLanes bf16 weights, stored as pairs (column j, column j + kLanes) in each 32-bit lane,
-// into the two float vectors of columns 0..kLanes-1 and kLanes..2 kLanes-1: a bf16 is the top half of its
-// float, so a shift left by 16 and a mask of the top half are exact conversions, two instructions a k.
+// The register tile the widest ISA the build has allows (its float vector, vfloat, is simd.h's). simd.h's
+// `widen_bf16` turns one vector of 2 x kLanes bf16 weights, stored as pairs (column j, column j + kLanes)
+// in each 32-bit lane, into the two float vectors of columns 0..kLanes-1 and kLanes..2 kLanes-1: a bf16 is
+// the top half of its float, so a shift left by 16 and a mask of the top half are exact conversions, two
+// instructions a k.
 #if defined(__AVX512F__)
-struct Vec {
-  using T = __m512;
-  static constexpr int kLanes = 16;
-  static T zero() { return _mm512_setzero_ps(); }
-  static T load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
-  static void stream(float* p, T v) { _mm512_stream_ps(p, v); }  // p 64-byte aligned
-  static T set1(float f) { return _mm512_set1_ps(f); }
-  static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
-  static T add(T a, T b) { return _mm512_add_ps(a, b); }
-  static void widen_bf16(const uint16_t* p, T& lo, T& hi) {
-    const __m512i v = _mm512_loadu_si512(p);
-    lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-    hi = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-  }
-};
 constexpr int kRowTile = 12;  // rows of x per register tile on one panel: 12 x 2 accumulators of the 32 registers
 // rows per register tile on two panels at once: 6 x 4 accumulators, four panel loads and six broadcasts of x
 // a k where the one-panel tile has two and twelve (see run)
@@ -107,33 +93,15 @@ constexpr int kPairRowTile = 6;
 // 20 rows (0.945) up: 0.93-0.96 at 24-256, 0.98 at 2,048.
 constexpr int64_t kPairMinRows = 20;
 #elif defined(TANDEM_PANELS)
-struct Vec {
-  using T = __m256;
-  static constexpr int kLanes = 8;
-  static T zero() { return _mm256_setzero_ps(); }
-  static T load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
-  static void stream(float* p, T v) { _mm256_stream_ps(p, v); }  // p 32-byte aligned
-  static T set1(float f) { return _mm256_set1_ps(f); }
-  static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
-  static T add(T a, T b) { return _mm256_add_ps(a, b); }
-  static void widen_bf16(const uint16_t* p, T& lo, T& hi) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-    hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-  }
-};
 constexpr int kRowTile = 6;  // 6 x 2 accumulators, two panel loads and a broadcast: 15 of the 16 registers
 constexpr int kPairRowTile = 1;  // none: a two-panel tile of even 3 rows would need 17 of the 16
 constexpr int64_t kPairMinRows = 0;
 #else
-struct Vec {
-  static constexpr int kLanes = 16;  // the layout only: panel_linear refuses to run without AVX2/AVX-512
-};
+constexpr int kLanes = 16;  // the layout only: panel_linear refuses to run without AVX2/AVX-512
 constexpr int kRowTile = 1;
 #endif
 
-constexpr int64_t kPanel = 2 * Vec::kLanes;  // columns of W (rows of the weight) per panel: two vectors
+constexpr int64_t kPanel = 2 * kLanes;  // columns of W (rows of the weight) per panel: two vectors
 constexpr int64_t kBlockBytes = 2 << 20;      // x rows per block: about this much of x (a core's share of L3)
 // Outputs at least this large are written with non-temporal stores: they go past the last-level cache
 // anyway, and a plain store first reads each line it fills. Alternating in one engine on a Zen 4 (old and
@@ -149,7 +117,7 @@ void check(bool ok, const char* what) { TORCH_CHECK(ok, "panel_linear: ", what);
 // bf16 panels with the dot instruction (TANDEM_BF16_DOT): each k-row pair (k, k + 1) of a panel is kPanel
 // 32-bit lanes, column j's two weights in lane j, the operand order of vdpbf16ps; an odd K is padded with a
 // zero k-row. Else float panels in order, and bf16 panels as lane pairs (j, j + kLanes) per k-row, the
-// order Vec::widen_bf16 reads.
+// order widen_bf16 reads.
 template <typename W>
 constexpr bool k_pairs() {
 #if defined(TANDEM_BF16_DOT)
@@ -175,7 +143,7 @@ template <typename W>
 constexpr int64_t panel_offset(int64_t k, int64_t j) {
   if constexpr (k_pairs<W>()) return (k & ~int64_t{1}) * kPanel + 2 * j + (k & 1);
   if constexpr (std::is_same_v<W, float>) return k * kPanel + j;
-  return k * kPanel + (j < Vec::kLanes ? 2 * j : 2 * (j - Vec::kLanes) + 1);
+  return k * kPanel + (j < kLanes ? 2 * j : 2 * (j - kLanes) + 1);
 }
 
 template <typename W>
@@ -216,33 +184,33 @@ at::Tensor pack_panels(const at::Tensor& w) {
 // stored as Y (float32 or bf16): the last panel's, and bf16 rows without AVX512-BF16, through a small buffer;
 // whole rows with non-temporal stores where `stream` (y's rows then aligned to 64 bytes).
 template <int MR, typename Y>
-inline void store_tile(const typename Vec::T (&acc)[MR][2], Y* __restrict y, int64_t ldy, int64_t cols,
+inline void store_tile(const vfloat (&acc)[MR][2], Y* __restrict y, int64_t ldy, int64_t cols,
                        const float* __restrict bias, bool stream) {
-  const auto b0 = bias ? Vec::load(bias) : Vec::zero();
-  const auto b1 = bias ? Vec::load(bias + Vec::kLanes) : Vec::zero();
+  const auto b0 = bias ? vloadu(bias) : vzero();
+  const auto b1 = bias ? vloadu(bias + kLanes) : vzero();
   for (int r = 0; r < MR; ++r) {
     if (std::is_same_v<Y, float> && cols == kPanel) {
       auto* out = reinterpret_cast<float*>(y + r * ldy);
       if (stream) {
-        Vec::stream(out, Vec::add(acc[r][0], b0));
-        Vec::stream(out + Vec::kLanes, Vec::add(acc[r][1], b1));
+        vstream(out, vadd(acc[r][0], b0));
+        vstream(out + kLanes, vadd(acc[r][1], b1));
       } else {
-        Vec::store(out, Vec::add(acc[r][0], b0));
-        Vec::store(out + Vec::kLanes, Vec::add(acc[r][1], b1));
+        vstoreu(out, vadd(acc[r][0], b0));
+        vstoreu(out + kLanes, vadd(acc[r][1], b1));
       }
       continue;
     }
 #if defined(TANDEM_BF16_DOT)
     if (!std::is_same_v<Y, float> && cols == kPanel) {  // one instruction rounds both vectors to nearest even
-      const __m512bh out = _mm512_cvtne2ps_pbh(Vec::add(acc[r][1], b1), Vec::add(acc[r][0], b0));
+      const __m512bh out = _mm512_cvtne2ps_pbh(vadd(acc[r][1], b1), vadd(acc[r][0], b0));
       if (stream) _mm512_stream_si512(reinterpret_cast<__m512i*>(y + r * ldy), (__m512i)out);
       else _mm512_storeu_si512(y + r * ldy, (__m512i)out);
       continue;
     }
 #endif
     alignas(64) float tail[kPanel];
-    Vec::store(tail, Vec::add(acc[r][0], b0));
-    Vec::store(tail + Vec::kLanes, Vec::add(acc[r][1], b1));
+    vstoreu(tail, vadd(acc[r][0], b0));
+    vstoreu(tail + kLanes, vadd(acc[r][1], b1));
     if constexpr (std::is_same_v<Y, float>) {
       std::memcpy(y + r * ldy, tail, cols * sizeof(float));
     } else {
@@ -260,25 +228,25 @@ template <int MR, int NP, typename W, typename Y>
 __attribute__((noinline)) void row_tile(const float* __restrict x, int64_t K, const W* __restrict panel,
                                         Y* __restrict y, int64_t ldy, int64_t cols, const float* __restrict bias,
                                         const char* pf, int64_t pf_lines, bool stream) {
-  typename Vec::T acc[NP][MR][2];
+  vfloat acc[NP][MR][2];
   for (int p = 0; p < NP; ++p)
-    for (int r = 0; r < MR; ++r) acc[p][r][0] = acc[p][r][1] = Vec::zero();
+    for (int r = 0; r < MR; ++r) acc[p][r][0] = acc[p][r][1] = vzero();
   const int64_t pstride = panel_k<W>(K) * kPanel;
   const auto step = [&](int64_t k) __attribute__((always_inline)) {
-    typename Vec::T w[NP][2];
+    vfloat w[NP][2];
     for (int p = 0; p < NP; ++p) {
       if constexpr (std::is_same_v<W, float>) {
-        w[p][0] = Vec::load(panel + p * pstride + k * kPanel);
-        w[p][1] = Vec::load(panel + p * pstride + k * kPanel + Vec::kLanes);
+        w[p][0] = vloadu(panel + p * pstride + k * kPanel);
+        w[p][1] = vloadu(panel + p * pstride + k * kPanel + kLanes);
       } else {
-        Vec::widen_bf16(panel + p * pstride + k * kPanel, w[p][0], w[p][1]);
+        widen_bf16(panel + p * pstride + k * kPanel, w[p][0], w[p][1]);
       }
     }
     for (int r = 0; r < MR; ++r) {
-      const auto xv = Vec::set1(x[r * K + k]);
+      const auto xv = vset1(x[r * K + k]);
       for (int p = 0; p < NP; ++p) {
-        acc[p][r][0] = Vec::fmadd(xv, w[p][0], acc[p][r][0]);
-        acc[p][r][1] = Vec::fmadd(xv, w[p][1], acc[p][r][1]);
+        acc[p][r][0] = vfma(xv, w[p][0], acc[p][r][0]);
+        acc[p][r][1] = vfma(xv, w[p][1], acc[p][r][1]);
       }
     }
   };
