@@ -131,6 +131,24 @@ def test_thread_counts_agree(kernel, threads, dtype):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize(
+    ("lens", "kv_heads"),
+    [([2048, 3, 17, 40], 3), ([1, 1, 1, 900], 2), ([500], 2)],
+    ids=["long-first", "long-last", "fewer-items-than-threads"],
+)
+def test_threads_split_the_work_by_context(kernel, threads, lens, kv_heads):
+    """Threads take ranges of equal context, not of equal item count: one long context among short ones
+    (first or last), and fewer (sequence, kv head) items than threads; every item is computed once."""
+    case = make_case(lens=lens, kv_heads=kv_heads, group=3, head_dim=64, seed=9)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        check(kernel, case, torch.float32, scale=0.125)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     ("head_dim", "block_size"),

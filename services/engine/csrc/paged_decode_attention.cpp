@@ -10,7 +10,8 @@
 //   out          [B, H, D] or None    where to write the result (contiguous, q's dtype), else a new tensor
 //   returns      [B, H, D]            softmax(q K^T * scale) V, in q's dtype
 //
-// GQA: query head h reads kv head h / (H / KVH). Work is split over (sequence, kv head) pairs; each pair
+// GQA: query head h reads kv head h / (H / KVH). Work is split over (sequence, kv head) pairs, each thread a
+// contiguous range of them holding about equal context (see decode_attention); each pair
 // handles all of its group's query heads together so every K/V row is loaded (and, for bf16, converted
 // to float) once. Softmax is two-pass over a float32 score buffer: scores for the whole context, then
 // max / exp / sum, then the weighted sum of V rows. Everything accumulates in float32. (A one-pass online
@@ -789,7 +790,33 @@ void decode_attention(
     int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, float scale, bool use_amx) {
   const int64_t G = H / KVH;
   const bool q_sh_contiguous = true;  // q rows have stride 1 along D (checked by the caller)
-  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+  // Each thread takes one contiguous range of (sequence, kv head) items, so that its prefetches run on
+  // from item to item, and the ranges hold about equal work (an item's context plus a block's worth for
+  // its fixed costs) rather than equal item counts: a batch that mixes one long context with short ones
+  // would otherwise leave a thread with the long one and most of the rest. Zen 4, 2 threads, alternating
+// builds: 8 sequences, one of 4,096 tokens and seven of 256, fp32 0.81 of the time; 16, one of 8,192 and
+// the rest of 300, bf16 0.81; 64 sequences of 240-400 tokens level (1.009, bf16 1.008).
+  const int64_t items = B * KVH;
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  std::vector<int64_t> bounds(static_cast<size_t>(nthreads + 1), items);  // thread t: [bounds[t], bounds[t + 1])
+  {
+    auto work = [&](int64_t item) { return lens[item / KVH] + BS; };
+    int64_t total = 0;
+    for (int64_t item = 0; item < items; ++item) total += work(item);
+    // thread t's range starts at the item boundary nearest t / nthreads of the total work
+    bounds[0] = 0;
+    int64_t done = 0, t = 1;
+    for (int64_t item = 0; item < items && t < nthreads; ++item) {
+      const int64_t before = done;
+      done += work(item);
+      for (; t < nthreads && done * nthreads >= total * t; ++t) {
+        const bool nearer_before = total * t - before * nthreads < done * nthreads - total * t;
+        bounds[t] = std::max(bounds[t - 1], nearer_before ? item : item + 1);
+      }
+    }
+  }
+  at::parallel_for(0, nthreads, 1, [&](int64_t t_begin, int64_t t_end) {
+    const int64_t begin = bounds[t_begin], end = bounds[t_end];
     int64_t max_len = 0;
     for (int64_t item = begin; item < end; ++item) max_len = std::max(max_len, lens[item / KVH]);
     std::vector<float> scores(static_cast<size_t>(G * max_len));  // [G, len] per item
