@@ -57,6 +57,7 @@
 
 #include "bf16.h"
 #include "exp_nonpos.h"
+#include "simd.h"
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -91,10 +92,9 @@ inline void store_row(const float* __restrict src, at::BFloat16* __restrict dst,
   for (int64_t i = 0; i < n; ++i) dst[i] = at::BFloat16(src[i] * mul);  // round to nearest even
 }
 
-// Lanes of the partial dot products below: one native float vector.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#else
+// Lanes of the partial dot products below: one native float vector (simd.h's kLanes where the build has
+// AVX-512 or AVX2).
+#if !defined(__AVX512F__) && !defined(TANDEM_AVX2_ONLY)
 constexpr int kLanes = 8;
 #endif
 
@@ -278,12 +278,12 @@ NOINLINE void accumulate_heads(float* __restrict acc, const T* v_head, int64_t b
     for (int c = 0; c < NCH; ++c) a[g][c] = _mm512_setzero_ps();
   const int64_t nblk = (len + BS - 1) / BS;
   // bf16 rows (NCH even): each 32-element chunk is one load, its 32-bit lanes a pair of dims (2j, 2j + 1);
-  // a shift left by 16 widens the even dims and a mask the odd ones (exact), three instructions for 32
-  // elements where widening each 16 took two, and a[g][2c] / a[g][2c + 1] sum chunk c's even / odd dims
+  // simd.h's widen_bf16 widens the even dims by a shift left by 16 and the odd ones by a mask (exact), three
+  // instructions for 32 elements where widening each 16 took two, and a[g][2c] / a[g][2c + 1] sum chunk c's
+  // even / odd dims
   // (Zen 4, 2 threads, alternating builds, python -m benchmarks.attention_kernel: 0.979 of the time with
   // the cache in memory, 0.954 with it in L3)
   constexpr bool kPairs = std::is_same_v<T, at::BFloat16> && NCH % 2 == 0;
-  const __m512i odd_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t i = 0; i < nblk; ++i) {
     const int64_t n = std::min(BS, len - i * BS);
     const T* blk = v_head + table[i] * blk_stride;
@@ -294,9 +294,8 @@ NOINLINE void accumulate_heads(float* __restrict acc, const T* v_head, int64_t b
       for (int g = 0; g < GN; ++g) w[g] = _mm512_set1_ps(pb[g * p_stride + t]);
       if constexpr (kPairs) {
         for (int c = 0; c < NCH / 2; ++c) {
-          const __m512i raw = _mm512_loadu_si512(reinterpret_cast<const void*>(row + 32 * c));
-          const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
-          const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(raw, odd_mask));
+          __m512 even, odd;
+          widen_bf16(reinterpret_cast<const uint16_t*>(row + 32 * c), even, odd);
           for (int g = 0; g < GN; ++g) {
             a[g][2 * c] = _mm512_fmadd_ps(w[g], even, a[g][2 * c]);
             a[g][2 * c + 1] = _mm512_fmadd_ps(w[g], odd, a[g][2 * c + 1]);
@@ -794,8 +793,8 @@ void decode_attention(
   // from item to item, and the ranges hold about equal work (an item's context plus a block's worth for
   // its fixed costs) rather than equal item counts: a batch that mixes one long context with short ones
   // would otherwise leave a thread with the long one and most of the rest. Zen 4, 2 threads, alternating
-// builds: 8 sequences, one of 4,096 tokens and seven of 256, fp32 0.81 of the time; 16, one of 8,192 and
-// the rest of 300, bf16 0.81; 64 sequences of 240-400 tokens level (1.009, bf16 1.008).
+  // builds: 8 sequences, one of 4,096 tokens and seven of 256, fp32 0.81 of the time; 16, one of 8,192 and
+  // the rest of 300, bf16 0.81; 64 sequences of 240-400 tokens level (1.009, bf16 1.008).
   const int64_t items = B * KVH;
   const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
   std::vector<int64_t> bounds(static_cast<size_t>(nthreads + 1), items);  // thread t: [bounds[t], bounds[t + 1])
@@ -842,6 +841,10 @@ void decode_attention(
       const int64_t b = item / KVH, kvh = item % KVH;
       return ItemRows{block_table + b * bt_stride, lens[b], (lens[b] + BS - 1) / BS, k + kvh * ks.h, v + kvh * vs.h};
     };
+    // block j's K and V rows of an item (j < its block count)
+    auto block_of = [&](const ItemRows& it, int64_t j) -> FarRows<T> {
+      return {it.k + it.table[j] * ks.blk, it.v + it.table[j] * vs.blk, std::min(BS, it.len - j * BS)};
+    };
     // this item's leading blocks [lead_from, lead_to) still to prefetch when it starts: block 0 is read at
     // once, so the thread's first item asks for blocks 1.. only; the previous item's far prefetches
     // covered the rest of a later item's (all but the first kFarBlocks - its block count, when it had
@@ -870,7 +873,7 @@ void decode_attention(
           it = &next;
         }
         if (j >= it->nblk) return {};
-        return {it->k + it->table[j] * ks.blk, it->v + it->table[j] * vs.blk, std::min(BS, it->len - j * BS)};
+        return block_of(*it, j);
       };
 
       // pass 1: scores[g, pos] = (q_g . k_pos) * scale
@@ -885,10 +888,7 @@ void decode_attention(
       }
 #endif
       if (!scored) {
-        for (int64_t i = lead_from; i < std::min(lead_to, nblk); ++i) {
-          prefetch_block<T, 2>(k_head + table[i] * ks.blk, ks.tok, std::min(BS, len - i * BS), D);
-          prefetch_block<T, 2>(v_head + table[i] * vs.blk, vs.tok, std::min(BS, len - i * BS), D);
-        }
+        for (int64_t i = lead_from; i < std::min(lead_to, nblk); ++i) prefetch_far_share(block_of(cur, i), ks, vs, 0, 1, D);
         lead_from = 0;
         lead_to = std::max<int64_t>(0, kFarBlocks - nblk);
       }
