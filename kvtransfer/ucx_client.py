@@ -3,7 +3,8 @@
 A pull runs on the UCX loop over its own error-handling endpoint to the server's worker: it posts
 receives for the response, the server's final word and the first segments, each segment straight
 into its destination blocks of the cache, sends the request, and posts further segments as earlier
-ones land. It succeeds only on the server's final OK. On any failure it aborts the endpoint and
+ones land; or, on the server's host (local_read.py), reads the blocks itself with process_vm_readv
+once the server has answered, and tells it so. It succeeds only on the server's final OK. On any failure it aborts the endpoint and
 waits until UCX has completed (or cancelled) every receive it posted before it reports: UCX writes
 into the cache itself, and the caller frees the destination blocks as soon as the pull raises.
 """
@@ -11,7 +12,6 @@ into the cache itself, and the caller frees the destination blocks as soon as th
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import secrets
@@ -19,20 +19,24 @@ import secrets
 import numpy as np
 import torch
 
+from . import local_read
 from .ucx_endpoint import Pipeline, TaggedEndpoint, completed
 from .ucx_protocol import (
     FINAL_INDEX,
     MAX_RESPONSE_BYTES,
     MAX_SEGMENTS,
+    NOTE_INDEX,
     KVTransferError,
     PullRequest,
     PullResponse,
+    ReadOutcome,
     ServerAddress,
     Status,
+    pack_note,
     reply_tag,
     request_tag,
 )
-from .ucx_runtime import UcxRuntime
+from .ucx_runtime import LoopTask, UcxRuntime
 from .ucx_segments import block_bytes_view, layout_of, segment_buffer, segments
 
 log = logging.getLogger(__name__)
@@ -45,14 +49,17 @@ _RECEIVES_SETTLE = 10.0  # bound on waiting for UCX to finish the receives of an
 class KVTransportClient:
     """Decode side: pulls blocks from servers into `kv_storage`."""
 
-    def __init__(self, kv_storage: torch.Tensor):
+    def __init__(self, kv_storage: torch.Tensor, *, local_reads: bool = True):
+        """local_reads=False: every pull as UCX messages, also from a server on this host."""
         self._layout = layout_of(kv_storage)
         self._storage = kv_storage  # keeps the memory behind _blocks alive
         self._blocks = block_bytes_view(kv_storage)
         self._num_blocks = kv_storage.shape[0]
         self._rt: UcxRuntime | None = None
-        self._inflight: set[concurrent.futures.Future] = set()
+        self._inflight: set[LoopTask] = set()
         self._closed = False
+        self._host = local_read.host_identity() if local_reads else b""
+        self._stream_only: set[int] = set()  # server ids whose memory the kernel would not let us read
 
     async def start(self) -> None:
         self._rt = await asyncio.to_thread(UcxRuntime.get)
@@ -95,18 +102,19 @@ class KVTransportClient:
             self._rt.address(),
             self._layout,
             np.asarray([(s, n) for s, _, n in segs], dtype=np.int64),
+            local_read=bool(self._host) and addr.host == self._host and addr.server_id not in self._stream_only,
         )
         if len(segs) > min(MAX_SEGMENTS, PullRequest.max_segments(len(req.token), len(req.client_address))):
             raise KVTransferError(f"too many blocks for one pull: {len(src)} in {len(segs)} segments")
 
-        inner = self._rt.spawn(self._pull(addr, req, [(d, n) for _, d, n in segs], float(timeout)))
+        inner = self._rt.start(self._pull(addr, req, [(d, n) for _, d, n in segs], float(timeout)))
         self._inflight.add(inner)
         try:
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(inner)), timeout + _CALLER_GRACE + _RECEIVES_SETTLE)
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(inner.ended)), timeout + _CALLER_GRACE + _RECEIVES_SETTLE)
         except (TimeoutError, asyncio.CancelledError) as e:
-            inner.cancel()  # the UCX side stops, and waits out every receive into our cache, before it ends
+            inner.cancel()  # the UCX side stops, and waits out every receive or read into our cache, before it ends
             with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.wrap_future(inner), _CALLER_GRACE + _RECEIVES_SETTLE)
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(inner.ended)), _CALLER_GRACE + _RECEIVES_SETTLE)
             if isinstance(e, asyncio.CancelledError):
                 if asyncio.current_task().cancelling() or not self._closed:
                     raise
@@ -118,9 +126,9 @@ class KVTransportClient:
     async def close(self) -> None:
         """Cancel running pulls (they raise KVTransferError or CancelledError); the UCX runtime stays."""
         self._closed = True
-        pending = [asyncio.wrap_future(f) for f in self._inflight]
-        for f in list(self._inflight):
-            f.cancel()
+        pending = [asyncio.wrap_future(job.ended) for job in self._inflight]
+        for job in list(self._inflight):
+            job.cancel()
         if pending:
             await asyncio.wait(pending, timeout=_CALLER_GRACE + _RECEIVES_SETTLE)
 
@@ -132,6 +140,7 @@ class KVTransportClient:
         resp = final = None
         resp_buf, final_buf = np.zeros(MAX_RESPONSE_BYTES, np.uint8), np.zeros(MAX_RESPONSE_BYTES, np.uint8)
         segments: Pipeline | None = None
+        reading: asyncio.Future | None = None  # a local read: a worker thread writing into the cache
 
         def receive_segment(k: int) -> asyncio.Future:  # straight into its destination blocks
             first, count = dst[k]
@@ -155,6 +164,13 @@ class KVTransportClient:
         def where() -> str:
             return f"receiving segment {segments.completed + 1}/{n}" if stage == "receiving" else stage
 
+        def read_locally(reply: PullResponse) -> asyncio.Future:
+            """The requested runs copied from the server's cache by a worker thread (local_read.py)."""
+            bb, here = self._layout.block_bytes, self._blocks.ctypes.data
+            remote = [(reply.cache_address + first * bb, count * bb) for first, count in req.segments.tolist()]
+            local = [(here + first * bb, count * bb) for first, count in dst]
+            return asyncio.get_running_loop().run_in_executor(None, local_read.read_runs, reply.pid, remote, local)
+
         try:
             async with asyncio.timeout(timeout):
                 ep = TaggedEndpoint(self._rt, addr.ucx_address)
@@ -165,15 +181,32 @@ class KVTransportClient:
                 # the segments' receives are posted while the request travels and the server checks
                 # it: a segment that came first would wait in UCX's unexpected queue (for a
                 # rendezvous message, only its small header)
-                segments = Pipeline(n, RECEIVES_IN_FLIGHT, receive_segment)
+                if not req.local_read:
+                    segments = Pipeline(n, RECEIVES_IN_FLIGHT, receive_segment)
                 await completed(request)
                 stage = "waiting for the server's answer"
                 await unless_server_gave_up(resp)
                 reply = PullResponse.unpack(resp_buf)
                 if reply.status is not Status.OK:
                     raise KVTransferError(f"server refused the pull ({reply.status.name}): {reply.message}")
-                stage = "receiving"
-                await unless_server_gave_up(segments.finished)
+                if req.local_read:
+                    stage = "reading the blocks from the server's memory"
+                    reading = read_locally(reply)
+                    await asyncio.wait((reading,))  # never cancelled: the thread writes into the cache
+                    if isinstance(refused := reading.exception(), local_read.LocalReadError):
+                        # the kernel would not let us read (ptrace rights): this pull and every later
+                        # one from this server go as UCX messages
+                        log.info("KV pull: local read from server %08x refused (%s); using UCX messages", addr.server_id, refused)
+                        self._stream_only.add(addr.server_id)
+                        segments = Pipeline(n, RECEIVES_IN_FLIGHT, receive_segment)
+                    else:
+                        reading.result()
+                    ep.send(
+                        pack_note(ReadOutcome.READ if segments is None else ReadOutcome.STREAM), reply_tag(rid, NOTE_INDEX)
+                    )  # a send that fails fails the endpoint, and so `final`
+                if segments is not None:
+                    stage = "receiving"
+                    await unless_server_gave_up(segments.finished)
                 stage = "waiting for the server's final word"
                 await asyncio.wait((final,))
                 if (error := server_gave_up()) is not None:
@@ -188,6 +221,8 @@ class KVTransportClient:
         except Exception as e:  # noqa: BLE001 - UCX errors: the server died or the connection broke
             raise KVTransferError(f"pull failed while {where()}: server gone or connection broken ({type(e).__name__}: {e})") from e
         finally:
+            if reading is not None and not reading.done():  # cancelled mid-read: let the copy end first
+                await asyncio.wait((reading,), timeout=_RECEIVES_SETTLE)
             in_flight = []
             if segments is not None:
                 segments.stop()

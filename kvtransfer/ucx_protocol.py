@@ -24,6 +24,20 @@ token revoked and its blocks freed, a timeout) while the client's read of it sti
 those bytes must not count. Tags: the request tag names the server instance (several servers may
 share a process's UCX worker); the reply tags are `request id | index`, the request id being 44
 random bits per pull.
+
+Same host (local_read.py): a client whose host identity equals the one in the server's address asks
+for a local read. The server's response then carries its pid and its cache's address, no segments
+follow, and the client reads the blocks itself (process_vm_readv) and says how it went:
+
+    send REQUEST (local read)                  ──►    check token, segments, layout
+                                               ◄──    RESPONSE OK, pid, cache address
+    process_vm_readv of the requested runs
+    send NOTE (READ, or STREAM if the kernel   ──►    READ: FINAL as above, OK only if the token
+      refused the read)                                 is still valid
+                                               ◄──    STREAM: the segments, then FINAL, as above
+
+The note's tag is `request id | NOTE_INDEX`, an index no reply uses, so a client and a server that
+share one UCX worker never match each other's messages.
 """
 
 from __future__ import annotations
@@ -34,14 +48,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MAGIC = b"TKV2"  # 2: segments sent from and into block-major caches
+MAGIC = b"TKV3"  # 2: segments sent from and into block-major caches; 3: same-host local reads
 REQUEST_TAG_BASE = 0x5444_4B56_0000_0000  # "TDKV" in the high half
 MAX_REQUEST_BYTES = 1 << 20  # the server's receive buffer for one request
 MAX_RESPONSE_BYTES = 4096
 MAX_ADDRESS_BYTES = 0xFFFF  # a client address travels with a u16 length
 INDEX_BITS = 20  # response = index 0, segment k = index k + 1, FINAL_INDEX = the server's final word
 FINAL_INDEX = (1 << INDEX_BITS) - 1
-MAX_SEGMENTS = FINAL_INDEX - 1
+NOTE_INDEX = FINAL_INDEX - 1  # the client's note after a local read (client → server)
+MAX_SEGMENTS = NOTE_INDEX - 1
 
 
 class KVTransferError(Exception):
@@ -59,6 +74,13 @@ class Status(enum.IntEnum):
     SERVER_CLOSED = 7
     ABORTED = 8  # sent on FINAL_INDEX: revoked during the pull, server closing, server timeout
     WRONG_PEER = 9  # never sent: a token presented by a client it was not bound to is dropped unanswered
+
+
+class ReadOutcome(enum.IntEnum):
+    """The client's note after a local read."""
+
+    READ = 0  # every run was read: send FINAL
+    STREAM = 1  # the kernel refused the read: send the segments as UCX messages, then FINAL
 
 
 @dataclass(frozen=True)
@@ -105,31 +127,35 @@ def reply_tag(request_id: int, index: int) -> int:
 
 @dataclass(frozen=True)
 class ServerAddress:
-    """What a client needs: the request tag, the layout, the largest segment, the UCX worker address."""
+    """What a client needs: the request tag, the layout, the largest segment, the UCX worker address,
+    and the server's host identity where it offers local reads (b"" where not)."""
 
     server_id: int
     segment_blocks: int  # the most blocks one data message may carry
     layout: Layout
     ucx_address: bytes
+    host: bytes = b""
 
     def pack(self) -> bytes:
-        return MAGIC + struct.pack("<II", self.server_id, self.segment_blocks) + self.layout.pack() + self.ucx_address
+        head = MAGIC + struct.pack("<IIB", self.server_id, self.segment_blocks, len(self.host)) + self.host
+        return head + self.layout.pack() + self.ucx_address
 
     @classmethod
     def unpack(cls, buf: bytes) -> ServerAddress:
         try:
             if bytes(buf[:4]) != MAGIC:
                 raise ValueError("bad magic")
-            server_id, segment_blocks = struct.unpack_from("<II", buf, 4)
-            layout, off = Layout.unpack(buf, 12)
+            server_id, segment_blocks, host_len = struct.unpack_from("<IIB", buf, 4)
+            host = bytes(buf[13 : 13 + host_len])
+            layout, off = Layout.unpack(buf, 13 + host_len)
         except (ValueError, struct.error, UnicodeDecodeError) as e:
             raise KVTransferError(f"not a Tandem UCX KV transport address (or one of another version: {e})") from None
-        return cls(server_id, segment_blocks, layout, bytes(buf[off:]))
+        return cls(server_id, segment_blocks, layout, bytes(buf[off:]), host)
 
 
 # -- request -------------------------------------------------------------------------------------
 
-_REQ_HEAD = "<4sQdHHI"  # magic, request id, client timeout (s), token len, address len, n segments
+_REQ_HEAD = "<4sQdHHIB"  # magic, request id, client timeout (s), token len, address len, n segments, local read
 
 
 @dataclass(frozen=True)
@@ -140,19 +166,20 @@ class PullRequest:
     client_address: bytes
     layout: Layout
     segments: np.ndarray  # int64 [n, 2]: (first source block, count), in the order they are sent
+    local_read: bool = False  # the client asks to read the blocks itself (same host)
 
     @property
     def src_block_ids(self) -> list[int]:
         return [b for first, count in self.segments.tolist() for b in range(first, first + count)]
 
     def pack(self) -> bytes:
-        head = struct.pack(_REQ_HEAD, MAGIC, self.request_id, self.timeout, len(self.token), len(self.client_address), len(self.segments))
+        head = struct.pack(_REQ_HEAD, MAGIC, self.request_id, self.timeout, len(self.token), len(self.client_address), len(self.segments), self.local_read)
         segs = np.ascontiguousarray(self.segments, dtype="<u4").tobytes()
         return head + self.token + self.client_address + self.layout.pack() + segs
 
     @classmethod
     def unpack(cls, buf: memoryview | bytes) -> PullRequest:
-        magic, rid, timeout, tlen, alen, n = struct.unpack_from(_REQ_HEAD, buf, 0)
+        magic, rid, timeout, tlen, alen, n, local_read = struct.unpack_from(_REQ_HEAD, buf, 0)
         if magic != MAGIC:
             raise ValueError("bad request magic")
         off = struct.calcsize(_REQ_HEAD)
@@ -164,7 +191,7 @@ class PullRequest:
         segs = np.frombuffer(bytes(buf[off : off + 8 * n]), dtype="<u4").astype(np.int64)
         if len(segs) != 2 * n:
             raise ValueError("truncated request")
-        return cls(rid, timeout, token, addr, layout, segs.reshape(n, 2))
+        return cls(rid, timeout, token, addr, layout, segs.reshape(n, 2), bool(local_read))
 
     @staticmethod
     def max_segments(token_len: int, address_len: int) -> int:
@@ -173,25 +200,43 @@ class PullRequest:
 
 # -- response ------------------------------------------------------------------------------------
 
-_RESP_HEAD = "<4sHH"  # magic, status, message length
+_RESP_HEAD = "<4sHHQQ"  # magic, status, message length, server pid, cache address (local reads)
 
 
 @dataclass(frozen=True)
 class PullResponse:
     """The server's answer to a request (index 0), or its final word (FINAL_INDEX): OK once every
-    segment was sent, else why it stopped."""
+    segment was sent, else why it stopped. An OK answer to a local-read request names the server's
+    pid and the address of its cache's block 0."""
 
     status: Status
     message: str = ""
+    pid: int = 0
+    cache_address: int = 0
 
     def pack(self) -> bytes:
         msg = self.message.encode()[: MAX_RESPONSE_BYTES - 64]
-        return struct.pack(_RESP_HEAD, MAGIC, int(self.status), len(msg)) + msg
+        return struct.pack(_RESP_HEAD, MAGIC, int(self.status), len(msg), self.pid, self.cache_address) + msg
 
     @classmethod
     def unpack(cls, buf: memoryview | bytes) -> PullResponse:
-        magic, status, mlen = struct.unpack_from(_RESP_HEAD, buf, 0)
+        magic, status, mlen, pid, cache_address = struct.unpack_from(_RESP_HEAD, buf, 0)
         if magic != MAGIC:
             raise ValueError("bad response magic")
         off = struct.calcsize(_RESP_HEAD)
-        return cls(Status(status), bytes(buf[off : off + mlen]).decode(errors="replace"))
+        return cls(Status(status), bytes(buf[off : off + mlen]).decode(errors="replace"), pid, cache_address)
+
+
+_NOTE = "<4sB"  # magic, ReadOutcome
+NOTE_BYTES = struct.calcsize(_NOTE)
+
+
+def pack_note(outcome: ReadOutcome) -> bytes:
+    return struct.pack(_NOTE, MAGIC, int(outcome))
+
+
+def unpack_note(buf: memoryview | bytes) -> ReadOutcome:
+    magic, outcome = struct.unpack_from(_NOTE, buf, 0)
+    if magic != MAGIC:
+        raise ValueError("bad note magic")
+    return ReadOutcome(outcome)

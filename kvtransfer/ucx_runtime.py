@@ -44,8 +44,8 @@ import concurrent.futures
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,45 @@ class UcxRuntime:
     def spawn(self, coro: Awaitable[Any]) -> concurrent.futures.Future:
         """Start a coroutine on the UCX loop without waiting for it."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def start(self, coro: Coroutine[Any, Any, T]) -> LoopTask[T]:
+        """Start a coroutine on the UCX loop; its LoopTask's `ended` completes only once it has ended."""
+        return LoopTask(self.loop, coro)
+
+
+class LoopTask(Generic[T]):
+    """A coroutine running on another thread's loop, whose `ended` future completes (with its result,
+    its exception, or cancelled) only once the coroutine has ended, its `finally` blocks included.
+
+    run_coroutine_threadsafe's future is marked cancelled the moment it is cancelled, while the
+    task's cancellation has not even reached the other loop; a caller that waited on it went on
+    before the coroutine's cleanup had run (a KV pull's receives or read into the cache)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]):
+        self.ended: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._loop = loop
+        self._task: asyncio.Task | None = None
+        loop.call_soon_threadsafe(self._start, coro)  # callbacks run in order: before any cancel()
+
+    def cancel(self) -> None:
+        """Ask the coroutine to stop (CancelledError inside it); wait on `ended` for it to have."""
+        self._loop.call_soon_threadsafe(self._cancel)
+
+    def _start(self, coro: Coroutine[Any, Any, T]) -> None:
+        self._task = self._loop.create_task(coro)
+        self._task.add_done_callback(self._finished)
+
+    def _cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def _finished(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            self.ended.cancel()
+        elif (error := task.exception()) is not None:
+            self.ended.set_exception(error)
+        else:
+            self.ended.set_result(task.result())
 
 
 def ucx_address(buf: bytes) -> Any:

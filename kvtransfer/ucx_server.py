@@ -6,7 +6,9 @@ segments of blocks exposed with it, same layout) before anything is read, then i
 sent straight from the KV cache (no copy: the client's UCX reads them) over a fresh error-handling
 endpoint to the client's worker, a few at a time, and the pull ends with the server's final word:
 OK only if every send completed and the token was still valid when they had (ucx_protocol.py says
-why the client needs it).
+why the client needs it). A client on this host (local_read.py) asks to read the blocks itself: it
+gets this process's pid and the cache's address instead of segments, and its note after the read
+is what the final word waits for (or, where the kernel refused the read, the segments are sent).
 
 Exposure: each token is bound to one peer, the decode worker it was issued for (its UCX client
 address, from the PrefillRequest). The request names the client's address, so the server dials
@@ -24,6 +26,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import secrets
 import threading
 import time
@@ -33,18 +36,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import local_read
 from .ucx_endpoint import Pipeline, TaggedEndpoint, completed
 from .ucx_protocol import (
     FINAL_INDEX,
     MAX_ADDRESS_BYTES,
     MAX_REQUEST_BYTES,
     MAX_SEGMENTS,
+    NOTE_BYTES,
+    NOTE_INDEX,
     PullRequest,
     PullResponse,
+    ReadOutcome,
     ServerAddress,
     Status,
     reply_tag,
     request_tag,
+    unpack_note,
 )
 from .ucx_runtime import UcxRuntime
 from .ucx_segments import DEFAULT_SEGMENT_BYTES, block_bytes_view, layout_of, segment_buffer
@@ -96,6 +104,7 @@ class KVTransportServer:
         on_drop: Callable[[], None] | None = None,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         max_concurrent_pulls: int = 8,
+        local_reads: bool = True,
     ):
         self._layout = layout_of(kv_storage)
         self._storage = kv_storage  # keeps the memory behind _blocks alive
@@ -113,6 +122,8 @@ class KVTransportServer:
         self._accept: concurrent.futures.Future | None = None
         self._serving: set[asyncio.Task] = set()
         self._max_concurrent = max_concurrent_pulls
+        # same-host clients may read the blocks themselves (local_read.py), where UCX could use CMA too
+        self._host = local_read.host_identity() if local_reads and local_read.offered() else b""
         self._slots: asyncio.Semaphore | None = None  # bounds pulls served at once; made on the UCX loop
         self._closed = False
         self.dropped = 0  # requests dropped unanswered: unknown token, token of another peer, or too many at once
@@ -120,7 +131,7 @@ class KVTransportServer:
     async def start(self) -> None:
         self._caller_loop = asyncio.get_running_loop()
         self._rt = await asyncio.to_thread(UcxRuntime.get)
-        self._address = ServerAddress(self._server_id, self._segment_blocks, self._layout, self._rt.address()).pack()
+        self._address = ServerAddress(self._server_id, self._segment_blocks, self._layout, self._rt.address(), self._host).pack()
         self._accept = self._rt.spawn(self._accept_loop())
 
     @property
@@ -226,6 +237,8 @@ class KVTransportServer:
             return Status.LAYOUT_MISMATCH, f"KV layout differs: client {req.layout}, server {self._layout}", None
         if self._closed:
             return Status.SERVER_CLOSED, "server is closed", None
+        if req.local_read and not self._host:
+            return Status.BAD_REQUEST, "this server does not offer local reads (its address names no host)", None
         bad = self._bad_segments(req.segments)
         if bad:
             return Status.BAD_REQUEST, bad, None
@@ -290,9 +303,19 @@ class KVTransportServer:
                 await completed(ep.send(PullResponse(status, message).pack(), reply_tag(rid, 0)), _SHORT_SEND_TIMEOUT)
                 return
             async with asyncio.timeout(_bounded(req.timeout, grant) + 1.0):
-                response = ep.send(PullResponse(Status.OK).pack(), reply_tag(rid, 0))  # the segments follow at once
-                sends = Pipeline(len(segs), SENDS_IN_FLIGHT, send_segment)
-                await completed(sends.finished)
+                if req.local_read:  # the client reads the blocks itself, then says how it went
+                    note_buf = np.zeros(NOTE_BYTES, np.uint8)
+                    note = ep.recv(note_buf, reply_tag(rid, NOTE_INDEX))
+                    answer = PullResponse(Status.OK, pid=os.getpid(), cache_address=self._blocks.ctypes.data)
+                    response = ep.send(answer.pack(), reply_tag(rid, 0))
+                    await completed(note)
+                    stream = unpack_note(note_buf) is ReadOutcome.STREAM  # the kernel refused the read
+                else:
+                    response = ep.send(PullResponse(Status.OK).pack(), reply_tag(rid, 0))  # the segments follow at once
+                    stream = True
+                if stream:
+                    sends = Pipeline(len(segs), SENDS_IN_FLIGHT, send_segment)
+                    await completed(sends.finished)
                 await completed(response)
                 # every read of the cache has completed; valid now means the blocks were held throughout
                 self._check_still_valid(grant)

@@ -10,8 +10,10 @@
 Data path (ucx_protocol.py has the message flow): the caches are block-major, so each run of
 blocks consecutive on both sides is one contiguous range in each cache and travels as one UCX
 tagged message, sent straight from the server's cache and received straight into the client's
-(same host: the client's UCX copies it with process_vm_readv; other hosts: TCP). No staging copy
-on either side. Endpoints are created with error
+(other hosts: TCP). On the server's host the client skips the messages: once the server has
+checked the token it names its pid, and the client copies the requested runs itself with
+process_vm_readv, the copy UCX's CMA lane makes for each message (local_read.py; a 64-block
+scattered pull 12.1 → 8.4 ms). No staging copy on either side. Endpoints are created with error
 handling, one pair per pull, so a peer's death fails that pull only: the survivor's requests
 fail (a dead sender at once, a dead receiver within UCX's 1 s keepalive) and everything else on
 the worker keeps going.
@@ -20,6 +22,7 @@ the worker keeps going.
     ucx_client.py    KVTransportClient: request, receives into the cache, failure handling
     ucx_protocol.py  wire formats and tags, KVTransferError
     ucx_segments.py  the cache as block byte ranges, and the segments a pull is sent in
+    local_read.py    same-host reads: host identity, when they are offered, process_vm_readv
     ucx_endpoint.py  endpoints whose sends and receives are bare UCX requests, and the windowed
                      pipeline that keeps a pull's segments in flight with done-callbacks
     ucx_runtime.py   the UCX context on its own loop thread; the UCX settings and why

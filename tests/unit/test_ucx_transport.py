@@ -3,6 +3,9 @@
 Peers run in spawned processes driven over a Pipe; every wait is bounded and every child is
 killed in a finally. Caches are small (2 MiB) and segments tiny (2 blocks) so pulls cross many
 segments; the kill tests slow the peer's segment posts down so the kill lands mid-pull.
+
+The clients here pull as UCX messages (local_reads=False), the path between hosts; pulls that read
+the server's memory on its host are tested in test_kv_local_read.py.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def _slow(fn, delay: float, conn=None):
 # -- child processes (module level: spawn imports them by name) ---------------------------------
 
 
-def server_child(conn, dtype_name: str, seed: int, slow_send: float) -> None:
+def server_child(conn, dtype_name: str, seed: int, slow_send: float, local_reads: bool = True) -> None:
     import uvloop
 
     import kvtransfer.ucx_server as S
@@ -60,7 +63,7 @@ def server_child(conn, dtype_name: str, seed: int, slow_send: float) -> None:
         S.segment_buffer = _slow(S.segment_buffer, slow_send, conn)
 
     async def main():
-        server = KVTransportServer(make_cache(getattr(torch, dtype_name), seed), segment_bytes=SEGMENT_BYTES)
+        server = KVTransportServer(make_cache(getattr(torch, dtype_name), seed), segment_bytes=SEGMENT_BYTES, local_reads=local_reads)
         await server.start()
         conn.send(server.address)
         loop = asyncio.get_running_loop()
@@ -85,7 +88,7 @@ def client_child(conn, server_address: bytes, token: bytes, src: list[int], dst:
 
     async def main():
         cache = make_cache(torch.float32, None)
-        client = KVTransportClient(cache)
+        client = KVTransportClient(cache, local_reads=False)
         await client.start()
         conn.send(client.address)
         await asyncio.get_running_loop().run_in_executor(None, conn.recv)
@@ -139,8 +142,8 @@ class ClientChild(Child):
 
 
 class ServerChild(Child):
-    def __init__(self, dtype: str = "float32", seed: int = 1, slow_send: float = 0.0):
-        super().__init__(server_child, dtype, seed, slow_send)
+    def __init__(self, dtype: str = "float32", seed: int = 1, slow_send: float = 0.0, local_reads: bool = True):
+        super().__init__(server_child, dtype, seed, slow_send, local_reads)
         try:
             self.address = recv(self.conn)
         except BaseException:
@@ -171,9 +174,9 @@ def fp32_server():
 
 @pytest.fixture
 async def client():
-    """(client, its cache)."""
+    """(client, its cache): a client that pulls as UCX messages."""
     cache = make_cache(torch.float32, None)
-    c = KVTransportClient(cache)
+    c = KVTransportClient(cache, local_reads=False)
     await c.start()
     yield c, cache
     await c.close()
@@ -203,7 +206,7 @@ async def test_round_trip_bf16_with_consecutive_runs(children):
     server = ServerChild("bfloat16", seed=2)
     children.append(server)
     cache = make_cache(torch.bfloat16, None)
-    c = KVTransportClient(cache)
+    c = KVTransportClient(cache, local_reads=False)
     await c.start()
     src = [3, 4, 5, 6, 40, 41, 9, 63, 0]  # runs consecutive on both sides (cut at 2 blocks) and single blocks
     dst = [10, 11, 12, 13, 14, 2, 3, 60, 61]
@@ -221,7 +224,7 @@ async def test_concurrent_pulls_land_and_never_run_ucxx_out_of_futures(fp32_serv
     thread refills only when it wakes. Every pull must land, and without ucxx's "No Futures
     available" warning (printed for each request that finds the pool empty)."""
     cache = make_cache(torch.float32, None, num_blocks=4 * SHAPE["NB"])  # room for six disjoint pulls
-    client = KVTransportClient(cache)
+    client = KVTransportClient(cache, local_reads=False)
     await client.start()
     try:
         g = torch.Generator().manual_seed(11)
