@@ -88,3 +88,12 @@ def read_runs(pid: int, remote: list[tuple[int, int]], local: list[tuple[int, in
             err = ctypes.get_errno() if got < 0 else 0
             why = os.strerror(err) if got < 0 else f"{got} of {want} bytes (a remote range is not mapped)"
             raise LocalReadError(err, f"process_vm_readv from pid {pid}: {why}")
+
+
+def read_runs_and_check(pid: int, remote: list[tuple[int, int]], local: list[tuple[int, int]], check_address: int) -> int:
+    """read_runs, then the server's int64 check word at `check_address`, read after the data: its
+    value says whether the blocks were still held once the data had been read (ucx_protocol.py)."""
+    read_runs(pid, remote, local)
+    word = ctypes.c_int64(0)
+    read_runs(pid, [(check_address, 8)], [(ctypes.addressof(word), 8)])
+    return word.value

@@ -165,11 +165,12 @@ class KVTransportClient:
             return f"receiving segment {segments.completed + 1}/{n}" if stage == "receiving" else stage
 
         def read_locally(reply: PullResponse) -> asyncio.Future:
-            """The requested runs copied from the server's cache by a worker thread (local_read.py)."""
+            """The requested runs copied from the server's cache by a worker thread (local_read.py);
+            its result is the server's check word as read after them."""
             bb, here = self._layout.block_bytes, self._blocks.ctypes.data
             remote = [(reply.cache_address + first * bb, count * bb) for first, count in req.segments.tolist()]
             local = [(here + first * bb, count * bb) for first, count in dst]
-            return asyncio.get_running_loop().run_in_executor(None, local_read.read_runs, reply.pid, remote, local)
+            return asyncio.get_running_loop().run_in_executor(None, local_read.read_runs_and_check, reply.pid, remote, local, reply.check_address)
 
         try:
             async with asyncio.timeout(timeout):
@@ -199,11 +200,18 @@ class KVTransportClient:
                         log.info("KV pull: local read from server %08x refused (%s); using UCX messages", addr.server_id, refused)
                         self._stream_only.add(addr.server_id)
                         segments = Pipeline(n, RECEIVES_IN_FLIGHT, receive_segment)
+                        ep.send(pack_note(ReadOutcome.STREAM), reply_tag(rid, NOTE_INDEX))  # a failed send fails the endpoint, and so `final`
                     else:
-                        reading.result()
-                    ep.send(
-                        pack_note(ReadOutcome.READ if segments is None else ReadOutcome.STREAM), reply_tag(rid, NOTE_INDEX)
-                    )  # a send that fails fails the endpoint, and so `final`
+                        held = reading.result() == rid
+                        note = ep.send(pack_note(ReadOutcome.READ), reply_tag(rid, NOTE_INDEX))  # ends the server's side
+                        if not held:
+                            raise KVTransferError(
+                                "server aborted the pull: it released the blocks during the read (the transfer token was revoked, or its deadline passed)"
+                            )
+                        # done: the endpoint goes once the note is out (aborting now could cancel it)
+                        note.add_done_callback(lambda _: ep.abort())
+                        ok = True
+                        return
                 if segments is not None:
                     stage = "receiving"
                     await unless_server_gave_up(segments.finished)
@@ -228,7 +236,8 @@ class KVTransportClient:
                 segments.stop()
                 in_flight = list(segments.in_flight.values())
             if ok:
-                ep.abort_soon()
+                if segments is not None:  # (a local read's endpoint goes once its note is out)
+                    ep.abort_soon()
             else:
                 await self._settle(ep, [f for f in (resp, final, *in_flight) if f is not None and not f.done()])
 

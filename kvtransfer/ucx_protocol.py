@@ -29,15 +29,20 @@ Same host (local_read.py): a client whose host identity equals the one in the se
 for a local read. The server's response then carries its pid and its cache's address, no segments
 follow, and the client reads the blocks itself (process_vm_readv) and says how it went:
 
-    send REQUEST (local read)                  ──►    check token, segments, layout
-                                               ◄──    RESPONSE OK, pid, cache address
-    process_vm_readv of the requested runs
-    send NOTE (READ, or STREAM if the kernel   ──►    READ: FINAL as above, OK only if the token
-      refused the read)                                 is still valid
-                                               ◄──    STREAM: the segments, then FINAL, as above
+    send REQUEST (local read)                  ──►    check token, segments, layout; set the
+                                                      pull's check word to the request id
+                                               ◄──    RESPONSE OK, pid, cache address, the check
+                                                      word's address
+    process_vm_readv of the requested runs,
+      then of the check word
+    send NOTE (READ, or STREAM if the kernel   ──►    READ: the pull is over (no FINAL)
+      refused the read)                        ◄──    STREAM: the segments, then FINAL, as above
 
-The note's tag is `request id | NOTE_INDEX`, an index no reply uses, so a client and a server that
-share one UCX worker never match each other's messages.
+The check word replaces the final word's round trip: the server zeroes it before it lets the blocks
+go (revoke, its deadline, close), so a word still equal to the request id after the data was read
+means the blocks were held throughout the read. The note's tag is `request id | NOTE_INDEX`, an
+index no reply uses, so a client and a server that share one UCX worker never match each other's
+messages.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ class Status(enum.IntEnum):
 class ReadOutcome(enum.IntEnum):
     """The client's note after a local read."""
 
-    READ = 0  # every run was read: send FINAL
+    READ = 0  # every run was read (the client checked the check word itself): the pull is over
     STREAM = 1  # the kernel refused the read: send the segments as UCX messages, then FINAL
 
 
@@ -200,31 +205,33 @@ class PullRequest:
 
 # -- response ------------------------------------------------------------------------------------
 
-_RESP_HEAD = "<4sHHQQ"  # magic, status, message length, server pid, cache address (local reads)
+_RESP_HEAD = "<4sHHQQQ"  # magic, status, message length; local reads: server pid, cache and check word addresses
 
 
 @dataclass(frozen=True)
 class PullResponse:
     """The server's answer to a request (index 0), or its final word (FINAL_INDEX): OK once every
     segment was sent, else why it stopped. An OK answer to a local-read request names the server's
-    pid and the address of its cache's block 0."""
+    pid, the address of its cache's block 0 and that of the pull's check word (an int64)."""
 
     status: Status
     message: str = ""
     pid: int = 0
     cache_address: int = 0
+    check_address: int = 0
 
     def pack(self) -> bytes:
         msg = self.message.encode()[: MAX_RESPONSE_BYTES - 64]
-        return struct.pack(_RESP_HEAD, MAGIC, int(self.status), len(msg), self.pid, self.cache_address) + msg
+        head = struct.pack(_RESP_HEAD, MAGIC, int(self.status), len(msg), self.pid, self.cache_address, self.check_address)
+        return head + msg
 
     @classmethod
     def unpack(cls, buf: memoryview | bytes) -> PullResponse:
-        magic, status, mlen, pid, cache_address = struct.unpack_from(_RESP_HEAD, buf, 0)
+        magic, status, mlen, pid, cache_address, check_address = struct.unpack_from(_RESP_HEAD, buf, 0)
         if magic != MAGIC:
             raise ValueError("bad response magic")
         off = struct.calcsize(_RESP_HEAD)
-        return cls(Status(status), bytes(buf[off : off + mlen]).decode(errors="replace"), pid, cache_address)
+        return cls(Status(status), bytes(buf[off : off + mlen]).decode(errors="replace"), pid, cache_address, check_address)
 
 
 _NOTE = "<4sB"  # magic, ReadOutcome

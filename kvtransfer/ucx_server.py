@@ -7,8 +7,9 @@ sent straight from the KV cache (no copy: the client's UCX reads them) over a fr
 endpoint to the client's worker, a few at a time, and the pull ends with the server's final word:
 OK only if every send completed and the token was still valid when they had (ucx_protocol.py says
 why the client needs it). A client on this host (local_read.py) asks to read the blocks itself: it
-gets this process's pid and the cache's address instead of segments, and its note after the read
-is what the final word waits for (or, where the kernel refused the read, the segments are sent).
+gets this process's pid, the cache's address and a check word instead of segments; the word holds
+the request id until the blocks may be released (revoke, close, the deadline), and the client's
+note after its read ends the pull (or, where the kernel refused the read, the segments are sent).
 
 Exposure: each token is bound to one peer, the decode worker it was issued for (its UCX client
 address, from the PrefillRequest). The request names the client's address, so the server dials
@@ -73,6 +74,7 @@ class _Grant:
     peer_address: bytes  # the only client address a pull with this token is served to
     used: bool = False
     revoked: bool = False  # set by revoke() while its pull runs: send no more segments, and end with ABORTED
+    check_slot: int | None = None  # its local read's check word (KVTransportServer._checks), while one runs
 
 
 class _Aborted(Exception):
@@ -124,6 +126,10 @@ class KVTransportServer:
         self._max_concurrent = max_concurrent_pulls
         # same-host clients may read the blocks themselves (local_read.py), where UCX could use CMA too
         self._host = local_read.host_identity() if local_reads and local_read.offered() else b""
+        # one check word per local read in progress (ucx_protocol.py): the request id while the
+        # blocks are held, zeroed before they may be released; slots are taken under _lock
+        self._checks = np.zeros(MAX_PENDING_FACTOR * max_concurrent_pulls, np.int64)
+        self._free_checks = list(range(len(self._checks)))
         self._slots: asyncio.Semaphore | None = None  # bounds pulls served at once; made on the UCX loop
         self._closed = False
         self.dropped = 0  # requests dropped unanswered: unknown token, token of another peer, or too many at once
@@ -161,6 +167,8 @@ class KVTransportServer:
             grant = self._grants.pop(bytes(transfer_token), None)
             if grant is not None:
                 grant.revoked = True
+                if grant.check_slot is not None:  # a local read: it fails its check from now on
+                    self._checks[grant.check_slot] = 0
 
     async def close(self) -> None:
         """Stop serving: running pulls are aborted (their clients get KVTransferError at once); later
@@ -172,6 +180,7 @@ class KVTransportServer:
             for g in self._grants.values():
                 g.revoked = True
             self._grants.clear()
+            self._checks[:] = 0
         if self._rt is not None:
             await self._rt.run(self._shutdown)
 
@@ -306,10 +315,15 @@ class KVTransportServer:
                 if req.local_read:  # the client reads the blocks itself, then says how it went
                     note_buf = np.zeros(NOTE_BYTES, np.uint8)
                     note = ep.recv(note_buf, reply_tag(rid, NOTE_INDEX))
-                    answer = PullResponse(Status.OK, pid=os.getpid(), cache_address=self._blocks.ctypes.data)
+                    check = self._claim_check(grant, rid)
+                    answer = PullResponse(Status.OK, pid=os.getpid(), cache_address=self._blocks.ctypes.data, check_address=check)
                     response = ep.send(answer.pack(), reply_tag(rid, 0))
                     await completed(note)
                     stream = unpack_note(note_buf) is ReadOutcome.STREAM  # the kernel refused the read
+                    if not stream:  # the client judged the read by the check word: no final word
+                        await completed(response)
+                        ok = not (grant.revoked or self._closed)
+                        return
                 else:
                     response = ep.send(PullResponse(Status.OK).pack(), reply_tag(rid, 0))  # the segments follow at once
                     stream = True
@@ -333,9 +347,34 @@ class KVTransportServer:
             if sends is not None:
                 sends.stop()
             if grant is not None:
+                self._release_check(grant)  # before the blocks may go: a read still running fails its check
                 self._notify(req.token, ok)
             if ep is not None:
                 ep.abort_soon()  # cancels the sends still posted (a failed pull's): their futures end with the abort
+
+    def check_integrity(self) -> None:
+        """Every check word is free (and zero) or held by exactly one grant."""
+        with self._lock:
+            held = [g.check_slot for g in self._grants.values() if g.check_slot is not None]
+            free = self._free_checks
+            assert len(set(free)) == len(free) and not set(free) & set(held), "a check word is both free and held, or free twice"
+            assert len(free) + len(held) <= len(self._checks), "more check words than slots"
+            assert not self._checks[free].any(), "a free check word is not zero"
+
+    def _claim_check(self, grant: _Grant, request_id: int) -> int:
+        """A check word for this pull's local read, set to the request id unless the grant is already
+        revoked; its address."""
+        with self._lock:
+            slot = grant.check_slot = self._free_checks.pop()  # never empty: slots ≥ requests in progress
+            self._checks[slot] = 0 if grant.revoked or self._closed else request_id
+        return self._checks.ctypes.data + slot * self._checks.itemsize
+
+    def _release_check(self, grant: _Grant) -> None:
+        with self._lock:
+            if grant.check_slot is not None:
+                self._checks[grant.check_slot] = 0
+                self._free_checks.append(grant.check_slot)
+                grant.check_slot = None
 
     def _check_still_valid(self, grant: _Grant) -> None:
         if grant.revoked or self._closed:

@@ -75,7 +75,7 @@ async def test_a_same_host_pull_reads_the_server_s_memory(servers, client, reads
     server.expose(b"local-fp32", src)
     await client.pull(server.address, b"local-fp32", src, dst, timeout=20)
     assert torch.equal(cache[dst], make_cache(torch.float32, 1)[src])
-    assert reads == [(server.proc.pid, 23)]  # one read of 23 runs, no UCX segment
+    assert reads == [(server.proc.pid, 23), (server.proc.pid, 1)]  # one read of 23 runs, then the check word; no UCX segment
 
 
 async def test_a_bf16_local_read_with_consecutive_runs(servers, reads):
@@ -90,7 +90,7 @@ async def test_a_bf16_local_read_with_consecutive_runs(servers, reads):
         await c.pull(server.address, b"local-bf16", src, dst, timeout=20)
         assert torch.equal(cache[dst], make_cache(torch.bfloat16, 2)[src])
         assert not cache[[b for b in range(SHAPE["NB"]) if b not in dst]].any()
-        assert reads == [(server.proc.pid, 6)]
+        assert reads == [(server.proc.pid, 6), (server.proc.pid, 1)]
     finally:
         await c.close()
 
@@ -139,20 +139,20 @@ async def test_a_local_read_request_to_a_server_that_does_not_offer_it_is_refuse
 
 async def test_revoked_during_the_read_the_pull_fails(servers, client, monkeypatch):
     """The lease ended while the client was reading: the blocks may have been reused under the read,
-    so the server's final word is ABORTED and the pull fails."""
+    so the server zeroed the check word, and the pull fails."""
     client, cache = client
     server = start_server(servers)
     real = local_read.read_runs
 
     def revoked_meanwhile(pid, remote, local):
         server.conn.send(("revoke", b"revoked"))
-        time.sleep(0.3)  # the server has handled the revoke before the client's note comes
+        time.sleep(0.3)  # the server has handled the revoke before the read
         real(pid, remote, local)
 
     monkeypatch.setattr(local_read, "read_runs", revoked_meanwhile)
     src, dst = random_blocks(6, seed=7)
     server.expose(b"revoked", src)
-    with pytest.raises(KVTransferError, match="server aborted the pull: the transfer token was revoked"):
+    with pytest.raises(KVTransferError, match="server aborted the pull: it released the blocks during the read"):
         await client.pull(server.address, b"revoked", src, dst, timeout=20)
 
 
@@ -217,6 +217,54 @@ async def test_server_killed_before_the_read_then_a_new_server(servers, client, 
     again.expose(b"again", src)
     await client.pull(again.address, b"again", src, dst, timeout=20)
     assert torch.equal(cache[dst], make_cache(torch.float32, 3)[src])
+
+
+async def test_check_words_come_back_after_every_kind_of_pull(monkeypatch):
+    """A server and a client in this process (one UCX worker): after pulls that landed, were
+    revoked mid-read, or fell back to UCX messages, every check word is free and zero again, and
+    the server reported each pull's end (ok only for the ones that landed)."""
+    from kvtransfer.ucx_transport import KVTransportServer
+
+    done: list[tuple[bytes, bool]] = []
+    server = KVTransportServer(make_cache(torch.float32, 1), on_pull_done=lambda t, ok: done.append((t, ok)))
+    cache = make_cache(torch.float32, None)
+    client = KVTransportClient(cache)
+    await server.start()
+    await client.start()
+    real = local_read.read_runs
+    try:
+        src, dst = random_blocks(8, seed=12)
+        server.expose(b"fine", src, time.time() + 30, peer_address=client.address)
+        await client.pull(server.address, b"fine", src, dst, timeout=20)
+        assert torch.equal(cache[dst], make_cache(torch.float32, 1)[src])
+
+        def revoke_first(pid, remote, local):
+            server.revoke(b"revoked")
+            real(pid, remote, local)
+
+        monkeypatch.setattr(local_read, "read_runs", revoke_first)
+        server.expose(b"revoked", src, time.time() + 30, peer_address=client.address)
+        with pytest.raises(KVTransferError, match="released the blocks during the read"):
+            await client.pull(server.address, b"revoked", src, dst, timeout=20)
+
+        def refuse(pid, remote, local):
+            raise local_read.LocalReadError(errno.EPERM, "process_vm_readv: Operation not permitted")
+
+        monkeypatch.setattr(local_read, "read_runs", refuse)
+        cache.zero_()
+        server.expose(b"refused", src, time.time() + 30, peer_address=client.address)
+        await client.pull(server.address, b"refused", src, dst, timeout=20)
+        assert torch.equal(cache[dst], make_cache(torch.float32, 1)[src])
+
+        deadline = time.monotonic() + 10
+        while len(done) < 3 and time.monotonic() < deadline:  # on_pull_done hops onto this loop
+            await asyncio.sleep(0.01)
+        assert sorted(done) == [(b"fine", True), (b"refused", True), (b"revoked", False)]
+        server.check_integrity()
+        assert len(server._free_checks) == len(server._checks)
+    finally:
+        await client.close()
+        await server.close()
 
 
 # -- local_read on its own ----------------------------------------------------------------------
