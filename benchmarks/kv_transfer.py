@@ -9,7 +9,10 @@ process holds another, both block-major as the engine's. For 1k, 4k and 16k toke
 blocks, scattered ids, as in a pool that has cycled) and 4k tokens in consecutive ids on both
 sides (as a fresh pool hands out a prompt's blocks), each path moves the blocks from the server's
 cache into this one, end to end (request → bytes in place):
-  - ucx:    KVTransportClient.pull from KVTransportServer (what decode and prefill workers run);
+  - ucx:    KVTransportClient.pull from KVTransportServer (what decode and prefill workers run;
+            on one host the client reads the blocks itself: kvtransfer/local_read.py);
+  - ucx_messages: the same with local reads off (local_reads=False): one UCX message per run of
+            blocks, as between hosts;
   - tcp:    the server gathers the blocks and writes them on an asyncio TCP stream (uvloop), this
             process reads with a BufferedProtocol into a buffer and scatters;
   - grpc:   the same over a gRPC server stream of 4 MiB bytes messages;
@@ -162,6 +165,8 @@ async def bench_paths(args, conn, address: bytes, tcp_port: int, grpc_port: int)
     src_check = make_cache(1)  # the server's cache, rebuilt from the same seed, to check bytes
     client = KVTransportClient(cache)
     await client.start()
+    messages_client = KVTransportClient(cache, local_reads=False)  # the same UCX worker, so the same address
+    await messages_client.start()
     transport, receiver = await asyncio.get_running_loop().create_connection(Receiver, "127.0.0.1", tcp_port)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.max_receive_message_length", 2 * GRPC_CHUNK)])
     grpc_pull = channel.unary_stream(GRPC_METHOD, request_serializer=None, response_deserializer=None)
@@ -171,7 +176,7 @@ async def bench_paths(args, conn, address: bytes, tcp_port: int, grpc_port: int)
     for label, (n, consecutive) in SIZES.items():
         src, dst = block_ids(n, 3, consecutive), block_ids(n, 500, consecutive)
         nbytes = n * LAYERS * 2 * KV_HEADS * BLOCK * HEAD_DIM * 4
-        times: dict[str, list[float]] = {"ucx": [], "tcp": [], "grpc": [], "memcpy_2proc": [], "memcpy_gather_scatter": [], "memcpy_contiguous": []}
+        times: dict[str, list[float]] = {"ucx": [], "ucx_messages": [], "tcp": [], "grpc": [], "memcpy_2proc": [], "memcpy_gather_scatter": [], "memcpy_contiguous": []}
         # memcpy between two processes: the server's bytes in shared memory, copied into a private,
         # already-touched buffer here (the ceiling of any transport between the two processes)
         shm_path = f"/dev/shm/tandem-kvbench-{os.getpid()}-{n}"
@@ -187,6 +192,16 @@ async def bench_paths(args, conn, address: bytes, tcp_port: int, grpc_port: int)
             times["ucx"].append(time.perf_counter() - t)
             if rep == 0:
                 assert torch.equal(cache[torch.tensor(dst)], src_check[torch.tensor(src)]), "ucx pull corrupted the blocks"
+
+            token_no += 1
+            token = token_no.to_bytes(16, "little")
+            await loop.run_in_executor(None, lambda: (conn.send(("expose", token, src, client.address)), conn.recv()))
+            cache[torch.tensor(dst)] = 0.0
+            t = time.perf_counter()
+            await messages_client.pull(address, token, src, dst, timeout=60)
+            times["ucx_messages"].append(time.perf_counter() - t)
+            if rep == 0:
+                assert torch.equal(cache[torch.tensor(dst)], src_check[torch.tensor(src)]), "ucx message pull corrupted the blocks"
 
             t = time.perf_counter()
             done = receiver.expect(nbytes)
@@ -219,6 +234,7 @@ async def bench_paths(args, conn, address: bytes, tcp_port: int, grpc_port: int)
     transport.close()
     await channel.close()
     await client.close()
+    await messages_client.close()
     return results
 
 
@@ -297,7 +313,7 @@ def main() -> None:
             proc.kill()
     cpu_client = time.process_time() - cpu0
     print(f"KV transfer between two processes, median of {args.reps} (GB/s of KV bytes; seconds):")
-    names = ("ucx", "tcp", "grpc", "memcpy_2proc", "memcpy_gather_scatter", "memcpy_contiguous")
+    names = ("ucx", "ucx_messages", "tcp", "grpc", "memcpy_2proc", "memcpy_gather_scatter", "memcpy_contiguous")
     print(f"{'size':6} {'blocks':>6} {'MB':>7} " + " ".join(f"{p:>22}" for p in names))
     for label, r in paths.items():
         cells = " ".join(f"{r[p]['GBps']:9.2f} ({r[p]['seconds'] * 1e3:8.1f} ms)" for p in names)

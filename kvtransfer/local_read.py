@@ -7,13 +7,15 @@ beyond the copy itself. On the 12-07 Zen 4 a 64-block pull took 13.4 ms over UCX
 for the same scattered blocks in one process_vm_readv call, which is what UCX's CMA lane runs for
 each message anyway (docs/benchmarks.md, 12-08).
 
-When: only where the kernel would let UCX's CMA lane do the same read. The server advertises its
-host identity (boot id, pid and network namespaces) in its address when UCX may use CMA (UCX_TLS
-unset, or naming cma, sm or all); a client with the same identity asks for a local read. The
-kernel still decides: process_vm_readv needs the right to ptrace the server (same user, and Yama's
-ptrace_scope 0, or CAP_SYS_PTRACE). A read it refuses raises LocalReadError, and the pull goes on
-as UCX messages. A different network namespace counts as another host, as a pod does: the
-operator's UCX_TLS (tcp in Kubernetes) decides how bytes cross it.
+When: only where UCX's CMA lane could do the same read. The server advertises its host identity
+(boot id and pid namespace, what UCX's CMA lane checks too) in its address when UCX may use CMA
+(UCX_TLS unset, or naming cma, sm or all); a client with the same identity asks for a local read.
+Containers that share a pid namespace (the compose file's prefill and decode) are one host here;
+pods are not. The kernel still decides: process_vm_readv needs the right to ptrace the server
+(same user, and Yama's ptrace_scope 0, or CAP_SYS_PTRACE). A read it refuses raises
+LocalReadError, and the pull goes on as UCX messages. Where the operator names UCX's transports
+without CMA (UCX_TLS=tcp,self in Kubernetes and in the multi-host tests' network namespaces),
+servers offer no local reads.
 
 Nothing here widens what a peer may read: a process allowed to call process_vm_readv on the
 server can read all its memory with or without Tandem; the server still names only the blocks of
@@ -30,7 +32,7 @@ import struct
 import uuid
 
 IOV_MAX = 1024  # the most iovecs one process_vm_readv call takes (Linux UIO_MAXIOV)
-HOST_ID_BYTES = 32  # boot id (16) + pid namespace inode (8) + network namespace inode (8)
+HOST_ID_BYTES = 24  # boot id (16) + pid namespace inode (8)
 _CMA_LANES = ("all", "cma", "sm")  # UCX_TLS names under which UCX itself would read with CMA
 
 
@@ -57,10 +59,10 @@ def host_identity() -> bytes:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = uuid.UUID(f.read().strip()).bytes
-        pid_ns, net_ns = os.stat("/proc/self/ns/pid").st_ino, os.stat("/proc/self/ns/net").st_ino
+        pid_ns = os.stat("/proc/self/ns/pid").st_ino
     except (OSError, ValueError):
         return b""
-    return boot + struct.pack("<QQ", pid_ns, net_ns)
+    return boot + struct.pack("<Q", pid_ns)
 
 
 def offered(environ: dict[str, str] | None = None) -> bool:

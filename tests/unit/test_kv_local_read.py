@@ -300,13 +300,15 @@ def test_local_reads_are_offered_where_ucx_would_use_cma(ucx_tls, offered):
     assert local_read.offered({} if ucx_tls is None else {"UCX_TLS": ucx_tls}) is offered
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1) for a network namespace")
-def test_another_network_namespace_is_another_host():
-    """Pods (and the multi-host tests' namespaces) are other hosts: their pulls go over UCX's TCP."""
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1) for namespaces")
+def test_another_pid_namespace_is_another_host_and_a_network_namespace_is_not():
+    """A pod (its own pid namespace) is another host; containers sharing the pid namespace (the
+    compose file's workers) are one, whatever their network namespaces: CMA works between them."""
     probe = "from kvtransfer import local_read; print(local_read.host_identity().hex())"
     run = lambda *pre: subprocess.run(
         [*pre, sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True, cwd=os.getcwd()
     ).stdout.strip()  # noqa: E731
-    here, other_netns = run(), run("unshare", "--net")
-    assert len(here) == 2 * local_read.HOST_ID_BYTES == len(other_netns)
-    assert here == local_read.host_identity().hex() and other_netns != here and other_netns[:32] == here[:32]  # same boot id
+    here, other_pidns, other_netns = run(), run("unshare", "--pid", "--fork"), run("unshare", "--net")
+    assert len(here) == 2 * local_read.HOST_ID_BYTES == len(other_pidns)
+    assert here == local_read.host_identity().hex() == other_netns
+    assert other_pidns != here and other_pidns[:32] == here[:32]  # the same boot id
