@@ -176,7 +176,8 @@ async def bench_paths(args, conn, address: bytes, tcp_port: int, grpc_port: int)
     for label, (n, consecutive) in SIZES.items():
         src, dst = block_ids(n, 3, consecutive), block_ids(n, 500, consecutive)
         nbytes = n * LAYERS * 2 * KV_HEADS * BLOCK * HEAD_DIM * 4
-        times: dict[str, list[float]] = {"ucx": [], "ucx_messages": [], "tcp": [], "grpc": [], "memcpy_2proc": [], "memcpy_gather_scatter": [], "memcpy_contiguous": []}
+        paths = ("ucx", "ucx_messages", "tcp", "grpc", "memcpy_2proc", "memcpy_gather_scatter", "memcpy_contiguous")
+        times: dict[str, list[float]] = {path: [] for path in paths}
         # memcpy between two processes: the server's bytes in shared memory, copied into a private,
         # already-touched buffer here (the ceiling of any transport between the two processes)
         shm_path = f"/dev/shm/tandem-kvbench-{os.getpid()}-{n}"

@@ -3,10 +3,12 @@
 A pull runs on the UCX loop over its own error-handling endpoint to the server's worker: it posts
 receives for the response, the server's final word and the first segments, each segment straight
 into its destination blocks of the cache, sends the request, and posts further segments as earlier
-ones land; or, on the server's host (local_read.py), reads the blocks itself with process_vm_readv
-once the server has answered, and tells it so. It succeeds only on the server's final OK. On any failure it aborts the endpoint and
-waits until UCX has completed (or cancelled) every receive it posted before it reports: UCX writes
-into the cache itself, and the caller frees the destination blocks as soon as the pull raises.
+ones land. It succeeds only on the server's final OK. On the server's host (local_read.py) it
+instead reads the blocks itself with process_vm_readv once the server has answered, then the
+server's check word, and succeeds only if that word still holds the request id. On any failure it
+aborts the endpoint and waits until UCX has completed (or cancelled) every receive it posted, and
+its read has ended, before it reports: both write into the cache, and the caller frees the
+destination blocks as soon as the pull raises.
 """
 
 from __future__ import annotations
