@@ -74,8 +74,11 @@ class KVTransportClient:
             raise RuntimeError("KVTransportClient.start() has not been awaited")
         return self._rt.address()
 
-    async def pull(self, server_address: bytes, transfer_token: bytes, src_block_ids: list[int], dst_block_ids: list[int], timeout: float) -> None:
+    async def pull(self, server_address: bytes, transfer_token: bytes, src_block_ids: list[int], dst_block_ids: list[int], timeout: float) -> str:
         """Copy the server's blocks src_block_ids into this cache's dst_block_ids; KVTransferError on failure.
+        Returns how they came: "local" (read from the server's memory on this host) or "messages"
+        (UCX messages: another host, local reads off, or the kernel refused the read); "none" when
+        there was nothing to pull.
 
         When it raises, no write into this cache is running any more (the destination blocks may be
         freed at once); the client stays usable."""
@@ -90,7 +93,7 @@ class KVTransportClient:
         if len(set(dst)) != len(dst):
             raise KVTransferError("destination block ids repeat: two segments would write the same block")
         if not src:
-            return
+            return "none"
         addr = ServerAddress.unpack(server_address)
         if addr.layout != self._layout:
             raise KVTransferError(f"KV layout differs: server {addr.layout}, client {self._layout}")
@@ -112,7 +115,7 @@ class KVTransportClient:
         inner = self._rt.start(self._pull(addr, req, [(d, n) for _, d, n in segs], float(timeout)))
         self._inflight.add(inner)
         try:
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(inner.ended)), timeout + _CALLER_GRACE + _RECEIVES_SETTLE)
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(inner.ended)), timeout + _CALLER_GRACE + _RECEIVES_SETTLE)
         except (TimeoutError, asyncio.CancelledError) as e:
             inner.cancel()  # the UCX side stops, and waits out every receive or read into our cache, before it ends
             with contextlib.suppress(BaseException):
@@ -136,7 +139,7 @@ class KVTransportClient:
 
     # -- UCX loop ----------------------------------------------------------------------------
 
-    async def _pull(self, addr: ServerAddress, req: PullRequest, dst: list[tuple[int, int]], timeout: float) -> None:
+    async def _pull(self, addr: ServerAddress, req: PullRequest, dst: list[tuple[int, int]], timeout: float) -> str:
         rid, n = req.request_id, len(dst)
         ep, ok, stage = None, False, "connecting"
         resp = final = None
@@ -213,7 +216,7 @@ class KVTransportClient:
                         # done: the endpoint goes once the note is out (aborting now could cancel it)
                         note.add_done_callback(lambda _: ep.abort())
                         ok = True
-                        return
+                        return "local"
                 if segments is not None:
                     stage = "receiving"
                     await unless_server_gave_up(segments.finished)
@@ -222,6 +225,7 @@ class KVTransportClient:
                 if (error := server_gave_up()) is not None:
                     raise error
             ok = True
+            return "messages"
         except KVTransferError:
             raise
         except TimeoutError:

@@ -63,6 +63,8 @@ class WorkerMetrics:
         self.kv_pull_seconds = Histogram(
             "tandem_kv_pull_seconds", "Duration of one KV pull", buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r
         )
+        self.kv_pulls = Counter("tandem_kv_pulls", "KV pulls that landed, by path: local (read from the prefill worker's memory on this host) or messages "
+                                "(UCX messages: another host, or the kernel refused the local read)", ["path"], registry=r)  # fmt: skip
         self.kv_pull_failures = Counter("tandem_kv_pull_failures", "KV pulls that failed (then recomputed or failed, per policy)", registry=r)
         self.kv_leases_expired = Counter("tandem_kv_leases_expired", "Prefilled prompts freed because no decode worker pulled them in time", registry=r)
         self.kv_pull_requests_dropped = Counter("tandem_kv_pull_requests_dropped", "KV pull requests dropped unanswered: unknown token, a token "

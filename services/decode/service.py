@@ -111,13 +111,15 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
             try:
                 if handle.decode_kv_address and handle.decode_kv_address != self.transport.address:  # empty: a prefill worker before binding
                     raise KVTransferError(f"the KV handle is bound to decode worker {handle.decode_worker_id or '(unnamed)'}, not this one")
-                await self.transport.pull(handle.ucx_address, handle.transfer_token, src, dst, timeout=self.host.config.kv_transfer_timeout)
+                path = await self.transport.pull(handle.ucx_address, handle.transfer_token, src, dst, timeout=self.host.config.kv_transfer_timeout)
                 seconds = time.perf_counter() - t0
                 m = self.host.metrics
+                m.kv_pulls.labels(path=path).inc()
                 m.kv_pull_blocks.inc(len(dst))
                 m.kv_pull_bytes.inc(len(dst) * self.host.bytes_per_block)
                 m.kv_pull_seconds.observe(seconds)
                 span.set_attribute("tandem.kv.seconds", seconds)
+                span.set_attribute("tandem.kv.path", path)
                 return True
             except KVTransferError as e:
                 self.host.metrics.kv_pull_failures.inc()

@@ -48,7 +48,10 @@ def _serve() -> None:  # runs inside the namespace
         if req["op"] == "metric":
             with urllib.request.urlopen(f"http://{req['address']}/metrics", timeout=timeout) as r:
                 text = r.read().decode()
-            return {"value": sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == req["name"])}
+            labels = req.get("labels", {}).items()
+            return {
+                "value": sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == req["name"] and labels <= s.labels.items())
+            }
         with grpc.insecure_channel(req["address"]) as channel:
             if req["op"] == "health":
                 try:

@@ -73,18 +73,21 @@ def wait_idle(c, *names: str, timeout: float = LEASE_S + 5) -> None:
         assert check.ok, f"{name}: {check.problem}"
 
 
-def metric(c, name: str, sample: str) -> float:
+def metric(c, name: str, sample: str, **labels: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{c.service(name).metrics_port}/metrics", timeout=5) as r:
         text = r.read().decode()
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == sample)
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == sample and labels.items() <= s.labels.items())
 
 
 @pytest.mark.parametrize("n", [5, 16, 16 * 7 + 3])  # shorter than a block, one block, many blocks
 def test_disaggregated_equals_aggregated(pd, n):
     prompt = ids(n, start=n)
     pulled_before = metric(pd, "decode-0", "tandem_kv_pull_blocks_total")
+    local_before = metric(pd, "decode-0", "tandem_kv_pulls_total", path="local")
     disagg = generate(pd, prompt, DISAGG)
     pulled = metric(pd, "decode-0", "tandem_kv_pull_blocks_total") - pulled_before
+    # both workers on this host: the decode worker read the blocks from the prefill worker's memory
+    assert metric(pd, "decode-0", "tandem_kv_pulls_total", path="local") - local_before == 1
     agg = generate(pd, prompt, AGG)
     assert tokens(disagg) == tokens(agg)
     assert "".join(c.text for c in disagg) == "".join(c.text for c in agg)

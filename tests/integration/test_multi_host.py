@@ -58,8 +58,8 @@ class BedCluster:
         assert "tokens" in answer, f"{mode}: {answer}"
         return answer["tokens"]
 
-    def metric(self, role: str, name: str) -> float:
-        return self.client.call("metric", address=f"{self.bed.address(role)}:{DEFAULT_METRICS_PORTS[role]}", name=name, timeout=5)["value"]
+    def metric(self, role: str, name: str, **labels: str) -> float:
+        return self.client.call("metric", address=f"{self.bed.address(role)}:{DEFAULT_METRICS_PORTS[role]}", name=name, labels=labels, timeout=5)["value"]
 
     def assert_clean(self, *roles: str) -> None:
         """Each worker ends with no request and no KV block held, and CheckIntegrity clean."""
@@ -200,9 +200,13 @@ def test_decode_pulls_only_the_blocks_it_lacks_over_the_network(hosts):
     # its KV events crossed to the gateway's host: the prefix index knows those blocks
     wait_for(lambda: indexed_blocks(hosts, "decode") >= 4, "the gateway to index the decode worker's blocks", timeout=10, interval=0.2)
     before = hosts.metric("decode", "tandem_kv_pull_blocks_total")
+    as_messages = hosts.metric("decode", "tandem_kv_pulls_total", path="messages")
     prompt = shared + ids(16 * 2 + 9, start=77)
     disaggregated = hosts.generate_ids(prompt, "disaggregated")
     assert hosts.metric("decode", "tandem_kv_pull_blocks_total") - before == 3, "two full blocks and the partial one"
+    # another host (UCX_TLS=tcp,self): UCX messages over TCP, never a local read
+    assert hosts.metric("decode", "tandem_kv_pulls_total", path="messages") - as_messages == 1
+    assert hosts.metric("decode", "tandem_kv_pulls_total", path="local") == 0
     assert disaggregated == hosts.generate_ids(prompt, "aggregated")
     hosts.assert_clean("prefill", "decode")
 

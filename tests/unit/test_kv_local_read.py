@@ -73,7 +73,7 @@ async def test_a_same_host_pull_reads_the_server_s_memory(servers, client, reads
     assert ServerAddress.unpack(server.address).host == local_read.host_identity() != b""
     src, dst = random_blocks(23, seed=5)
     server.expose(b"local-fp32", src)
-    await client.pull(server.address, b"local-fp32", src, dst, timeout=20)
+    assert await client.pull(server.address, b"local-fp32", src, dst, timeout=20) == "local"
     assert torch.equal(cache[dst], make_cache(torch.float32, 1)[src])
     assert reads == [(server.proc.pid, 23), (server.proc.pid, 1)]  # one read of 23 runs, then the check word; no UCX segment
 
@@ -111,7 +111,7 @@ async def test_a_refused_read_goes_on_as_ucx_messages_and_so_do_later_pulls(serv
         src, dst = random_blocks(9, seed=20 + i)
         cache.zero_()
         server.expose(b"refused-%d" % i, src)
-        await client.pull(server.address, b"refused-%d" % i, src, dst, timeout=20)
+        assert await client.pull(server.address, b"refused-%d" % i, src, dst, timeout=20) == "messages"
         assert torch.equal(cache[dst], make_cache(torch.float32, 1)[src])
     assert refused == [server.proc.pid]  # the second pull did not ask
 
@@ -122,7 +122,7 @@ async def test_a_server_without_local_reads_streams(servers, client, reads):
     assert ServerAddress.unpack(server.address).host == b""
     src, dst = random_blocks(5, seed=6)
     server.expose(b"streamed", src)
-    await client.pull(server.address, b"streamed", src, dst, timeout=20)
+    assert await client.pull(server.address, b"streamed", src, dst, timeout=20) == "messages"
     assert torch.equal(cache[dst], make_cache(torch.float32, 1)[src]) and reads == []
 
 

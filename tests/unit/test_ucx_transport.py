@@ -198,7 +198,7 @@ async def test_round_trip_fp32(fp32_server, client):
     client, cache = client
     src, dst = random_blocks(23, seed=5)  # scattered ids: 23 segments of one block
     fp32_server.expose(b"tok-fp32", src)
-    await client.pull(fp32_server.address, b"tok-fp32", src, dst, timeout=20)
+    assert await client.pull(fp32_server.address, b"tok-fp32", src, dst, timeout=20) == "messages"
     assert torch.equal(cache[dst], make_cache(torch.float32, 1)[src])
 
 
