@@ -14,9 +14,7 @@ note after its read ends the pull (or, where the kernel refused the read, the se
 Exposure: each token is bound to one peer, the decode worker it was issued for (its UCX client
 address, from the PrefillRequest). The request names the client's address, so the server dials
 only for a request whose token it issued (used or not) AND whose address is the bound one, and
-so it dials only the bound address (when the blocks are exposed, so that the endpoint's ~0.5 ms
-wire-up is off the pull's path; a grant's endpoint lives until its pull takes it, or it is revoked,
-expires or the server closes): a request with an unknown token, or a known token presented from
+so it dials only the bound address: a request with an unknown token, or a known token presented from
 any other address (a stolen token), is dropped without a byte sent back (its sender times out;
 `dropped` counts it) and burns nothing, so the real peer's pull still succeeds. Requests being
 handled at once are capped (MAX_PENDING_FACTOR), so a peer that can reach the UCX port cannot
@@ -133,7 +131,6 @@ class KVTransportServer:
         self._checks = np.zeros(MAX_PENDING_FACTOR * max_concurrent_pulls, np.int64)
         self._free_checks = list(range(len(self._checks)))
         self._slots: asyncio.Semaphore | None = None  # bounds pulls served at once; made on the UCX loop
-        self._dialed: dict[bytes, TaggedEndpoint] = {}  # token -> the endpoint to its peer, dialed at expose (UCX loop only)
         self._closed = False
         self.dropped = 0  # requests dropped unanswered: unknown token, token of another peer, or too many at once
 
@@ -157,13 +154,11 @@ class KVTransportServer:
             raise ValueError(f"block ids out of range [0, {self._num_blocks}): {bad[:8]}")
         if not peer_address or len(peer_address) > MAX_ADDRESS_BYTES:
             raise ValueError(f"peer_address must be the pulling client's UCX worker address (1..{MAX_ADDRESS_BYTES} bytes), got {len(peer_address)} bytes")
-        now, token = time.time(), bytes(transfer_token)
+        now = time.time()
         with self._lock:
             for tok in [t for t, g in self._grants.items() if g.expires_at < now]:
                 del self._grants[tok]
-            self._grants[token] = _Grant(frozenset(int(b) for b in block_ids), float(expires_at), bytes(peer_address))
-        if self._rt is not None and not self._closed:
-            self._rt.loop.call_soon_threadsafe(self._dial_ahead, token)
+            self._grants[bytes(transfer_token)] = _Grant(frozenset(int(b) for b in block_ids), float(expires_at), bytes(peer_address))
 
     def revoke(self, transfer_token: bytes) -> None:
         """Forget the token; a pull already running with it sends no further segment and fails (its
@@ -174,9 +169,6 @@ class KVTransportServer:
                 grant.revoked = True
                 if grant.check_slot is not None:  # a local read: it fails its check from now on
                     self._checks[grant.check_slot] = 0
-        if grant is not None and self._rt is not None:
-            with contextlib.suppress(RuntimeError):  # the UCX loop is gone only at interpreter exit
-                self._rt.loop.call_soon_threadsafe(self._hang_up, bytes(transfer_token))
 
     async def close(self) -> None:
         """Stop serving: running pulls are aborted (their clients get KVTransferError at once); later
@@ -194,35 +186,7 @@ class KVTransportServer:
 
     # -- UCX loop ----------------------------------------------------------------------------
 
-    def _dial_ahead(self, token: bytes) -> None:
-        """The endpoint a grant's pull will answer on, made now (expose) rather than on its request."""
-        with self._lock:
-            grant = self._grants.get(token)
-        if grant is None or grant.used or self._closed or token in self._dialed:
-            return
-        try:
-            self._dialed[token] = TaggedEndpoint(self._rt, grant.peer_address)
-        except Exception as e:  # noqa: BLE001 - the pull dials again, and reports its own failure
-            log.debug("KV server %08x: dialing ahead failed: %s", self._server_id, e)
-            return
-        # an unused grant's endpoint goes with the grant: at its expiry at the latest
-        self._rt.loop.call_later(max(grant.expires_at - time.time(), 0.0) + _SHORT_SEND_TIMEOUT, self._hang_up, token)
-
-    def _hang_up(self, token: bytes) -> None:
-        ep = self._dialed.pop(token, None)
-        if ep is not None:
-            ep.abort()
-
-    def _endpoint_for(self, req: PullRequest, grant: _Grant | None) -> TaggedEndpoint:
-        """The grant's endpoint dialed at expose, else a new one, to the request's (checked) address."""
-        ep = self._dialed.pop(req.token, None) if grant is not None else None
-        if ep is not None and not ep.closed:
-            return ep
-        return TaggedEndpoint(self._rt, req.client_address)
-
     async def _shutdown(self) -> None:
-        for token in list(self._dialed):
-            self._hang_up(token)
         # wake the accept loop with a message to our own request tag (a worker-level receive
         # cannot be cancelled on its own); it sees _closed and ends, dropping its reference to us
         if self._accept is not None and not self._accept.done():
@@ -343,7 +307,7 @@ class KVTransportServer:
 
         try:
             # _check passed the token's peer check: req.client_address is the address the token is bound to
-            ep = self._endpoint_for(req, grant)
+            ep = TaggedEndpoint(self._rt, req.client_address)
             if status is not Status.OK:
                 await completed(ep.send(PullResponse(status, message).pack(), reply_tag(rid, 0)), _SHORT_SEND_TIMEOUT)
                 return

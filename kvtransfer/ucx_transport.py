@@ -27,10 +27,6 @@ the worker keeps going.
                      pipeline that keeps a pull's segments in flight with done-callbacks
     ucx_runtime.py   the UCX context on its own loop thread; the UCX settings and why
 
-The server dials a token's peer when the blocks are exposed (the endpoint's wire-up, ~0.5 ms, is
-then off the pull's path); the endpoint lives until the pull takes it, or the grant is revoked,
-expires or the server closes.
-
 Guarantees: no byte of the requested blocks is read before the server accepted the token; a
 token allows one pull, by the client it was exposed for (another client's request is dropped
 unanswered: the server never dials an address that did not earn it); a pull succeeds only on the
