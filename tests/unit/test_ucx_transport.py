@@ -246,6 +246,45 @@ async def test_concurrent_pulls_land_and_never_run_ucxx_out_of_futures(fp32_serv
         await client.close()
 
 
+@pytest.mark.parametrize("local_reads", [False, True])
+async def test_pulls_taken_in_another_order_than_their_exposes_all_land(fp32_server, local_reads):
+    """Eight loops at once, each exposing three grants and pulling them in the reverse order: every
+    pull lands. Guards the one-endpoint-pair-per-pull rule: UCX pairs the n-th endpoint one worker
+    dials to another with the n-th the other dials back, so a server that dialed at expose time
+    (ahead of the pulls, in expose order) had its endpoints wired to other pulls' and torn down
+    with them (12 of 960 pulls failed "Request canceled")."""
+    cache = make_cache(torch.float32, None, num_blocks=2 * SHAPE["NB"])
+    client = KVTransportClient(cache, local_reads=local_reads)
+    await client.start()
+    source, failures = make_cache(torch.float32, 1), []
+
+    async def loop_of_pulls(w: int) -> None:
+        g = torch.Generator().manual_seed(100 + w)
+        for r in range(20):
+            grants = []
+            for j in range(3):
+                n = int(torch.randint(1, 5, (1,), generator=g))
+                src = torch.randperm(SHAPE["NB"], generator=g)[:n].tolist()
+                token = f"order-{local_reads}-{w}-{r}-{j}".encode()
+                fp32_server.expose(token, src)
+                grants.append((token, src, [12 * w + 4 * j + i for i in range(n)]))  # disjoint across loops
+            for token, src, dst in reversed(grants):
+                try:
+                    await client.pull(fp32_server.address, token, src, dst, timeout=20)
+                except KVTransferError as e:
+                    failures.append(str(e))
+                    continue
+                if not torch.equal(cache[dst], source[src]):
+                    failures.append(f"{token!r}: wrong bytes")
+            await asyncio.sleep(0)
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(loop_of_pulls(w) for w in range(8))), 120)
+    finally:
+        await client.close()
+    assert failures == []
+
+
 # -- token checks --------------------------------------------------------------------------------
 
 
