@@ -13,13 +13,13 @@ tagged message, sent straight from the server's cache and received straight into
 (other hosts: TCP). On the server's host the client skips the messages: once the server has
 checked the token it names its pid, and the client copies the requested runs itself with
 process_vm_readv, the copy UCX's CMA lane makes for each message (local_read.py; a 64-block
-scattered pull 12.1 → 8.4 ms). No staging copy on either side. Endpoints are created with error
+scattered pull 9.4 → 5.8 ms, benchmarks/kv_pull_latency.py). No staging copy on either side. Endpoints are created with error
 handling, one pair per pull, so a peer's death fails that pull only: the survivor's requests
 fail (a dead sender at once, a dead receiver within UCX's 1 s keepalive) and everything else on
 the worker keeps going.
 
     ucx_server.py    KVTransportServer: token checks, segment sends, the final word
-    ucx_client.py    KVTransportClient: request, receives into the cache, failure handling
+    ucx_client.py    KVTransportClient: request, receives (or a local read) into the cache, failure handling
     ucx_protocol.py  wire formats and tags, KVTransferError
     ucx_segments.py  the cache as block byte ranges, and the segments a pull is sent in
     local_read.py    same-host reads: host identity, when they are offered, process_vm_readv
@@ -30,10 +30,11 @@ the worker keeps going.
 Guarantees: no byte of the requested blocks is read before the server accepted the token; a
 token allows one pull, by the client it was exposed for (another client's request is dropped
 unanswered: the server never dials an address that did not earn it); a pull succeeds only on the
-server's final OK, sent after every segment's send completed while the token was still valid (so
-bytes read from blocks the server freed meanwhile never count); a failed pull raises
-KVTransferError only after no UCX receive into the client's cache is still running, so the caller
-may free the destination blocks at once.
+server's final OK, sent after every segment's send completed while the token was still valid, or,
+after a local read, on the server's check word still holding the request id once the data was read
+(either way, bytes read from blocks the server freed meanwhile never count); a failed or cancelled
+pull raises only after no UCX receive into the client's cache, and no local read, is still running,
+so the caller may free the destination blocks at once.
 """
 
 from __future__ import annotations
