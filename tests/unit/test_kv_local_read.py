@@ -67,6 +67,20 @@ def reads(monkeypatch):
     return calls
 
 
+def slow_reads(monkeypatch, seconds: float) -> tuple[threading.Event, threading.Event]:
+    """local_read.read_runs, each call started `seconds` late: (a read started, a read ended)."""
+    real, started, ended = local_read.read_runs, threading.Event(), threading.Event()
+
+    def slow(pid, remote, local):
+        started.set()
+        time.sleep(seconds)
+        real(pid, remote, local)
+        ended.set()
+
+    monkeypatch.setattr(local_read, "read_runs", slow)
+    return started, ended
+
+
 async def test_a_same_host_pull_reads_the_server_s_memory(servers, client, reads):
     client, cache = client
     server = start_server(servers)
@@ -161,15 +175,7 @@ async def test_a_cancelled_pull_raises_only_after_its_read_ended(servers, client
     the pull raises, so the pull must wait the copy out first."""
     client, cache = client
     server = start_server(servers)
-    real, started, ended = local_read.read_runs, threading.Event(), threading.Event()
-
-    def slow(pid, remote, local):
-        started.set()
-        time.sleep(1.0)
-        real(pid, remote, local)
-        ended.set()
-
-    monkeypatch.setattr(local_read, "read_runs", slow)
+    started, ended = slow_reads(monkeypatch, 1.0)
     src, dst = random_blocks(4, seed=8)
     server.expose(b"cancelled", src)
     pull = asyncio.ensure_future(client.pull(server.address, b"cancelled", src, dst, timeout=20))
@@ -183,14 +189,7 @@ async def test_a_cancelled_pull_raises_only_after_its_read_ended(servers, client
 async def test_a_timed_out_pull_raises_only_after_its_read_ended(servers, client, monkeypatch):
     client, cache = client
     server = start_server(servers)
-    real, ended = local_read.read_runs, threading.Event()
-
-    def slow(pid, remote, local):
-        time.sleep(2.0)
-        real(pid, remote, local)
-        ended.set()
-
-    monkeypatch.setattr(local_read, "read_runs", slow)
+    _, ended = slow_reads(monkeypatch, 2.0)
     src, dst = random_blocks(4, seed=9)
     server.expose(b"timeout", src)
     with pytest.raises(KVTransferError, match="timed out after 0.5 s while reading the blocks from the server's memory"):
