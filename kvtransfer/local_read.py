@@ -30,10 +30,16 @@ import functools
 import os
 import struct
 import uuid
+from collections.abc import Sequence
+
+import numpy as np
 
 IOV_MAX = 1024  # the most iovecs one process_vm_readv call takes (Linux UIO_MAXIOV)
 HOST_ID_BYTES = 24  # boot id (16) + pid namespace inode (8)
 _CMA_LANES = ("all", "cma", "sm")  # UCX_TLS names under which UCX itself would read with CMA
+
+
+Runs = np.ndarray | Sequence[tuple[int, int]]  # (address, length) pairs
 
 
 class LocalReadError(OSError):
@@ -76,23 +82,31 @@ def offered(environ: dict[str, str] | None = None) -> bool:
     return bool(lanes & set(_CMA_LANES))
 
 
-def read_runs(pid: int, remote: list[tuple[int, int]], local: list[tuple[int, int]]) -> None:
+def read_runs(pid: int, remote: Runs, local: Runs) -> None:
     """Copy each remote (address, length) run of process `pid` into the local run at the same index
-    (equal lengths). Blocks the calling thread for the copy (a worker thread: it holds no GIL)."""
-    if len(remote) != len(local) or any(r[1] != here[1] for r, here in zip(remote, local)):
+    (equal lengths). Runs are [n, 2] arrays (or pairs): built with numpy, not one ctypes struct at a
+    time (0.5 ms of GIL-held Python for 1,024 runs). Blocks the calling thread for the copy (a worker
+    thread: it holds no GIL)."""
+    rem, loc = _as_iovecs(remote), _as_iovecs(local)
+    if rem.shape != loc.shape or (rem[:, 1] != loc[:, 1]).any():
         raise ValueError("remote and local runs differ")
-    readv = _process_vm_readv()
-    for lo in range(0, len(remote), IOV_MAX):
-        rem, loc = remote[lo : lo + IOV_MAX], local[lo : lo + IOV_MAX]
-        want = sum(n for _, n in rem)
-        got = readv(pid, (_IOVec * len(loc))(*loc), len(loc), (_IOVec * len(rem))(*rem), len(rem), 0)
+    readv, iov = _process_vm_readv(), ctypes.POINTER(_IOVec)
+    for lo in range(0, len(rem), IOV_MAX):
+        there, here = rem[lo : lo + IOV_MAX], loc[lo : lo + IOV_MAX]
+        want = int(there[:, 1].sum())
+        got = readv(pid, here.ctypes.data_as(iov), len(here), there.ctypes.data_as(iov), len(there), 0)
         if got != want:
             err = ctypes.get_errno() if got < 0 else 0
             why = os.strerror(err) if got < 0 else f"{got} of {want} bytes (a remote range is not mapped)"
             raise LocalReadError(err, f"process_vm_readv from pid {pid}: {why}")
 
 
-def read_runs_and_check(pid: int, remote: list[tuple[int, int]], local: list[tuple[int, int]], check_address: int) -> int:
+def _as_iovecs(runs: Runs) -> np.ndarray:
+    """(address, length) runs as a C-contiguous uint64 [n, 2] array: the layout of struct iovec."""
+    return np.ascontiguousarray(np.asarray(runs, dtype=np.uint64).reshape(-1, 2))
+
+
+def read_runs_and_check(pid: int, remote: Runs, local: Runs, check_address: int) -> int:
     """read_runs, then the server's int64 check word at `check_address`, read after the data: its
     value says whether the blocks were still held once the data had been read (ucx_protocol.py)."""
     read_runs(pid, remote, local)

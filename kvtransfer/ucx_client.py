@@ -172,9 +172,9 @@ class KVTransportClient:
         def read_locally(reply: PullResponse) -> asyncio.Future:
             """The requested runs copied from the server's cache by a worker thread (local_read.py);
             its result is the server's check word as read after them."""
-            bb, here = self._layout.block_bytes, self._blocks.ctypes.data
-            remote = [(reply.cache_address + first * bb, count * bb) for first, count in req.segments.tolist()]
-            local = [(here + first * bb, count * bb) for first, count in dst]
+            bb, here, into = self._layout.block_bytes, self._blocks.ctypes.data, np.asarray(dst, np.int64)
+            remote = np.stack([reply.cache_address + req.segments[:, 0] * bb, req.segments[:, 1] * bb], axis=1)
+            local = np.stack([here + into[:, 0] * bb, into[:, 1] * bb], axis=1)
             return asyncio.get_running_loop().run_in_executor(None, local_read.read_runs_and_check, reply.pid, remote, local, reply.check_address)
 
         try:
