@@ -6,7 +6,8 @@ A server process holds the default model's cache (benchmarks.kv_transfer's layou
 blocks); this process pulls the same scattered blocks with two clients in turn, pull by pull: the
 default one (on the server's host it reads the blocks itself, kvtransfer/local_read.py) and one
 with local_reads=False (one UCX message per run of blocks, the path between hosts). Alternating in
-one pair of processes keeps the VM's minute-to-minute drift out of the comparison. Prints p50 and
+one pair of processes keeps the VM's minute-to-minute drift out of the comparison. UCX is confined
+to loopback in both processes, as in workers bound to their default --host. Prints p50 and
 min per size and path (the first pull of each is a warm-up).
 """
 
@@ -20,13 +21,15 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.kv_transfer import block_ids, make_cache
+from benchmarks.kv_transfer import block_ids, make_cache, on_loopback_as_workers_are
 
 
 def server_main(conn) -> None:
     import uvloop
 
     from kvtransfer.ucx_transport import KVTransportServer
+
+    on_loopback_as_workers_are()
 
     async def main():
         server = KVTransportServer(make_cache(1))
@@ -78,6 +81,7 @@ def main() -> None:
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=server_main, args=(child,), daemon=True)
     proc.start()
+    on_loopback_as_workers_are()
     try:
         address = parent.recv()
         results = asyncio.run(bench(parent, address, args.blocks, args.reps))

@@ -20,7 +20,8 @@ cache into this one, end to end (request → bytes in place):
             touched) buffer here: memcpy between the two processes, the ceiling of any transport;
   - memcpy_gather_scatter / memcpy_contiguous: one process, the blocks copied between two caches
             with gather + scatter, and a plain copy of as many contiguous bytes.
-Median of --reps runs after a warm-up; GB/s counts KV bytes. The first ucx pull is checked byte
+Median of --reps runs after a warm-up; GB/s counts KV bytes. UCX is confined to loopback in both
+processes, as in workers bound to their default --host 127.0.0.1. The first ucx pull is checked byte
 for byte against the source.
 
 Part 2: `tandem up`'s processes (tokenizer, one prefill and one decode worker, gateway) on free
@@ -81,8 +82,17 @@ def scatter(cache: torch.Tensor, ids: list[int], data: torch.Tensor) -> None:
 # ---- the server process ---------------------------------------------------------------------------
 
 
+def on_loopback_as_workers_are() -> None:
+    """UCX confined to loopback, as a worker bound to its default --host 127.0.0.1 runs it (on every
+    interface an endpoint's wire-up also weighs eth0's TCP lane: 0.32-0.41 against 0.23 ms)."""
+    from kvtransfer.ucx_runtime import set_data_plane_host
+
+    set_data_plane_host("127.0.0.1")
+
+
 def server_main(conn, tcp_port: int, grpc_port: int) -> None:
     torch.set_num_threads(1)
+    on_loopback_as_workers_are()
     uvloop.run(serve(conn, tcp_port, grpc_port))
 
 
@@ -304,6 +314,7 @@ def main() -> None:
     proc = ctx.Process(target=server_main, args=(child, tcp_port, grpc_port), daemon=True)
     proc.start()
     cpu0 = time.process_time()
+    on_loopback_as_workers_are()
     try:
         address = parent.recv()
         paths = uvloop.run(bench_paths(args, parent, address, tcp_port, grpc_port))
