@@ -195,24 +195,16 @@ async def bench_paths(args, conn, address: bytes, tcp_port: int, grpc_port: int)
         shared = torch.from_file(shm_path, shared=True, size=nbytes // 4, dtype=torch.float32)
         private, flat_src, flat_dst = torch.ones(nbytes // 4), torch.ones(nbytes // 4), torch.ones(nbytes // 4)
         for rep in range(args.reps + 1):
-            token_no += 1
-            token = token_no.to_bytes(16, "little")
-            await loop.run_in_executor(None, lambda: (conn.send(("expose", token, src, client.address)), conn.recv()))
-            t = time.perf_counter()
-            await client.pull(address, token, src, dst, timeout=60)
-            times["ucx"].append(time.perf_counter() - t)
-            if rep == 0:
-                assert torch.equal(cache[torch.tensor(dst)], src_check[torch.tensor(src)]), "ucx pull corrupted the blocks"
-
-            token_no += 1
-            token = token_no.to_bytes(16, "little")
-            await loop.run_in_executor(None, lambda: (conn.send(("expose", token, src, client.address)), conn.recv()))
-            cache[torch.tensor(dst)] = 0.0
-            t = time.perf_counter()
-            await messages_client.pull(address, token, src, dst, timeout=60)
-            times["ucx_messages"].append(time.perf_counter() - t)
-            if rep == 0:
-                assert torch.equal(cache[torch.tensor(dst)], src_check[torch.tensor(src)]), "ucx message pull corrupted the blocks"
+            for path, puller in (("ucx", client), ("ucx_messages", messages_client)):
+                token_no += 1
+                token = token_no.to_bytes(16, "little")
+                await loop.run_in_executor(None, lambda: (conn.send(("expose", token, src, client.address)), conn.recv()))
+                cache[torch.tensor(dst)] = 0.0  # the first pull is checked: nothing left from the path before
+                t = time.perf_counter()
+                await puller.pull(address, token, src, dst, timeout=60)
+                times[path].append(time.perf_counter() - t)
+                if rep == 0:
+                    assert torch.equal(cache[torch.tensor(dst)], src_check[torch.tensor(src)]), f"the {path} pull corrupted the blocks"
 
             t = time.perf_counter()
             done = receiver.expect(nbytes)

@@ -78,7 +78,7 @@ def offered(environ: dict[str, str] | None = None) -> bool:
         return True
     lanes = {t.strip() for t in tls.removeprefix("^").split(",")}
     if tls.startswith("^"):  # UCX's syntax for "every lane but these"
-        return not lanes & {"cma", "sm"}
+        return not lanes & set(_CMA_LANES)
     return bool(lanes & set(_CMA_LANES))
 
 

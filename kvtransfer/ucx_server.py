@@ -127,8 +127,9 @@ class KVTransportServer:
         # same-host clients may read the blocks themselves (local_read.py), where UCX could use CMA too
         self._host = local_read.host_identity() if local_reads and local_read.offered() else b""
         # one check word per local read in progress (ucx_protocol.py): the request id while the
-        # blocks are held, zeroed before they may be released; slots are taken under _lock
-        self._checks = np.zeros(MAX_PENDING_FACTOR * max_concurrent_pulls, np.int64)
+        # blocks are held, zeroed before they may be released; taken under _lock, and only while the
+        # pull holds one of the max_concurrent_pulls slots (_serve), so there is one word a slot
+        self._checks = np.zeros(max_concurrent_pulls, np.int64)
         self._free_checks = list(range(len(self._checks)))
         self._slots: asyncio.Semaphore | None = None  # bounds pulls served at once; made on the UCX loop
         self._closed = False
@@ -365,7 +366,7 @@ class KVTransportServer:
         """A check word for this pull's local read, set to the request id unless the grant is already
         revoked; its address."""
         with self._lock:
-            slot = grant.check_slot = self._free_checks.pop()  # never empty: slots ≥ requests in progress
+            slot = grant.check_slot = self._free_checks.pop()  # never empty: one word per pull slot
             self._checks[slot] = 0 if grant.revoked or self._closed else request_id
         return self._checks.ctypes.data + slot * self._checks.itemsize
 

@@ -293,7 +293,17 @@ def test_read_runs_takes_more_runs_than_one_call_can():
 
 @pytest.mark.parametrize(
     ("ucx_tls", "offered"),
-    [(None, True), ("posix,cma,tcp,self", True), ("sm,self", True), ("all", True), ("tcp,self", False), ("^tcp", True), ("^cma,tcp", False), ("^sm", False)],
+    [
+        (None, True),
+        ("posix,cma,tcp,self", True),
+        ("sm,self", True),
+        ("all", True),
+        ("tcp,self", False),
+        ("^tcp", True),
+        ("^cma,tcp", False),
+        ("^sm", False),
+        ("^all", False),
+    ],
 )
 def test_local_reads_are_offered_where_ucx_would_use_cma(ucx_tls, offered):
     assert local_read.offered({} if ucx_tls is None else {"UCX_TLS": ucx_tls}) is offered
