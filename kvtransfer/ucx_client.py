@@ -17,11 +17,12 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from . import local_read
+from . import local_channel, local_read
 from .ucx_endpoint import Pipeline, TaggedEndpoint, completed
 from .ucx_protocol import (
     FINAL_INDEX,
@@ -46,13 +47,16 @@ log = logging.getLogger(__name__)
 _CALLER_GRACE = 5.0  # extra time the caller's loop waits for the UCX loop beyond the pull timeout
 RECEIVES_IN_FLIGHT = 32  # receives posted ahead of the segment being read (see ucx_server.SENDS_IN_FLIGHT)
 _RECEIVES_SETTLE = 10.0  # bound on waiting for UCX to finish the receives of an aborted endpoint
+_RELEASED_DURING_READ = "server aborted the pull: it released the blocks during the read (the transfer token was revoked, or its deadline passed)"
 
 
 class KVTransportClient:
     """Decode side: pulls blocks from servers into `kv_storage`."""
 
-    def __init__(self, kv_storage: torch.Tensor, *, local_reads: bool = True):
-        """local_reads=False: every pull as UCX messages, also from a server on this host."""
+    def __init__(self, kv_storage: torch.Tensor, *, local_reads: bool = True, on_channel_pull: Callable[[], None] | None = None):
+        """local_reads=False: every pull as UCX messages, also from a server on this host.
+        on_channel_pull: called (on the UCX loop's thread) for each pull that landed after being
+        requested over a server's same-host channel (local_channel.py): a metric."""
         self._layout = layout_of(kv_storage)
         self._storage = kv_storage  # keeps the memory behind _blocks alive
         self._blocks = block_bytes_view(kv_storage)
@@ -62,6 +66,9 @@ class KVTransportClient:
         self._closed = False
         self._host = local_read.host_identity() if local_reads else b""
         self._stream_only: set[int] = set()  # server ids whose memory the kernel would not let us read
+        self._channels = local_channel.Channels()  # servers' same-host channels; used on the UCX loop only
+        self.channel_pulls = 0  # pulls requested over a server's same-host channel
+        self._on_channel_pull = on_channel_pull
 
     async def start(self) -> None:
         self._rt = await asyncio.to_thread(UcxRuntime.get)
@@ -112,7 +119,7 @@ class KVTransportClient:
         if len(segs) > min(MAX_SEGMENTS, PullRequest.max_segments(len(req.token), len(req.client_address))):
             raise KVTransferError(f"too many blocks for one pull: {len(src)} in {len(segs)} segments")
 
-        inner = self._rt.start(self._pull(addr, req, [(d, n) for _, d, n in segs], float(timeout)))
+        inner = self._rt.start(self._pull_by_channel_or_ucx(addr, req, [(d, n) for _, d, n in segs], float(timeout)))
         self._inflight.add(inner)
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(inner.ended)), timeout + _CALLER_GRACE + _RECEIVES_SETTLE)
@@ -136,8 +143,83 @@ class KVTransportClient:
             job.cancel()
         if pending:
             await asyncio.wait(pending, timeout=_CALLER_GRACE + _RECEIVES_SETTLE)
+        if self._rt is not None:
+            await self._rt.run(self._close_channels)
+
+    async def _close_channels(self) -> None:
+        self._channels.close()
 
     # -- UCX loop ----------------------------------------------------------------------------
+
+    async def _pull_by_channel_or_ucx(self, addr: ServerAddress, req: PullRequest, dst: list[tuple[int, int]], timeout: float) -> str:
+        """A local read whose server handed us its channel's key goes over the channel; every other
+        pull, and one whose channel cannot be had (unreachable, full), as a UCX request."""
+        if req.local_read and addr.channel and self._channels.knows(addr.channel):
+            try:
+                async with asyncio.timeout(timeout):
+                    conn = await self._channels.take(addr.channel, req.client_address)
+            except local_channel.ChannelRefused as e:
+                log.info("KV pull: server %08x's channel: %s; requesting over UCX", addr.server_id, e)
+            except TimeoutError:
+                raise KVTransferError(f"pull timed out after {timeout} s while connecting to the server's channel") from None
+            else:
+                return await self._pull_over_channel(conn, addr, req, dst, timeout)
+        return await self._pull(addr, req, dst, timeout)
+
+    def _read_locally(self, reply: PullResponse, req: PullRequest, dst: list[tuple[int, int]]) -> asyncio.Future:
+        """The requested runs copied from the server's cache by a worker thread (local_read.py); its
+        result is the server's check word as read after them."""
+        bb, here, into = self._layout.block_bytes, self._blocks.ctypes.data, np.asarray(dst, np.int64)
+        remote = np.stack([reply.cache_address + req.segments[:, 0] * bb, req.segments[:, 1] * bb], axis=1)
+        local = np.stack([here + into[:, 0] * bb, into[:, 1] * bb], axis=1)
+        return asyncio.get_running_loop().run_in_executor(None, local_read.read_runs_and_check, reply.pid, remote, local, reply.check_address)
+
+    async def _pull_over_channel(
+        self, conn: local_channel.Connection, addr: ServerAddress, req: PullRequest, dst: list[tuple[int, int]], timeout: float
+    ) -> str:
+        """Request, answer, read, note, on one connection of the server's channel (local_channel.py).
+        The connection is kept only when the exchange ended cleanly; otherwise it is closed, which
+        ends the pull on the server's side."""
+        rid, reading, clean, stage = req.request_id, None, False, "waiting for the server's answer on its channel"
+        self.channel_pulls += 1
+        try:
+            async with asyncio.timeout(timeout):
+                conn.send(req.pack())
+                reply = PullResponse.unpack(await conn.receive())
+                if reply.status is not Status.OK:
+                    clean = True
+                    raise KVTransferError(f"server refused the pull ({reply.status.name}): {reply.message}")
+                stage = "reading the blocks from the server's memory"
+                reading = self._read_locally(reply, req, dst)
+                await asyncio.wait((reading,))  # never cancelled: the thread writes into the cache
+                if isinstance(refused := reading.exception(), local_read.LocalReadError):
+                    # the first pull's read was allowed (it handed us the key): the server's rights changed
+                    self._stream_only.add(addr.server_id)
+                    raise KVTransferError(f"the kernel refused to read the server's memory ({refused}); later pulls from it go as UCX messages")
+                held = reading.result() == rid
+                conn.send(pack_note(ReadOutcome.READ))  # ends the server's side
+                clean = True
+                if not held:
+                    raise KVTransferError(_RELEASED_DURING_READ)
+                if self._on_channel_pull is not None:
+                    with contextlib.suppress(Exception):  # a metric must never fail a pull
+                        self._on_channel_pull()
+                return "local"
+        except KVTransferError:
+            raise
+        except TimeoutError:
+            raise KVTransferError(f"pull timed out after {timeout} s while {stage}") from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the server died, or broke the protocol
+            raise KVTransferError(f"pull failed while {stage}: server gone or channel broken ({type(e).__name__}: {e})") from e
+        finally:
+            if reading is not None and not reading.done():  # cancelled mid-read: let the copy end first
+                await asyncio.wait((reading,), timeout=_RECEIVES_SETTLE)
+            if clean:
+                self._channels.give_back(addr.channel, conn)
+            else:
+                conn.close()
 
     async def _pull(self, addr: ServerAddress, req: PullRequest, dst: list[tuple[int, int]], timeout: float) -> str:
         rid, n = req.request_id, len(dst)
@@ -169,14 +251,6 @@ class KVTransportClient:
         def where() -> str:
             return f"receiving segment {segments.completed + 1}/{n}" if stage == "receiving" else stage
 
-        def read_locally(reply: PullResponse) -> asyncio.Future:
-            """The requested runs copied from the server's cache by a worker thread (local_read.py);
-            its result is the server's check word as read after them."""
-            bb, here, into = self._layout.block_bytes, self._blocks.ctypes.data, np.asarray(dst, np.int64)
-            remote = np.stack([reply.cache_address + req.segments[:, 0] * bb, req.segments[:, 1] * bb], axis=1)
-            local = np.stack([here + into[:, 0] * bb, into[:, 1] * bb], axis=1)
-            return asyncio.get_running_loop().run_in_executor(None, local_read.read_runs_and_check, reply.pid, remote, local, reply.check_address)
-
         try:
             async with asyncio.timeout(timeout):
                 ep = TaggedEndpoint(self._rt, addr.ucx_address)
@@ -197,7 +271,7 @@ class KVTransportClient:
                     raise KVTransferError(f"server refused the pull ({reply.status.name}): {reply.message}")
                 if req.local_read:
                     stage = "reading the blocks from the server's memory"
-                    reading = read_locally(reply)
+                    reading = self._read_locally(reply, req, dst)
                     await asyncio.wait((reading,))  # never cancelled: the thread writes into the cache
                     if isinstance(refused := reading.exception(), local_read.LocalReadError):
                         # the kernel would not let us read (ptrace rights): this pull and every later
@@ -210,11 +284,10 @@ class KVTransportClient:
                         held = reading.result() == rid
                         note = ep.send(pack_note(ReadOutcome.READ), reply_tag(rid, NOTE_INDEX))  # ends the server's side
                         if not held:
-                            raise KVTransferError(
-                                "server aborted the pull: it released the blocks during the read (the transfer token was revoked, or its deadline passed)"
-                            )
+                            raise KVTransferError(_RELEASED_DURING_READ)
                         # done: the endpoint goes once the note is out (aborting now could cancel it)
                         note.add_done_callback(lambda _: ep.abort())
+                        self._channels.learn(addr.channel, reply.channel_key)  # later pulls: its channel
                         ok = True
                         return "local"
                 if segments is not None:

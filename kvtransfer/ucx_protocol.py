@@ -43,6 +43,11 @@ go (revoke, its deadline, close), so a word still equal to the request id after 
 means the blocks were held throughout the read. The note's tag is `request id | NOTE_INDEX`, an
 index no reply uses, so a client and a server that share one UCX worker never match each other's
 messages.
+
+The OK answer to a local read requested over UCX also carries the client's key to the server's
+same-host channel (local_channel.py), whose name is in the server's address: later local reads from
+that server send the same REQUEST, get the same RESPONSE and send the same NOTE (READ) as frames on
+a Unix socket kept open between the two processes, with no UCX endpoint at all.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MAGIC = b"TKV3"  # 2: segments sent from and into block-major caches; 3: same-host local reads
+MAGIC = b"TKV4"  # 2: segments sent from and into block-major caches; 3: same-host local reads; 4: their channel
 REQUEST_TAG_BASE = 0x5444_4B56_0000_0000  # "TDKV" in the high half
 MAX_REQUEST_BYTES = 1 << 20  # the server's receive buffer for one request
 MAX_RESPONSE_BYTES = 4096
@@ -133,16 +138,19 @@ def reply_tag(request_id: int, index: int) -> int:
 @dataclass(frozen=True)
 class ServerAddress:
     """What a client needs: the request tag, the layout, the largest segment, the UCX worker address,
-    and the server's host identity where it offers local reads (b"" where not)."""
+    and, where the server offers local reads, its host identity and the name of its same-host
+    channel (local_channel.py; b"" where none)."""
 
     server_id: int
     segment_blocks: int  # the most blocks one data message may carry
     layout: Layout
     ucx_address: bytes
     host: bytes = b""
+    channel: bytes = b""
 
     def pack(self) -> bytes:
         head = MAGIC + struct.pack("<IIB", self.server_id, self.segment_blocks, len(self.host)) + self.host
+        head += struct.pack("<B", len(self.channel)) + self.channel
         return head + self.layout.pack() + self.ucx_address
 
     @classmethod
@@ -151,11 +159,14 @@ class ServerAddress:
             if bytes(buf[:4]) != MAGIC:
                 raise ValueError("bad magic")
             server_id, segment_blocks, host_len = struct.unpack_from("<IIB", buf, 4)
-            host = bytes(buf[13 : 13 + host_len])
-            layout, off = Layout.unpack(buf, 13 + host_len)
+            off = 13 + host_len
+            host = bytes(buf[13:off])
+            (channel_len,) = struct.unpack_from("<B", buf, off)
+            channel = bytes(buf[off + 1 : off + 1 + channel_len])
+            layout, off = Layout.unpack(buf, off + 1 + channel_len)
         except (ValueError, struct.error, UnicodeDecodeError) as e:
             raise KVTransferError(f"not a Tandem UCX KV transport address (or one of another version: {e})") from None
-        return cls(server_id, segment_blocks, layout, bytes(buf[off:]), host)
+        return cls(server_id, segment_blocks, layout, bytes(buf[off:]), host, channel)
 
 
 # -- request -------------------------------------------------------------------------------------
@@ -205,33 +216,36 @@ class PullRequest:
 
 # -- response ------------------------------------------------------------------------------------
 
-_RESP_HEAD = "<4sHHQQQ"  # magic, status, message length; local reads: server pid, cache and check word addresses
+_RESP_HEAD = "<4sHHQQQB"  # magic, status, message length; local reads: server pid, cache and check word addresses, channel key length
 
 
 @dataclass(frozen=True)
 class PullResponse:
     """The server's answer to a request (index 0), or its final word (FINAL_INDEX): OK once every
     segment was sent, else why it stopped. An OK answer to a local-read request names the server's
-    pid, the address of its cache's block 0 and that of the pull's check word (an int64)."""
+    pid, the address of its cache's block 0 and that of the pull's check word (an int64); sent as a
+    UCX message, it also carries the client's key to the server's same-host channel (local_channel.py)."""
 
     status: Status
     message: str = ""
     pid: int = 0
     cache_address: int = 0
     check_address: int = 0
+    channel_key: bytes = b""
 
     def pack(self) -> bytes:
-        msg = self.message.encode()[: MAX_RESPONSE_BYTES - 64]
-        head = struct.pack(_RESP_HEAD, MAGIC, int(self.status), len(msg), self.pid, self.cache_address, self.check_address)
-        return head + msg
+        msg = self.message.encode()[: MAX_RESPONSE_BYTES - 128]
+        head = struct.pack(_RESP_HEAD, MAGIC, int(self.status), len(msg), self.pid, self.cache_address, self.check_address, len(self.channel_key))
+        return head + msg + self.channel_key
 
     @classmethod
     def unpack(cls, buf: memoryview | bytes) -> PullResponse:
-        magic, status, mlen, pid, cache_address, check_address = struct.unpack_from(_RESP_HEAD, buf, 0)
+        magic, status, mlen, pid, cache_address, check_address, klen = struct.unpack_from(_RESP_HEAD, buf, 0)
         if magic != MAGIC:
             raise ValueError("bad response magic")
         off = struct.calcsize(_RESP_HEAD)
-        return cls(Status(status), bytes(buf[off : off + mlen]).decode(errors="replace"), pid, cache_address, check_address)
+        message = bytes(buf[off : off + mlen]).decode(errors="replace")
+        return cls(Status(status), message, pid, cache_address, check_address, bytes(buf[off + mlen : off + mlen + klen]))
 
 
 _NOTE = "<4sB"  # magic, ReadOutcome

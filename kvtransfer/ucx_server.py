@@ -26,9 +26,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hmac
 import logging
 import os
 import secrets
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import local_read
+from . import local_channel, local_read
 from .ucx_endpoint import Pipeline, TaggedEndpoint, completed
 from .ucx_protocol import (
     FINAL_INDEX,
@@ -131,14 +133,23 @@ class KVTransportServer:
         # pull holds one of the max_concurrent_pulls slots (_serve), so there is one word a slot
         self._checks = np.zeros(max_concurrent_pulls, np.int64)
         self._free_checks = list(range(len(self._checks)))
-        self._slots: asyncio.Semaphore | None = None  # bounds pulls served at once; made on the UCX loop
+        self._slots = asyncio.Semaphore(max_concurrent_pulls)  # pulls served at once (bound to the UCX loop on first use)
+        # the same-host channel (local_channel.py), where local reads are offered
+        self._channel_secret = secrets.token_bytes(local_channel.SECRET_BYTES)
+        self._channel_name = b""
+        self._channel_server: asyncio.AbstractServer | None = None
+        self._channel_writers: set[asyncio.StreamWriter] = set()
+        self._channel_tasks: set[asyncio.Task] = set()  # one a connection (apart from _serving: an idle connection is no pending request)
         self._closed = False
         self.dropped = 0  # requests dropped unanswered: unknown token, token of another peer, or too many at once
+        self.channel_pulls = 0  # pulls whose request came over the same-host channel
 
     async def start(self) -> None:
         self._caller_loop = asyncio.get_running_loop()
         self._rt = await asyncio.to_thread(UcxRuntime.get)
-        self._address = ServerAddress(self._server_id, self._segment_blocks, self._layout, self._rt.address(), self._host).pack()
+        if self._host:
+            await self._rt.run(self._open_channel)
+        self._address = ServerAddress(self._server_id, self._segment_blocks, self._layout, self._rt.address(), self._host, self._channel_name).pack()
         self._accept = self._rt.spawn(self._accept_loop())
 
     @property
@@ -188,6 +199,10 @@ class KVTransportServer:
     # -- UCX loop ----------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
+        if self._channel_server is not None:
+            self._channel_server.close()  # stops listening; the connections are closed here (3.11 keeps them)
+            for writer in list(self._channel_writers):
+                writer.close()
         # wake the accept loop with a message to our own request tag (a worker-level receive
         # cannot be cancelled on its own); it sees _closed and ends, dropping its reference to us
         if self._accept is not None and not self._accept.done():
@@ -201,11 +216,10 @@ class KVTransportServer:
             finally:
                 if ep is not None:
                     ep.abort_soon()
-        if self._serving:
-            await asyncio.wait(list(self._serving), timeout=10)
+        if self._serving or self._channel_tasks:
+            await asyncio.wait([*self._serving, *self._channel_tasks], timeout=10)
 
     async def _accept_loop(self) -> None:
-        self._slots = asyncio.Semaphore(self._max_concurrent)
         ctx, tag = self._rt.ctx, request_tag(self._server_id)
         buf = np.zeros(MAX_REQUEST_BYTES, np.uint8)
         while not self._closed:
@@ -227,6 +241,75 @@ class KVTransportServer:
             task = asyncio.get_running_loop().create_task(self._serve(req))
             self._serving.add(task)
             task.add_done_callback(self._serving.discard)
+
+    # -- the same-host channel (local_channel.py), on the UCX loop ---------------------------------
+
+    async def _open_channel(self) -> None:
+        name = local_channel.channel_name(self._server_id)
+        try:
+            self._channel_server = await asyncio.start_unix_server(self._serve_channel, sock=local_channel.listening_socket(name))
+        except OSError as e:  # local reads go on as UCX requests
+            log.warning("KV server %08x: no same-host channel (%s); local reads are requested over UCX", self._server_id, e)
+            return
+        self._channel_name = name
+
+    async def _serve_channel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection: its hello, then its pulls one at a time, until it closes or breaks the protocol."""
+        task = asyncio.current_task()
+        if self._closed or len(self._channel_writers) >= MAX_PENDING_FACTOR * self._max_concurrent:
+            writer.close()  # the client's hello gets no answer, and its pull goes over UCX
+            return
+        self._channel_writers.add(writer)
+        self._channel_tasks.add(task)
+        try:
+            async with asyncio.timeout(local_channel.HELLO_TIMEOUT):
+                hello = local_channel.Hello.unpack(await local_channel.read_frame(reader))
+            key = local_channel.channel_key(self._channel_secret, hello.client_address)
+            if not hmac.compare_digest(hello.key, key):
+                local_channel.write_frame(writer, PullResponse(Status.BAD_REQUEST, "unknown channel key").pack())
+                return
+            local_channel.write_frame(writer, PullResponse(Status.OK).pack())
+            while not self._closed:
+                req = PullRequest.unpack(await local_channel.read_frame(reader))
+                if req.client_address != hello.client_address or not req.local_read:
+                    log.warning("KV server %08x: channel request %x is not a local read by the connection's peer; closing it", self._server_id, req.request_id)
+                    return
+                await self._serve_channel_pull(req, reader, writer)
+        except (EOFError, OSError, ValueError, struct.error, TimeoutError) as e:  # the peer left, or broke the protocol
+            log.debug("KV server %08x: channel connection ended: %s: %s", self._server_id, type(e).__name__, e)
+        finally:
+            writer.close()
+            self._channel_writers.discard(writer)
+            self._channel_tasks.discard(task)
+
+    async def _serve_channel_pull(self, req: PullRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A local read requested over the channel: checked as a UCX request is, answered with the
+        pid, cache and check word; the client's READ note ends it. Anything else from the client (the
+        connection closed, a timeout) fails the pull and ends the connection."""
+        status, message, grant = self._check(req)
+        if status is not Status.OK:  # the connection proved its address: every refusal is answered
+            local_channel.write_frame(writer, PullResponse(status, message).pack())
+            return
+        try:
+            async with asyncio.timeout(_bounded(req.timeout, grant)):
+                await self._slots.acquire()
+        except TimeoutError:
+            self._notify(req.token, False)
+            local_channel.write_frame(writer, PullResponse(Status.ABORTED, "the server's deadline for this pull passed while it waited for a pull slot").pack())
+            return
+        ok = False
+        self.channel_pulls += 1
+        try:
+            async with asyncio.timeout(_bounded(req.timeout, grant) + 1.0):
+                check = self._claim_check(grant, req.request_id)
+                answer = PullResponse(Status.OK, pid=os.getpid(), cache_address=self._blocks.ctypes.data, check_address=check)
+                local_channel.write_frame(writer, answer.pack())
+                note = unpack_note(await local_channel.read_frame(reader))
+            ok = note is ReadOutcome.READ and not (grant.revoked or self._closed)
+        finally:
+            self._release_check(grant)  # before the blocks may go: a read still running fails its check
+            self._notify(req.token, ok)
+            self._slots.release()
 
     def _drop(self, req: PullRequest, why: str) -> None:
         self.dropped += 1
@@ -317,7 +400,8 @@ class KVTransportServer:
                     note_buf = np.zeros(NOTE_BYTES, np.uint8)
                     note = ep.recv(note_buf, reply_tag(rid, NOTE_INDEX))
                     check = self._claim_check(grant, rid)
-                    answer = PullResponse(Status.OK, pid=os.getpid(), cache_address=self._blocks.ctypes.data, check_address=check)
+                    key = local_channel.channel_key(self._channel_secret, req.client_address) if self._channel_name else b""
+                    answer = PullResponse(Status.OK, pid=os.getpid(), cache_address=self._blocks.ctypes.data, check_address=check, channel_key=key)
                     response = ep.send(answer.pack(), reply_tag(rid, 0))
                     await completed(note)
                     stream = unpack_note(note_buf) is ReadOutcome.STREAM  # the kernel refused the read

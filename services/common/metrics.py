@@ -65,6 +65,8 @@ class WorkerMetrics:
         )
         self.kv_pulls = Counter("tandem_kv_pulls", "KV pulls that landed, by path: local (read from the prefill worker's memory on this host) or messages "
                                 "(UCX messages: another host, or the kernel refused the local read)", ["path"], registry=r)  # fmt: skip
+        self.kv_channel_pulls = Counter("tandem_kv_channel_pulls", "KV pulls of path=local requested over the prefill worker's same-host channel "
+                                        "(a Unix socket) instead of UCX messages", registry=r)  # fmt: skip
         self.kv_pull_failures = Counter("tandem_kv_pull_failures", "KV pulls that failed (then recomputed or failed, per policy)", registry=r)
         self.kv_leases_expired = Counter("tandem_kv_leases_expired", "Prefilled prompts freed because no decode worker pulled them in time", registry=r)
         self.kv_pull_requests_dropped = Counter("tandem_kv_pull_requests_dropped", "KV pull requests dropped unanswered: unknown token, a token "

@@ -42,7 +42,7 @@ class DecodeService(EngineWorker, worker_pb2_grpc.DecodeServicer):
     async def start(self) -> None:
         await super().start()
         set_data_plane_host(self.host.config.host)  # UCX listens where gRPC does, not on every interface
-        self.transport = KVTransportClient(self.host.kv_storage)
+        self.transport = KVTransportClient(self.host.kv_storage, on_channel_pull=self.host.metrics.kv_channel_pulls.inc)
         await self.transport.start()
 
     def fill_registration(self, reg) -> None:

@@ -97,6 +97,19 @@ def test_disaggregated_equals_aggregated(pd, n):
     wait_idle(pd, "prefill-0", "decode-0")
 
 
+def test_later_pulls_are_requested_over_the_prefill_worker_s_same_host_channel(pd):
+    """The first pull from a prefill worker goes over UCX and brings the key to its channel (a Unix
+    socket, kvtransfer/local_channel.py); later ones are requested over that channel."""
+    local_before = metric(pd, "decode-0", "tandem_kv_pulls_total", path="local")
+    channel_before = metric(pd, "decode-0", "tandem_kv_channel_pulls_total")
+    first = generate(pd, ids(40, start=900), DISAGG)
+    second = generate(pd, ids(40, start=950), DISAGG)
+    assert tokens(first) and tokens(second)
+    assert metric(pd, "decode-0", "tandem_kv_pulls_total", path="local") - local_before == 2
+    assert metric(pd, "decode-0", "tandem_kv_channel_pulls_total") - channel_before >= 1
+    wait_idle(pd, "prefill-0", "decode-0")
+
+
 def test_decode_pulls_only_the_blocks_it_lacks(pd):
     shared = ids(16 * 4, start=5)
     generate(pd, shared + [11, 12, 13], AGG)  # the decode worker now caches the four shared blocks

@@ -220,8 +220,9 @@ async def test_server_killed_before_the_read_then_a_new_server(servers, client, 
 
 async def test_check_words_come_back_after_every_kind_of_pull(monkeypatch):
     """A server and a client in this process (one UCX worker): after pulls that landed, were
-    revoked mid-read, or fell back to UCX messages, every check word is free and zero again, and
-    the server reported each pull's end (ok only for the ones that landed)."""
+    revoked mid-read, were refused by the kernel (over the same-host channel, which the first pull
+    brought the key of: that pull fails), or then went as UCX messages, every check word is free
+    and zero again, and the server reported each pull's end (ok only for the ones that landed)."""
     from kvtransfer.ucx_transport import KVTransportServer
 
     done: list[tuple[bytes, bool]] = []
@@ -252,13 +253,16 @@ async def test_check_words_come_back_after_every_kind_of_pull(monkeypatch):
         monkeypatch.setattr(local_read, "read_runs", refuse)
         cache.zero_()
         server.expose(b"refused", src, time.time() + 30, peer_address=client.address)
-        await client.pull(server.address, b"refused", src, dst, timeout=20)
+        with pytest.raises(KVTransferError, match="kernel refused"):  # over the same-host channel: no UCX to fall back on
+            await client.pull(server.address, b"refused", src, dst, timeout=20)
+        server.expose(b"then-streamed", src, time.time() + 30, peer_address=client.address)
+        await client.pull(server.address, b"then-streamed", src, dst, timeout=20)
         assert torch.equal(cache[dst], make_cache(torch.float32, 1)[src])
 
         deadline = time.monotonic() + 10
-        while len(done) < 3 and time.monotonic() < deadline:  # on_pull_done hops onto this loop
+        while len(done) < 4 and time.monotonic() < deadline:  # on_pull_done hops onto this loop
             await asyncio.sleep(0.01)
-        assert sorted(done) == [(b"fine", True), (b"refused", True), (b"revoked", False)]
+        assert sorted(done) == [(b"fine", True), (b"refused", False), (b"revoked", False), (b"then-streamed", True)]
         server.check_integrity()
         assert len(server._free_checks) == len(server._checks)
     finally:
