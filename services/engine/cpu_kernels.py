@@ -233,12 +233,21 @@ def _self_check_panels(module) -> None:
                 want = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
                 if not torch.allclose(module.panel_linear(x, panels, 70, bias).float(), want, atol=tol, rtol=tol):
                     raise RuntimeError(f"self-check mismatch against torch.nn.functional.linear ({rows} rows, {dtype})")
+    if module.swiglu:  # the fused bf16 gate/up matmul: silu(x Gᵀ) * (x Uᵀ), against torch in float32
+        w = torch.randn(2 * 35, 40, generator=gen).bfloat16()
+        panels = module.pack_swiglu_panels(w)
+        for rows in (1, 13, 200):
+            x = torch.randn(rows, 40, generator=gen).bfloat16()
+            gate, up = torch.nn.functional.linear(x.float(), w.float()).chunk(2, dim=-1)
+            if not torch.allclose(module.panel_swiglu(x, panels, 35).float(), torch.nn.functional.silu(gate) * up, atol=5e-2, rtol=5e-2):
+                raise RuntimeError(f"self-check mismatch of panel_swiglu against torch ({rows} rows)")
 
 
 @functools.cache
 def load_panel_linear_module():
     """The compiled fp32/bf16 panel matmul (`pack_panels`, `panel_linear`; `panel_width`; `available`: built
-    with AVX2 or AVX-512), or None (logged once)."""
+    with AVX2 or AVX-512; `pack_swiglu_panels`, `panel_swiglu` where `swiglu`: the bf16 gate/up matmul with
+    silu-and-mul fused, built with AVX512-BF16), or None (logged once)."""
     return _load("tandem_panel_linear", "panel_linear.cpp", None, _self_check_panels, "oneDNN's fp32 matmul")
 
 

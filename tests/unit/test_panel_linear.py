@@ -263,3 +263,103 @@ def test_large_row_matmuls_leave_slower_panels_for_f_linear(module):
     for w in bf16:
         lin.prepack(w)
     assert lin.calibrate_large_rows(bf16) == {} and not lin.panel_max_rows
+
+
+# -- the fused bf16 SwiGLU matmul (panel_swiglu) ------------------------------------------------------
+
+# (rows, intermediate I, K): every two-panel tile height (1-6 rows) and past it, a decode batch, a prefill
+# chunk over two row blocks; I not whole panels (35: the last pair 3 wide; 70), an odd K (k pairs padded)
+SWIGLU_SHAPES = [(1, 70, 40), (5, 35, 41), (6, 64, 64), (7, 70, 40), (19, 96, 40), (64, 1536, 576), (1200, 70, 1025)]
+
+
+@pytest.fixture(scope="module")
+def swiglu_module(module):
+    if not module.swiglu:
+        pytest.skip("the fused SwiGLU matmul needs AVX512-BF16's dot instruction (without it, the matmul and silu_and_mul stay separate)")
+    return module
+
+
+@pytest.mark.parametrize(("m", "i", "k"), SWIGLU_SHAPES, ids=[f"{m}x{i}x{k}" for m, i, k in SWIGLU_SHAPES])
+def test_panel_swiglu_is_the_separate_matmul_and_silu_and_mul_bit_for_bit(swiglu_module, m, i, k):
+    """The epilogue rounds the gate's and up projection's sums to bf16 as the separate matmul stores them
+    and runs silu_mul.h's arithmetic, as silu_and_mul does: the same bits, not just close ones."""
+    from services.engine.cpu_kernels import load_fused_elementwise
+
+    fused_ops = require_kernel(load_fused_elementwise(), "the fused layer steps CPU kernel")
+    gen = torch.Generator().manual_seed(m + i + k)
+    w = (torch.randn(2 * i, k, generator=gen) * 0.2).bfloat16()
+    x = (torch.randn(m, k, generator=gen) * 2).bfloat16()
+    panels = swiglu_module.pack_swiglu_panels(w)
+    width = swiglu_module.panel_width
+    assert panels.shape == (2 * -(-i // width), k, width)
+    got = swiglu_module.panel_swiglu(x, panels, i)
+    assert got.shape == (m, i) and got.dtype == torch.bfloat16
+    assert torch.equal(got, fused_ops.silu_and_mul(swiglu_module.panel_linear(x, swiglu_module.pack_panels(w), 2 * i)))
+    gate, up = F.linear(x.float(), w.float()).chunk(2, dim=-1)
+    torch.testing.assert_close(got.float(), F.silu(gate) * up, atol=2e-2 * k**0.5, rtol=2e-2)
+
+
+def test_panel_swiglu_refuses_what_it_cannot_run(swiglu_module):
+    w = torch.randn(70, 40).bfloat16()
+    panels, x = swiglu_module.pack_swiglu_panels(w), torch.randn(4, 40).bfloat16()
+    assert swiglu_module.panel_swiglu(torch.empty(0, 40).bfloat16(), panels, 35).shape == (0, 35)
+    bad_calls = {
+        "fp32 x": (x.float(), panels, 35),
+        "plain panels": (x, swiglu_module.pack_panels(w), 35),  # one panel per 32 rows: I does not fit
+        "I not half the rows": (x, panels, 70),
+        "x a column short": (torch.randn(4, 39).bfloat16(), panels, 35),
+        "sliced panels": (x, panels[:, :20], 35),
+    }
+    for what, args in bad_calls.items():
+        with pytest.raises(RuntimeError, match="panel_linear: "):
+            swiglu_module.panel_swiglu(*args)
+            pytest.fail(f"{what} was accepted")
+    with pytest.raises(RuntimeError, match="halves"):
+        swiglu_module.pack_swiglu_panels(torch.randn(71, 40).bfloat16())
+
+
+def test_linear_fuses_bf16_gate_up_at_the_panels_rows_only(swiglu_module):
+    """prepack_gate_up packs bf16 [gate; up] weights for panel_swiglu (and keeps no plain panels for
+    them); gate_up_silu runs it where a matmul would run on panels, and the small-batch kernel's rows,
+    fp32 weights and fuse=False keep the matmul and the separate silu_and_mul."""
+    from services.engine.cpu_kernels import load_fused_elementwise
+
+    fused_ops = require_kernel(load_fused_elementwise(), "the fused layer steps CPU kernel")
+    fused: list[int] = []
+    separate: list[int] = []
+
+    class Spy:
+        available, bf16_dot, amx_bf16, swiglu = True, True, False, True
+        pack_panels = staticmethod(swiglu_module.pack_panels)
+        pack_swiglu_panels = staticmethod(swiglu_module.pack_swiglu_panels)
+        panel_linear = staticmethod(swiglu_module.panel_linear)
+
+        @staticmethod
+        def panel_swiglu(x, panels, i):
+            fused.append(x.shape[0])
+            return swiglu_module.panel_swiglu(x, panels, i)
+
+    def silu_and_mul(gate_up):
+        separate.append(gate_up.shape[0])
+        return fused_ops.silu_and_mul(gate_up)
+
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(140, 40, generator=gen).bfloat16()
+    kernel_rows = []
+
+    def small_batch(x, weight, b):
+        kernel_rows.append(x.shape[0])
+        return F.linear(x, weight, b)
+
+    lin = Linear(small_batch, panel_module=Spy())
+    lin.max_rows[torch.bfloat16] = 1  # one row to the small-batch kernel
+    lin.prepack_gate_up(w, fuse=True)
+    assert id(w) in lin.swiglu_panels and id(w) not in lin.panels
+    for m in (1, 2, 64):
+        x = torch.randn(m, 40, generator=gen).bfloat16()
+        gate, up = F.linear(x.float(), w.float()).chunk(2, dim=-1)
+        torch.testing.assert_close(lin.gate_up_silu(x, w, silu_and_mul).float(), F.silu(gate) * up, atol=0.1, rtol=0.05)
+    assert fused == [2, 64] and separate == [1] and kernel_rows == [1]
+    for weight, fuse in ((torch.randn(140, 40, generator=gen), True), (w.clone(), False)):  # fp32; fusing off
+        lin.prepack_gate_up(weight, fuse=fuse)
+        assert id(weight) not in lin.swiglu_panels and id(weight) in lin.panels

@@ -34,6 +34,7 @@
 
 #include "exp_nonpos.h"
 #include "bf16.h"
+#include "silu_mul.h"
 #include <type_traits>
 
 #if defined(__AVX512BF16__)
@@ -217,15 +218,7 @@ void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t F, int64_t stride)
       }
 #endif
 #pragma omp simd
-      for (int64_t i = i0; i < F; ++i) {
-        const float x = load(g, i);
-        // torch: x / (1 + exp(-x)). With e = exp(-|x|), which never overflows: x / (1 + e) for x > 0, and
-        // x e / (1 + e) for x <= 0 (x / (1 + 1/e) multiplied through by e): one division, not two
-        // (the same bits on 12.6M bf16 inputs, ~10% faster at 64 and 8,192 rows)
-        const float e = exp_nonpos(x > 0.f ? -x : x);
-        const float silu = round_to((x > 0.f ? x : x * e) / (1.f + e), static_cast<T*>(nullptr));
-        store(o, i, silu * load(u, i));
-      }
+      for (int64_t i = i0; i < F; ++i) store(o, i, silu_times<!std::is_same_v<T, float>>(load(g, i), load(u, i)));  // silu_mul.h
     }
   });
 }

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..attention.backend import AttentionBackend
 from ..model_config import ModelConfig
-from .layer_ops import TorchLayerOps, select_layer_ops
+from .layer_ops import FusedLayerOps, TorchLayerOps, select_layer_ops
 from .rope import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class Linear:
         self.packed: dict[int, torch.Tensor] = {}  # id(plain weight) -> its oneDNN-packed copy
         self.panel_module = panel_module if panel_module is not None and panel_module.available else None
         self.panels: dict[int, torch.Tensor] = {}  # id(plain weight) -> its panels
+        self.swiglu_panels: dict[int, torch.Tensor] = {}  # id([gate; up] weight) -> its panels for panel_swiglu
         self.panel_min_rows = dict(self.PANEL_MIN_ROWS)
         # matmuls of this many rows or more leave the panels for F.linear (calibrate_large_rows)
         self.panel_max_rows: dict[torch.dtype, int] = {}
@@ -110,6 +111,32 @@ class Linear:
             self.panels[id(w)] = self.panel_module.pack_panels(w)
         elif w.dtype in self.PACKED_MIN_ROWS and onednn_packs(w.dtype):
             self.packed[id(w)] = torch.ops.mkldnn._reorder_linear_weight(w, 64)
+
+    def prepack_gate_up(self, w: torch.Tensor, fuse: bool) -> None:
+        """Pack a bf16 SwiGLU MLP's [gate; up] weight for panel_swiglu, the matmul with silu-and-mul as
+        its epilogue, where the panel kernel has it (AVX512-BF16 builds) and `fuse` (the layer ops
+        compute silu as that epilogue does, csrc/silu_mul.h: the same bits); else as any weight
+        (prepack). Its plain panels are then not kept: the fused matmul is its only panel matmul.
+
+        Why: the separate silu_and_mul was a pass over the [rows, 2 x intermediate] product after the
+        matmul wrote it, 3.3% of a bf16 prefill step (2 cores of a Zen 4, SmolLM2-135M); fused, a
+        2,048-token step took 0.977-0.992x the time, decode steps level. fp32 gained nothing
+        measurable and keeps the separate pass (csrc/panel_linear.cpp, docs/benchmarks.md 12-08)."""
+        pm = self.panel_module
+        if fuse and pm is not None and getattr(pm, "swiglu", False) and w.device.type == "cpu" and w.dtype == torch.bfloat16:
+            self.swiglu_panels[id(w)] = pm.pack_swiglu_panels(w)
+        else:
+            self.prepack(w)
+
+    def gate_up_silu(self, x: torch.Tensor, w: torch.Tensor, silu_and_mul) -> torch.Tensor:
+        """silu(x Gᵀ) * (x Uᵀ) for w = [G; U]: one pass through the panels where prepack_gate_up packed w
+        for it and the row count is one __call__ gives the panels, else the matmul, then `silu_and_mul`."""
+        panels = self.swiglu_panels.get(id(w))
+        rows = x.shape[0]
+        to_kernel = self.kernel is not None and rows <= self.max_rows.get(x.dtype, 0) and x.is_contiguous()
+        if panels is not None and not to_kernel and self.panel_min_rows[x.dtype] <= rows < self.panel_max_rows.get(x.dtype, _NO_LIMIT):
+            return self.panel_module.panel_swiglu(x.contiguous(), panels, w.shape[0] // 2)
+        return silu_and_mul(self(x, w))
 
     def calibrate(self, weights: list[torch.Tensor], max_m: int = 4, reps: int = 3) -> dict[int, tuple[float, float]]:
         """Time the small-batch kernel against torch's path (panels, packed oneDNN or GEMV) on the
@@ -280,7 +307,7 @@ class DecoderLayer:
         """down(silu(gate) * up), in chunks of self.mlp_rows rows (see MLP_CHUNK_BYTES)."""
 
         def one_pass(part: torch.Tensor) -> torch.Tensor:
-            return self.linear(ops.silu_and_mul(self.linear(part, self.gate_up)), self.down)
+            return self.linear(self.linear.gate_up_silu(part, self.gate_up, ops.silu_and_mul), self.down)
 
         rows = h.shape[0]
         if rows <= self.mlp_rows:
@@ -311,16 +338,20 @@ class LlamaForCausalLM:
             DecoderLayer(cfg, {k.split(".", 3)[3]: v for k, v in weights.items() if k.startswith(f"model.layers.{i}.")}, self.linear)
             for i in range(cfg.num_layers)
         ]
+        self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, dtype)
+        self.ops = select_layer_ops(self.rope, cfg.rms_norm_eps, dtype, self.embed.device)
+        fuse_swiglu = isinstance(self.ops, FusedLayerOps)  # the fused epilogue's silu is the fused op's
         for layer in self.layers:
-            for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
+            for w in (layer.qkv, layer.o_proj, layer.down):
                 self.linear.prepack(w)
+            self.linear.prepack_gate_up(layer.gate_up, fuse_swiglu)
         self.linear.prepack(self.lm_head)
         if kernels is not None or panels is not None:
             # whole layers' weights until ~96 MB: more than a CPU's last-level cache, as a decode step
             # streams them, and no more, so that a large model's load pays a few passes over one layer
             sample: list[torch.Tensor] = []
-            for layer in self.layers:
-                sample += [layer.qkv, layer.o_proj, layer.gate_up, layer.down]
+            for layer in self.layers:  # (gate/up weights packed for the fused matmul have no plain panels to time)
+                sample += [w for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down) if id(w) not in self.linear.swiglu_panels]
                 if sum(w.numel() * w.element_size() for w in sample) >= 96 << 20:
                     break
             timings = self.linear.calibrate(sample)
@@ -331,8 +362,6 @@ class LlamaForCausalLM:
                 self.linear.panel_min_rows.get(dtype, "-"),
                 self.linear.panel_max_rows.get(dtype, "-"),
             )
-        self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, dtype)
-        self.ops = select_layer_ops(self.rope, cfg.rms_norm_eps, dtype, self.embed.device)
 
     @torch.inference_mode()
     def forward(
