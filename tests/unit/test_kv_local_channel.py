@@ -43,10 +43,12 @@ def endpoints(monkeypatch):
 
 
 @pytest.fixture
-async def pair():
-    """(server, client, client's cache, the pulls the server reported done) in this process."""
+async def pair(request):
+    """(server, client, client's cache, the pulls the server reported done) in this process; the
+    server's pull slots: 2, or the test's indirect parameter."""
     done: list[tuple[bytes, bool]] = []
-    server = KVTransportServer(make_cache(torch.float32, 1), on_pull_done=lambda t, ok: done.append((t, ok)), max_concurrent_pulls=2)
+    slots = getattr(request, "param", 2)
+    server = KVTransportServer(make_cache(torch.float32, 1), on_pull_done=lambda t, ok: done.append((t, ok)), max_concurrent_pulls=slots)
     cache = make_cache(torch.float32, None)
     c = KVTransportClient(cache)
     await server.start()
@@ -254,14 +256,10 @@ async def test_a_channel_out_of_reach_is_tried_once_then_pulls_are_requested_ove
     assert not client._channels.knows(b"tandem-kv-nowhere")
 
 
-async def test_a_full_channel_sends_pulls_over_ucx(monkeypatch, endpoints):
+@pytest.mark.parametrize("pair", [1], indirect=True)  # one pull slot: a cap of 4 connections
+async def test_a_full_channel_sends_pulls_over_ucx(pair, endpoints):
     """Connections beyond the server's cap are closed at once; the pull goes as a UCX request."""
-    done: list[tuple[bytes, bool]] = []
-    server = KVTransportServer(make_cache(torch.float32, 1), on_pull_done=lambda t, ok: done.append((t, ok)), max_concurrent_pulls=1)
-    cache = make_cache(torch.float32, None)
-    c = KVTransportClient(cache)
-    await server.start()
-    await c.start()
+    server, c, cache, _ = pair
     idle = []
     try:
         await pull_fresh(server, c, cache, b"key", 2, seed=120)
@@ -276,8 +274,6 @@ async def test_a_full_channel_sends_pulls_over_ucx(monkeypatch, endpoints):
     finally:
         for _, writer in idle:
             writer.close()
-        await c.close()
-        await server.close()
 
 
 async def test_closing_the_server_closes_its_connections(pair):
