@@ -179,6 +179,7 @@ class Channels:
     async def take(self, name: bytes, client_address: bytes) -> Connection:
         """An idle connection to the channel, or a new one that has said hello; ChannelRefused where
         none can be had (the key is forgotten where the server cannot be reached or refused it)."""
+        self._prune()
         idle = self._idle.get(name, [])
         while idle:
             conn = idle.pop()
@@ -222,6 +223,23 @@ class Channels:
             conn.close()
         else:
             idle.append(conn)
+
+    def _prune(self) -> None:
+        """Close idle connections the server has closed, and forget a channel all of whose idle
+        connections it closed (the server is gone: its name never comes back), so that a worker whose
+        prefill peers come and go keeps no socket to the dead ones."""
+        for name in list(self._idle):
+            idle = self._idle[name]
+            live = [c for c in idle if c.usable]
+            if len(live) == len(idle):
+                continue
+            for conn in idle:
+                if not conn.usable:
+                    conn.close()
+            if live:
+                self._idle[name] = live
+            else:
+                self.forget(name)
 
     def idle_connections(self, name: bytes) -> int:
         return len(self._idle.get(name, []))

@@ -239,6 +239,28 @@ async def test_server_killed_with_idle_connections_fails_the_next_pull_at_once_t
     assert torch.equal(cache[dst], make_cache(torch.float32, 3)[src])
 
 
+async def test_idle_connections_to_a_dead_server_are_dropped_on_the_next_pull_anywhere(servers, client):
+    """A decode worker whose prefill peers come and go keeps no socket to the dead ones."""
+    client, cache = client
+    gone, stays = start_server(servers), start_server(servers, seed=3)
+    for server, seed in ((gone, 110), (gone, 111), (stays, 112)):
+        src, dst = random_blocks(3, seed=seed)
+        server.expose(b"t-%d" % seed, src)
+        await client.pull(server.address, b"t-%d" % seed, src, dst, timeout=20)
+    gone_name = ServerAddress.unpack(gone.address).channel
+    assert client._channels.idle_connections(gone_name) == 1 and client._channels.knows(gone_name)
+    (conn,) = client._channels._idle[gone_name]
+    gone.kill()
+    deadline = time.monotonic() + 10
+    while conn.usable and time.monotonic() < deadline:  # until the UCX loop has seen the server's end of it
+        await asyncio.sleep(0.02)
+    src, dst = random_blocks(3, seed=113)
+    stays.expose(b"after", src)
+    assert await client.pull(stays.address, b"after", src, dst, timeout=20) == "local"
+    assert client._channels.idle_connections(gone_name) == 0 and not client._channels.knows(gone_name)
+    assert client._channels.idle_connections(ServerAddress.unpack(stays.address).channel) == 1
+
+
 async def test_a_channel_out_of_reach_is_tried_once_then_pulls_are_requested_over_ucx(servers, client, endpoints):
     """Containers with their own network namespaces share no abstract sockets: the key comes, the
     connection fails, and local reads go on as UCX requests, without trying again."""
