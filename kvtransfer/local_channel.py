@@ -40,7 +40,7 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .ucx_protocol import MAGIC, MAX_REQUEST_BYTES, PullResponse, Status
+from .ucx_protocol import MAGIC, MAX_ADDRESS_BYTES, MAX_REQUEST_BYTES, PullResponse, Status
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ SECRET_BYTES = 32
 HELLO_TIMEOUT = 2.0  # a connection that has not said who it is by then is closed
 _FRAME = struct.Struct("<I")
 _HELLO = "<4sH"  # magic, client address length; then the address, then the key
+MAX_HELLO_BYTES = struct.calcsize(_HELLO) + MAX_ADDRESS_BYTES + KEY_BYTES  # what an unproven connection may make the server read
 
 
 def channel_name(server_id: int) -> bytes:
@@ -108,12 +109,12 @@ class Hello:
         return cls(bytes(buf[off : off + alen]), bytes(buf[off + alen :]))
 
 
-async def read_frame(reader: asyncio.StreamReader) -> bytes:
+async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_REQUEST_BYTES) -> bytes:
     """One frame's body; asyncio.IncompleteReadError at the end of the stream, ValueError when the
-    length is beyond any message of the protocol."""
+    length is beyond `limit` (any message of the protocol; a hello: MAX_HELLO_BYTES)."""
     (n,) = _FRAME.unpack(await reader.readexactly(_FRAME.size))
-    if n > MAX_REQUEST_BYTES:
-        raise ValueError(f"a {n}-byte frame: larger than any message")
+    if n > limit:
+        raise ValueError(f"a {n}-byte frame: larger than the message it should be")
     return await reader.readexactly(n)
 
 

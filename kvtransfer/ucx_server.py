@@ -263,7 +263,7 @@ class KVTransportServer:
         self._channel_tasks.add(task)
         try:
             async with asyncio.timeout(local_channel.HELLO_TIMEOUT):
-                hello = local_channel.Hello.unpack(await local_channel.read_frame(reader))
+                hello = local_channel.Hello.unpack(await local_channel.read_frame(reader, local_channel.MAX_HELLO_BYTES))
             key = local_channel.channel_key(self._channel_secret, hello.client_address)
             if not hmac.compare_digest(hello.key, key):
                 local_channel.write_frame(writer, PullResponse(Status.BAD_REQUEST, "unknown channel key").pack())
