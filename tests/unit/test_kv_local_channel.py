@@ -346,3 +346,61 @@ def test_channels_keep_few_servers_and_idle_connections():
     assert not ch.knows(b"a") and ch.knows(b"b") and ch.knows(b"c")
     ch.learn(b"d", b"short")  # not a key
     assert not ch.knows(b"d")
+
+
+async def test_channel_pulls_cancelled_revoked_and_landed_at_random_leave_nothing_behind(pair):
+    """Four loops at once, each pulling 10 grants over the channel; some pulls are cancelled at a random
+    moment, some grants revoked first. Every other pull lands with the right bytes; afterwards every
+    grant was reported done exactly once, every check word is free and zero, and the server's pull
+    slots are all free (a later pull of each loop still lands)."""
+    import random
+
+    server, client, cache, done = pair
+    await pull_fresh(server, client, cache, b"key", 2, seed=140)
+    rng = random.Random(7)
+    outcomes: dict[bytes, str] = {}
+
+    async def loop(k: int) -> None:
+        dst_all = list(range(16 * k, 16 * k + 16))  # this loop's own destination blocks
+        for i in range(10):
+            token = b"l%d-%d" % (k, i)
+            src = random_blocks(8, seed=1000 + 10 * k + i)[0]
+            dst = dst_all[:8] if i % 2 else dst_all[8:]
+            server.expose(token, src, time.time() + 30, peer_address=client.address)
+            what = rng.choice(["land", "land", "cancel", "revoke"])
+            if what == "revoke":
+                server.revoke(token)
+            pull = asyncio.ensure_future(client.pull(server.address, token, src, dst, timeout=20))
+            if what == "cancel":
+                await asyncio.sleep(rng.uniform(0, 0.004))
+                pull.cancel()
+            try:
+                await pull
+                outcomes[token] = "landed"
+                assert torch.equal(cache[dst], make_cache(torch.float32, 1)[src])
+            except asyncio.CancelledError:
+                outcomes[token] = "cancelled"
+            except KVTransferError:
+                outcomes[token] = "failed"
+        await pull_fresh_into(server, client, cache, b"after-%d" % k, dst_all[:4], seed=2000 + k)
+
+    async def pull_fresh_into(server, client, cache, token, dst, seed):
+        src = random_blocks(len(dst), seed=seed)[0]
+        server.expose(token, src, time.time() + 30, peer_address=client.address)
+        assert await client.pull(server.address, token, src, dst, timeout=20) == "local"
+        assert torch.equal(cache[dst], make_cache(torch.float32, 1)[src])
+
+    await asyncio.wait_for(asyncio.gather(*(loop(k) for k in range(4))), 120)
+    landed = {t for t, o in outcomes.items() if o == "landed"}
+    assert landed and "cancelled" in outcomes.values()
+    deadline = time.monotonic() + 10
+    while (len(server._free_checks) < len(server._checks) or len(done) < 1 + 4 + len(landed)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)  # cancelled pulls end on the server once it sees their connection close
+    await asyncio.sleep(0.2)  # and a report still on its way would show up as a duplicate below
+    tokens = [t for t, _ in done]
+    assert len(tokens) == len(set(tokens)), "a pull reported done twice"
+    # a pull cancelled after its read (its note sent) ends OK on the server: the caller just drops the blocks
+    cancelled = {t for t, o in outcomes.items() if o == "cancelled"}
+    assert {t for t, ok in done if ok} - cancelled == landed | {b"key"} | {b"after-%d" % k for k in range(4)}
+    server.check_integrity()
+    assert len(server._free_checks) == len(server._checks) and not server._checks.any()
