@@ -13,7 +13,9 @@ When: only where UCX's CMA lane could do the same read. The server advertises it
 Containers that share a pid namespace (the compose file's prefill and decode) are one host here;
 pods are not. The kernel still decides: process_vm_readv needs the right to ptrace the server
 (same user, and Yama's ptrace_scope 0, or CAP_SYS_PTRACE). A read it refuses raises
-LocalReadError, and the pull goes on as UCX messages. Where the operator names UCX's transports
+LocalReadError, and the pull goes on as UCX messages (one requested over the same-host channel,
+local_channel.py, fails instead: the first read from that server was allowed), as do later pulls
+from that server. Where the operator names UCX's transports
 without CMA (UCX_TLS=tcp,self in Kubernetes and in the multi-host tests' network namespaces),
 servers offer no local reads.
 
