@@ -4,7 +4,8 @@
 
 A server process holds the default model's cache (benchmarks.kv_transfer's layout, 720 KiB
 blocks); this process pulls the same scattered blocks with two clients in turn, pull by pull: the
-default one (on the server's host it reads the blocks itself, kvtransfer/local_read.py) and one
+default one (on the server's host it reads the blocks itself, kvtransfer/local_read.py, its requests
+after the first going over the server's same-host channel, local_channel.py) and one
 with local_reads=False (one UCX message per run of blocks, the path between hosts). Alternating in
 one pair of processes keeps the VM's minute-to-minute drift out of the comparison. UCX is confined
 to loopback in both processes, as in workers bound to their default --host. Prints p50 and

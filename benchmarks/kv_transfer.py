@@ -10,7 +10,8 @@ blocks, scattered ids, as in a pool that has cycled) and 4k tokens in consecutiv
 sides (as a fresh pool hands out a prompt's blocks), each path moves the blocks from the server's
 cache into this one, end to end (request → bytes in place):
   - ucx:    KVTransportClient.pull from KVTransportServer (what decode and prefill workers run;
-            on one host the client reads the blocks itself: kvtransfer/local_read.py);
+            on one host the client reads the blocks itself, kvtransfer/local_read.py, and after the
+            first pull requests them over the server's same-host channel, local_channel.py);
   - ucx_messages: the same with local reads off (local_reads=False): one UCX message per run of
             blocks, as between hosts;
   - tcp:    the server gathers the blocks and writes them on an asyncio TCP stream (uvloop), this
