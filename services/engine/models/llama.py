@@ -132,11 +132,16 @@ class Linear:
         """silu(x Gᵀ) * (x Uᵀ) for w = [G; U]: one pass through the panels where prepack_gate_up packed w
         for it and the row count is one __call__ gives the panels, else the matmul, then `silu_and_mul`."""
         panels = self.swiglu_panels.get(id(w))
-        rows = x.shape[0]
-        to_kernel = self.kernel is not None and rows <= self.max_rows.get(x.dtype, 0) and x.is_contiguous()
-        if panels is not None and not to_kernel and self.panel_min_rows[x.dtype] <= rows < self.panel_max_rows.get(x.dtype, _NO_LIMIT):
+        if panels is not None and not self._to_small_batch_kernel(x) and self._panel_rows(x):
             return self.panel_module.panel_swiglu(x.contiguous(), panels, w.shape[0] // 2)
         return silu_and_mul(self(x, w))
+
+    def _to_small_batch_kernel(self, x: torch.Tensor) -> bool:
+        return self.kernel is not None and x.shape[0] <= self.max_rows.get(x.dtype, 0) and x.is_contiguous()
+
+    def _panel_rows(self, x: torch.Tensor) -> bool:
+        """Whether x's row count is one the panels take (calibrate_panels, calibrate_large_rows)."""
+        return self.panel_min_rows[x.dtype] <= x.shape[0] < self.panel_max_rows.get(x.dtype, _NO_LIMIT)
 
     def calibrate(self, weights: list[torch.Tensor], max_m: int = 4, reps: int = 3) -> dict[int, tuple[float, float]]:
         """Time the small-batch kernel against torch's path (panels, packed oneDNN or GEMV) on the
@@ -215,10 +220,10 @@ class Linear:
         return panel_s, torch_s
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kernel is not None and x.shape[0] <= self.max_rows.get(x.dtype, 0) and x.is_contiguous():
+        if self._to_small_batch_kernel(x):
             return self.kernel(x, w, b)
         panels = self.panels.get(id(w))
-        if panels is not None and self.panel_min_rows[x.dtype] <= x.shape[0] < self.panel_max_rows.get(x.dtype, _NO_LIMIT):
+        if panels is not None and self._panel_rows(x):
             return self.panel_module.panel_linear(x.contiguous(), panels, w.shape[0], b)
         packed = self.packed.get(id(w))
         if packed is not None and x.shape[0] >= self.PACKED_MIN_ROWS[x.dtype]:
