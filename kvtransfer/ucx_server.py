@@ -290,20 +290,14 @@ class KVTransportServer:
         if status is not Status.OK:  # the connection proved its address: every refusal is answered
             local_channel.write_frame(writer, PullResponse(status, message).pack())
             return
-        try:
-            async with asyncio.timeout(_bounded(req.timeout, grant)):
-                await self._slots.acquire()
-        except TimeoutError:
-            self._notify(req.token, False)
+        if not await self._acquire_slot(req, grant):
             local_channel.write_frame(writer, PullResponse(Status.ABORTED, "the server's deadline for this pull passed while it waited for a pull slot").pack())
             return
         ok = False
         self.channel_pulls += 1
         try:
             async with asyncio.timeout(_bounded(req.timeout, grant) + 1.0):
-                check = self._claim_check(grant, req.request_id)
-                answer = PullResponse(Status.OK, pid=os.getpid(), cache_address=self._blocks.ctypes.data, check_address=check)
-                local_channel.write_frame(writer, answer.pack())
+                local_channel.write_frame(writer, self._local_read_answer(grant, req.request_id).pack())
                 note = unpack_note(await local_channel.read_frame(reader))
             ok = note is ReadOutcome.READ and not (grant.revoked or self._closed)
         finally:
@@ -369,16 +363,23 @@ class KVTransportServer:
             return self._drop(req, message)
         if status is not Status.OK:
             return await self._transfer(req, status, message, None)
-        try:
-            async with asyncio.timeout(_bounded(req.timeout, grant)):
-                await self._slots.acquire()
-        except TimeoutError:
-            self._notify(req.token, False)
+        if not await self._acquire_slot(req, grant):
             return
         try:
             await self._transfer(req, status, message, grant)
         finally:
             self._slots.release()
+
+    async def _acquire_slot(self, req: PullRequest, grant: _Grant) -> bool:
+        """One of the pull slots, within the pull's deadline; False (the pull reported failed) where
+        none came free in time."""
+        try:
+            async with asyncio.timeout(_bounded(req.timeout, grant)):
+                await self._slots.acquire()
+        except TimeoutError:
+            self._notify(req.token, False)
+            return False
+        return True
 
     async def _transfer(self, req: PullRequest, status: Status, message: str, grant: _Grant | None) -> None:
         rid, ep, ok, sends = req.request_id, None, False, None
@@ -399,10 +400,8 @@ class KVTransportServer:
                 if req.local_read:  # the client reads the blocks itself, then says how it went
                     note_buf = np.zeros(NOTE_BYTES, np.uint8)
                     note = ep.recv(note_buf, reply_tag(rid, NOTE_INDEX))
-                    check = self._claim_check(grant, rid)
                     key = local_channel.channel_key(self._channel_secret, req.client_address) if self._channel_name else b""
-                    answer = PullResponse(Status.OK, pid=os.getpid(), cache_address=self._blocks.ctypes.data, check_address=check, channel_key=key)
-                    response = ep.send(answer.pack(), reply_tag(rid, 0))
+                    response = ep.send(self._local_read_answer(grant, rid, key).pack(), reply_tag(rid, 0))
                     await completed(note)
                     stream = unpack_note(note_buf) is ReadOutcome.STREAM  # the kernel refused the read
                     if not stream:  # the client judged the read by the check word: no final word
@@ -445,6 +444,11 @@ class KVTransportServer:
             assert len(set(free)) == len(free) and not set(free) & set(held), "a check word is both free and held, or free twice"
             assert len(free) + len(held) <= len(self._checks), "more check words than slots"
             assert not self._checks[free].any(), "a free check word is not zero"
+
+    def _local_read_answer(self, grant: _Grant, request_id: int, channel_key: bytes = b"") -> PullResponse:
+        """The OK answer to a local read: this process, its cache and the pull's check word (claimed here)."""
+        check = self._claim_check(grant, request_id)
+        return PullResponse(Status.OK, pid=os.getpid(), cache_address=self._blocks.ctypes.data, check_address=check, channel_key=channel_key)
 
     def _claim_check(self, grant: _Grant, request_id: int) -> int:
         """A check word for this pull's local read, set to the request id unless the grant is already
