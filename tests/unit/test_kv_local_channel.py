@@ -25,7 +25,7 @@ from .test_ucx_transport import ClientChild, make_cache, random_blocks
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="ucxx-cu12 is not installed")
 
-servers, client = test_kv_local_read.servers, test_kv_local_read.client  # the same fixtures: server children, the default client
+children, client = test_kv_local_read.children, test_kv_local_read.client  # the same fixtures: spawned peers, the default client
 
 
 @pytest.fixture
@@ -82,9 +82,9 @@ async def raw_connection(address: bytes) -> tuple[asyncio.StreamReader, asyncio.
     return await asyncio.open_unix_connection(sock=local_channel.connected_socket(name))
 
 
-async def test_after_the_first_local_read_pulls_go_over_the_channel_without_ucx_endpoints(servers, client, endpoints):
+async def test_after_the_first_local_read_pulls_go_over_the_channel_without_ucx_endpoints(children, client, endpoints):
     client, cache = client
-    server = start_server(servers)
+    server = start_server(children)
     assert ServerAddress.unpack(server.address).channel.startswith(b"tandem-kv-%d-" % server.proc.pid)
     for i in range(4):
         src, dst = random_blocks(9, seed=30 + i)
@@ -169,14 +169,14 @@ async def test_a_key_proves_one_address_only(pair):
     assert not server._grants[b"theirs"].used
 
 
-async def test_a_stolen_token_is_refused_on_the_channel_and_the_real_peer_still_pulls(servers, client):
+async def test_a_stolen_token_is_refused_on_the_channel_and_the_real_peer_still_pulls(children, client):
     client, cache = client
-    server = start_server(servers)
+    server = start_server(children)
     src, dst = random_blocks(5, seed=70)
     server.expose(b"mine", src)
     await client.pull(server.address, b"mine", src, dst, timeout=20)  # the key
     peer = ClientChild(server.address, b"stolen", src, dst)
-    servers.append(peer)
+    children.append(peer)
     server.expose(b"stolen", src, peer=peer.address)
     with pytest.raises(KVTransferError, match="WRONG_PEER"):
         await client.pull(server.address, b"stolen", src, dst, timeout=20)
@@ -219,9 +219,9 @@ async def test_a_timed_out_channel_pull_raises_after_its_read_and_the_server_let
     server.check_integrity()
 
 
-async def test_server_killed_with_idle_connections_fails_the_next_pull_at_once_then_a_new_server(servers, client):
+async def test_server_killed_with_idle_connections_fails_the_next_pull_at_once_then_a_new_server(children, client):
     client, cache = client
-    server = start_server(servers)
+    server = start_server(children)
     for i in range(2):
         src, dst = random_blocks(3, seed=100 + i)
         server.expose(b"before-%d" % i, src)
@@ -232,17 +232,17 @@ async def test_server_killed_with_idle_connections_fails_the_next_pull_at_once_t
     with pytest.raises(KVTransferError, match="channel broken|server gone"):
         await client.pull(server.address, b"dead", [1, 2], [3, 4], timeout=20)
     assert time.monotonic() - t < 5
-    again = start_server(servers, seed=3)
+    again = start_server(children, seed=3)
     src, dst = random_blocks(5, seed=103)
     again.expose(b"again", src)
     assert await client.pull(again.address, b"again", src, dst, timeout=20) == "local"
     assert torch.equal(cache[dst], make_cache(torch.float32, 3)[src])
 
 
-async def test_idle_connections_to_a_dead_server_are_dropped_on_the_next_pull_anywhere(servers, client):
+async def test_idle_connections_to_a_dead_server_are_dropped_on_the_next_pull_anywhere(children, client):
     """A decode worker whose prefill peers come and go keeps no socket to the dead ones."""
     client, cache = client
-    gone, stays = start_server(servers), start_server(servers, seed=3)
+    gone, stays = start_server(children), start_server(children, seed=3)
     for server, seed in ((gone, 110), (gone, 111), (stays, 112)):
         src, dst = random_blocks(3, seed=seed)
         server.expose(b"t-%d" % seed, src)
@@ -261,11 +261,11 @@ async def test_idle_connections_to_a_dead_server_are_dropped_on_the_next_pull_an
     assert client._channels.idle_connections(ServerAddress.unpack(stays.address).channel) == 1
 
 
-async def test_a_channel_out_of_reach_is_tried_once_then_pulls_are_requested_over_ucx(servers, client, endpoints):
+async def test_a_channel_out_of_reach_is_tried_once_then_pulls_are_requested_over_ucx(children, client, endpoints):
     """Containers with their own network namespaces share no abstract sockets: the key comes, the
     connection fails, and local reads go on as UCX requests, without trying again."""
     client, cache = client
-    server = start_server(servers)
+    server = start_server(children)
     a = ServerAddress.unpack(server.address)
     elsewhere = ServerAddress(a.server_id, a.segment_blocks, a.layout, a.ucx_address, a.host, b"tandem-kv-nowhere").pack()
     for i in range(3):

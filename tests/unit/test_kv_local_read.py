@@ -24,22 +24,17 @@ from kvtransfer import local_read
 from kvtransfer.ucx_protocol import ServerAddress
 from kvtransfer.ucx_transport import KVTransferError, KVTransportClient
 
+from . import test_ucx_transport
 from .test_ucx_transport import SHAPE, ServerChild, make_cache, random_blocks
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="ucxx-cu12 is not installed")
 
-
-@pytest.fixture
-def servers():
-    started: list[ServerChild] = []
-    yield started
-    for s in started:
-        s.kill()
+children = test_ucx_transport.children  # spawned peers, killed for sure when the test ends
 
 
-def start_server(servers, **kw) -> ServerChild:
+def start_server(children, **kw) -> ServerChild:
     server = ServerChild(**kw)
-    servers.append(server)
+    children.append(server)
     return server
 
 
@@ -81,9 +76,9 @@ def slow_reads(monkeypatch, seconds: float) -> tuple[threading.Event, threading.
     return started, ended
 
 
-async def test_a_same_host_pull_reads_the_server_s_memory(servers, client, reads):
+async def test_a_same_host_pull_reads_the_server_s_memory(children, client, reads):
     client, cache = client
-    server = start_server(servers)
+    server = start_server(children)
     assert ServerAddress.unpack(server.address).host == local_read.host_identity() != b""
     src, dst = random_blocks(23, seed=5)
     server.expose(b"local-fp32", src)
@@ -92,8 +87,8 @@ async def test_a_same_host_pull_reads_the_server_s_memory(servers, client, reads
     assert reads == [(server.proc.pid, 23), (server.proc.pid, 1)]  # one read of 23 runs, then the check word; no UCX segment
 
 
-async def test_a_bf16_local_read_with_consecutive_runs(servers, reads):
-    server = start_server(servers, dtype="bfloat16", seed=2)
+async def test_a_bf16_local_read_with_consecutive_runs(children, reads):
+    server = start_server(children, dtype="bfloat16", seed=2)
     cache = make_cache(torch.bfloat16, None)
     c = KVTransportClient(cache)
     await c.start()
@@ -109,11 +104,11 @@ async def test_a_bf16_local_read_with_consecutive_runs(servers, reads):
         await c.close()
 
 
-async def test_a_refused_read_goes_on_as_ucx_messages_and_so_do_later_pulls(servers, client, monkeypatch):
+async def test_a_refused_read_goes_on_as_ucx_messages_and_so_do_later_pulls(children, client, monkeypatch):
     """Where the kernel refuses process_vm_readv (Yama's ptrace_scope, another user), the pull still
     lands, as UCX messages, and the client stops asking that server for local reads."""
     client, cache = client
-    server = start_server(servers)
+    server = start_server(children)
     refused: list[int] = []
 
     def refuse(pid, remote, local):
@@ -130,9 +125,9 @@ async def test_a_refused_read_goes_on_as_ucx_messages_and_so_do_later_pulls(serv
     assert refused == [server.proc.pid]  # the second pull did not ask
 
 
-async def test_a_server_without_local_reads_streams(servers, client, reads):
+async def test_a_server_without_local_reads_streams(children, client, reads):
     client, cache = client
-    server = start_server(servers, local_reads=False)
+    server = start_server(children, local_reads=False)
     assert ServerAddress.unpack(server.address).host == b""
     src, dst = random_blocks(5, seed=6)
     server.expose(b"streamed", src)
@@ -140,9 +135,9 @@ async def test_a_server_without_local_reads_streams(servers, client, reads):
     assert torch.equal(cache[dst], make_cache(torch.float32, 1)[src]) and reads == []
 
 
-async def test_a_local_read_request_to_a_server_that_does_not_offer_it_is_refused(servers, client, reads):
+async def test_a_local_read_request_to_a_server_that_does_not_offer_it_is_refused(children, client, reads):
     client, cache = client
-    server = start_server(servers, local_reads=False)
+    server = start_server(children, local_reads=False)
     a = ServerAddress.unpack(server.address)
     forged = ServerAddress(a.server_id, a.segment_blocks, a.layout, a.ucx_address, local_read.host_identity()).pack()
     server.expose(b"forged", [1, 2])
@@ -151,11 +146,11 @@ async def test_a_local_read_request_to_a_server_that_does_not_offer_it_is_refuse
     assert reads == [] and not cache.any()
 
 
-async def test_revoked_during_the_read_the_pull_fails(servers, client, monkeypatch):
+async def test_revoked_during_the_read_the_pull_fails(children, client, monkeypatch):
     """The lease ended while the client was reading: the blocks may have been reused under the read,
     so the server zeroed the check word, and the pull fails."""
     client, cache = client
-    server = start_server(servers)
+    server = start_server(children)
     real = local_read.read_runs
 
     def revoked_meanwhile(pid, remote, local):
@@ -170,11 +165,11 @@ async def test_revoked_during_the_read_the_pull_fails(servers, client, monkeypat
         await client.pull(server.address, b"revoked", src, dst, timeout=20)
 
 
-async def test_a_cancelled_pull_raises_only_after_its_read_ended(servers, client, monkeypatch):
+async def test_a_cancelled_pull_raises_only_after_its_read_ended(children, client, monkeypatch):
     """The read's thread writes into the cache; the caller frees the destination blocks as soon as
     the pull raises, so the pull must wait the copy out first."""
     client, cache = client
-    server = start_server(servers)
+    server = start_server(children)
     started, ended = slow_reads(monkeypatch, 1.0)
     src, dst = random_blocks(4, seed=8)
     server.expose(b"cancelled", src)
@@ -186,9 +181,9 @@ async def test_a_cancelled_pull_raises_only_after_its_read_ended(servers, client
     assert ended.is_set()
 
 
-async def test_a_timed_out_pull_raises_only_after_its_read_ended(servers, client, monkeypatch):
+async def test_a_timed_out_pull_raises_only_after_its_read_ended(children, client, monkeypatch):
     client, cache = client
-    server = start_server(servers)
+    server = start_server(children)
     _, ended = slow_reads(monkeypatch, 2.0)
     src, dst = random_blocks(4, seed=9)
     server.expose(b"timeout", src)
@@ -197,9 +192,9 @@ async def test_a_timed_out_pull_raises_only_after_its_read_ended(servers, client
     assert ended.is_set()
 
 
-async def test_server_killed_before_the_read_then_a_new_server(servers, client, monkeypatch):
+async def test_server_killed_before_the_read_then_a_new_server(children, client, monkeypatch):
     client, cache = client
-    server = start_server(servers)
+    server = start_server(children)
     real = local_read.read_runs
 
     def after_the_kill(pid, remote, local):
@@ -212,7 +207,7 @@ async def test_server_killed_before_the_read_then_a_new_server(servers, client, 
     with pytest.raises(KVTransferError):
         await client.pull(server.address, b"killed", src, dst, timeout=10)
     monkeypatch.setattr(local_read, "read_runs", real)
-    again = start_server(servers, seed=3)
+    again = start_server(children, seed=3)
     again.expose(b"again", src)
     await client.pull(again.address, b"again", src, dst, timeout=20)
     assert torch.equal(cache[dst], make_cache(torch.float32, 3)[src])

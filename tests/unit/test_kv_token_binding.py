@@ -17,18 +17,13 @@ import torch
 
 from kvtransfer import ucx_server
 from kvtransfer.ucx_transport import KVTransferError, KVTransportClient, KVTransportServer
+from tests.unit import test_ucx_transport
 from tests.unit.test_ucx_transport import ClientChild, arecv, make_cache
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="ucxx-cu12 is not installed")
 
 
-@pytest.fixture
-def thieves():
-    """Spawned clients, killed for sure when the test ends."""
-    started: list[ClientChild] = []
-    yield started
-    for c in started:
-        c.kill()
+children = test_ucx_transport.children  # spawned peers (the thieves here), killed for sure when the test ends
 
 
 @pytest.fixture
@@ -59,11 +54,11 @@ async def test_expose_requires_the_peer_it_is_for(pair):
         server.expose(b"unbound", [1], time.time() + 30, peer_address=b"")
 
 
-async def test_a_stolen_token_from_another_peer_is_dropped_undialed_and_the_real_pull_still_works(pair, thieves):
+async def test_a_stolen_token_from_another_peer_is_dropped_undialed_and_the_real_pull_still_works(pair, children):
     server, client, cache, dialed, done, drops = pair
     src = [3, 4, 5]
     thief = ClientChild(server.address, b"stolen", src, src, timeout=1.5)
-    thieves.append(thief)
+    children.append(thief)
     assert thief.address != client.address  # two UCX workers: two identities
     server.expose(b"stolen", src, time.time() + 30, peer_address=client.address)
 
@@ -83,14 +78,14 @@ async def test_a_stolen_token_from_another_peer_is_dropped_undialed_and_the_real
     assert set(dialed) == {client.address}
 
 
-async def test_a_replayed_token_is_refused_to_its_peer_and_dropped_for_anyone_else(pair, thieves):
+async def test_a_replayed_token_is_refused_to_its_peer_and_dropped_for_anyone_else(pair, children):
     server, client, _, dialed, _, _ = pair
     server.expose(b"once", [7], time.time() + 30, peer_address=client.address)
     await client.pull(server.address, b"once", [7], [7], timeout=10)
     with pytest.raises(KVTransferError, match="already used"):  # its own peer is told why
         await client.pull(server.address, b"once", [7], [8], timeout=10)
     thief = ClientChild(server.address, b"once", [7], [7], timeout=1.5)
-    thieves.append(thief)
+    children.append(thief)
     thief.go()
     kind, message = await arecv(thief.conn)
     assert kind == "error" and "waiting for the server's answer" in message, message
