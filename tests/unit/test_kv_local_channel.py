@@ -131,6 +131,16 @@ async def test_a_wrong_key_or_garbage_is_refused_and_the_server_goes_on(pair):
     assert await pull_fresh(server, client, cache, b"after-2", 4, seed=51) == "local" and client.channel_pulls == 1
 
 
+async def test_a_hello_larger_than_any_hello_is_refused_before_its_body(pair):
+    """An unproven connection may make the server read one hello at most (MAX_HELLO_BYTES), not a
+    request-sized frame: the length alone closes it, well before the hello timeout would."""
+    server, *_ = pair
+    reader, writer = await raw_connection(server.address)
+    writer.write(struct.pack("<I", local_channel.MAX_HELLO_BYTES + 1))  # under MAX_REQUEST_BYTES; no body follows
+    assert await asyncio.wait_for(reader.read(), local_channel.HELLO_TIMEOUT / 2) == b""
+    writer.close()
+
+
 async def test_a_connection_that_never_says_hello_is_closed(pair):
     server, *_ = pair
     reader, writer = await raw_connection(server.address)
